@@ -1,0 +1,46 @@
+"""``filterserve export`` arguments and entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from filterserve.filters import load_filter
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model folder or hub id (e.g. Qwen/Qwen2.5-1.5B)")
+    parser.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter + tokenizer files)")
+    parser.add_argument("--out", required=True, help="model repository folder to write")
+    parser.add_argument("--name", help="Triton model name (default: the filter's name)")
+    parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16; the first is served by default")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--gpu", action="store_true", help="write GPU instance groups and TensorRT FP16 accelerator settings")
+    parser.add_argument("--force", action="store_true", help="replace a different export already in --out")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from filterserve.export.pipeline import export_filter
+
+    spec = load_filter(args.filter)
+    if args.name:
+        spec = replace(spec, name=args.name)
+    manifest = export_filter(
+        args.base,
+        args.adapter,
+        args.out,
+        spec=spec,
+        precisions=args.precision,
+        max_batch_size=args.max_batch_size,
+        force=args.force,
+        gpu=args.gpu,
+    )
+    summary = {p: round(r["max_abs_diff"], 8) for p, r in manifest["parity"].items()}
+    print(json.dumps({"repository": str(args.out), "models": manifest["models"], "parity_max_abs_diff": summary,
+                      "export_seconds": manifest["export_seconds"], "peak_rss_mb": manifest["peak_rss_mb"]}, indent=2))
+    print(f"wrote {args.out}; serve it with: filterserve serve --model-repository {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,170 @@
+"""Load base + adapter exactly as the model card does, and refuse mismatches before PEFT does.
+
+PEFT's own errors for a wrong adapter are a ``size mismatch`` deep inside ``load_state_dict``
+(or, worse, nothing at all when only the head differs); the checks here name the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from filterserve.errors import FilterServeError
+from filterserve.filters import FilterSpec
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class Loaded:
+    """The card's reference model (PEFT, unmerged) and its tokenizer."""
+
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    pad_token_id: int
+    vocab_size: int
+    adapter_score_weight: torch.Tensor
+
+
+def quiet_libraries() -> None:
+    """Our progress lines replace transformers' load reports and the exporters' chatter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("peft", "torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|torch\.onnx)")
+
+
+def adapter_weights_path(adapter_dir: Path) -> Path:
+    if not adapter_dir.is_dir():
+        raise FilterServeError(f"adapter folder not found: {adapter_dir}")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FilterServeError(
+            f"{adapter_dir} is not a PEFT adapter folder: adapter_config.json is missing"
+        )
+    for name in ADAPTER_WEIGHTS:
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise FilterServeError(f"{adapter_dir} holds no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+
+
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    path = adapter_weights_path(adapter_dir)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise FilterServeError(f"adapter in {adapter_dir} is {config.get('peft_type')!r}, not a LoRA adapter")
+    if config.get("task_type") != "SEQ_CLS":
+        raise FilterServeError(
+            f"adapter in {adapter_dir} has task_type {config.get('task_type')!r}; a scoring filter "
+            "is a SEQ_CLS adapter whose trained score head is saved with it"
+        )
+    return config
+
+
+def score_head(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> torch.Tensor:
+    heads = [k for k in tensors if k.endswith("score.weight") and "lora_" not in k]
+    if len(heads) != 1:
+        raise FilterServeError(
+            f"adapter in {adapter_dir} carries no trained score head (expected one 'score.weight' "
+            f"saved through modules_to_save, found {heads or 'none'})"
+        )
+    return tensors[heads[0]]
+
+
+def check_shapes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    """Every LoRA pair must fit the base module it targets, and the head must fit the hidden size."""
+    problems: list[str] = []
+    for key, tensor in tensors.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module_path = key.split(".lora_")[0].removeprefix("base_model.model.")
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            problems.append(f"{module_path} (targeted by the adapter) does not exist in the base")
+            continue
+        if ".lora_A." in key and tensor.shape[1] != module.in_features:
+            problems.append(f"{module_path}: LoRA A takes {tensor.shape[1]} inputs, base layer {module.in_features}")
+        if ".lora_B." in key and tensor.shape[0] != module.out_features:
+            problems.append(f"{module_path}: LoRA B gives {tensor.shape[0]} outputs, base layer {module.out_features}")
+        if len(problems) >= 3:
+            break
+    head = score_head(tensors, adapter_dir)
+    if head.shape[1] != model.config.hidden_size:
+        problems.append(f"score head expects hidden size {head.shape[1]}, base has {model.config.hidden_size}")
+    if problems:
+        raise FilterServeError(
+            f"adapter {adapter_dir} does not match the base model: " + "; ".join(problems)
+        )
+
+
+def load_tokenizer(adapter_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError) as exc:
+        raise FilterServeError(f"cannot load the tokenizer from {adapter_dir}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        raise FilterServeError(
+            f"the tokenizer in {adapter_dir} has no pad token; Qwen's is '<|endoftext|>' and the "
+            "pooling finds the last non-pad token through it (set pad_token in tokenizer_config.json)"
+        )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
+    """The card's recipe: fp32 base for sequence classification, pad id set, PEFT adapter on top."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_libraries()
+    check_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    head = score_head(tensors, adapter_dir)
+    if head.shape[0] != spec.num_labels:
+        raise FilterServeError(
+            f"the adapter's score head has {head.shape[0]} outputs but filter {spec.name!r} has "
+            f"{spec.num_labels} dimensions ({', '.join(spec.dimensions)}); pass the matching --filter"
+        )
+    tokenizer = load_tokenizer(adapter_dir)
+    if not Path(base).exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
+        raise FilterServeError(f"base model not found: {base} (neither a folder nor a hub id 'org/name')")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=spec.num_labels, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise FilterServeError(f"cannot load the base model {base!r}: {exc}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    check_shapes(model, tensors, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as exc:  # size mismatches the checks above did not foresee
+        raise FilterServeError(f"adapter {adapter_dir} does not match the base model: {exc}") from None
+    model.eval()
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        pad_token_id=int(tokenizer.pad_token_id),
+        vocab_size=int(model.config.vocab_size),
+        adapter_score_weight=head,
+    )

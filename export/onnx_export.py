@@ -1,0 +1,81 @@
+"""ONNX export of the merged model with the serving contract's names and dynamic axes.
+
+The graph returns ``logits`` [batch, n_dims] in FP32 whatever the inner precision, and the
+filter's ``weighted_score`` [batch, 1], so every consumer (Triton, ONNX Runtime, TensorRT)
+gets the card's weighted score without a separate post-processing step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from filterserve.errors import FilterServeError
+
+OPSET = 18
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAMES = ["logits", "weighted_score"]
+
+
+class ScoringGraph(torch.nn.Module):
+    """Sequence classifier + the filter's weights, FP32 at the outputs."""
+
+    def __init__(self, model: torch.nn.Module, weights: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32).reshape(-1, 1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        return logits, logits @ self.weights
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    weights: tuple[float, ...],
+    ids: np.ndarray,
+    mask: np.ndarray,
+    path: Path,
+) -> Path:
+    """Trace with a padded batch (batch ≥ 2, as DESIGN.md notes) and write external data.
+
+    External data is always used so that a 1.5B model (5.75 GB in fp32) fits ONNX's 2 GB
+    protobuf limit and small and large models share one layout.
+    """
+    if ids.shape[0] < 2:
+        raise ValueError("trace with a batch of at least 2 rows so the batch axis stays dynamic")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = ScoringGraph(model, weights).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=1 << 16)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    args = (torch.from_numpy(ids), torch.from_numpy(mask))
+    log = io.StringIO()
+    try:
+        with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(log):
+            program = torch.onnx.export(
+                graph,
+                args,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_shapes=dynamic,
+                optimize=True,
+                verbose=False,
+            )
+            data_name = path.name + ".data"
+            if (path.parent / data_name).exists():
+                os.remove(path.parent / data_name)
+            program.save(str(path), external_data=True)
+    except Exception as exc:  # torch.export raises many types; the log says which step failed
+        raise FilterServeError(f"ONNX export failed: {type(exc).__name__}: {exc}\n{log.getvalue()[-2000:]}") from exc
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path

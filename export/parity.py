@@ -1,0 +1,118 @@
+"""The parity check every exported variant ends in: its scores against the PyTorch + PEFT reference.
+
+The reference is the card's recipe run one text at a time (no padding); the variants run a
+right-padded batch of mixed lengths, so the check also proves that padding does not move the
+scores (the pooling must find the last non-pad token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from filterserve.errors import ParityError
+
+_SENTENCE = (
+    "Neighbours in the valley rebuilt the flooded library together, and the children's corner "
+    "reopened with books donated from three towns. "
+)
+
+
+def parity_texts(tokenizer, max_length: int) -> list[str]:
+    """Mixed lengths, a 1-token text, and a text that must be truncated at ``max_length``."""
+    one_token = next(
+        (t for t in ("A", "a", "I", ".", "1") if len(tokenizer(t)["input_ids"]) == 1), "A"
+    )
+    n_ids = len(tokenizer(_SENTENCE)["input_ids"])
+    long_text = _SENTENCE * (max_length // max(n_ids, 1) + 2)
+    return [
+        "Volunteers rebuild flooded village library. More than two hundred residents dried, sorted "
+        "and reshelved forty thousand books in six weeks.",
+        one_token,
+        long_text,
+        "Markets slide as investors weigh the interest rate outlook.",
+        "Solar membrane cuts the cost of clean water. Field trials supplied four thousand people.",
+    ]
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A right-padded INT64 batch, as the server's tokenizer step produces it."""
+    batch = tokenizer(
+        texts, max_length=max_length, truncation=True, padding=True, return_tensors="np"
+    )
+    return batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
+
+
+@torch.inference_mode()
+def reference_scores(model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """The card's recipe, one unpadded text at a time."""
+    rows = []
+    for text in texts:
+        inputs = tokenizer(text, max_length=max_length, truncation=True, return_tensors="pt")
+        rows.append(model(**inputs).logits[0].float().numpy())
+    return np.stack(rows)
+
+
+@torch.inference_mode()
+def torch_scores(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    return out.logits.float().numpy()
+
+
+def ort_session(onnx_path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        str(onnx_path), options, providers=providers or ["CPUExecutionProvider"]
+    )
+
+
+def ort_scores(session, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``logits`` and ``weighted_score`` from an exported model."""
+    logits, weighted = session.run(["logits", "weighted_score"], {"input_ids": ids, "attention_mask": mask})
+    return logits, weighted
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    variant: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    tolerance: float
+    finite: bool
+    n_texts: int
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.max_abs_diff <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare(variant: str, got: np.ndarray, reference: np.ndarray, tolerance: float) -> ParityResult:
+    """Raise :class:`ParityError` naming the variant, the figures and the worst text when off."""
+    finite = bool(np.isfinite(got).all())
+    diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
+    diff = np.where(np.isfinite(diff), diff, np.inf)
+    result = ParityResult(
+        variant=variant,
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        tolerance=tolerance,
+        finite=finite,
+        n_texts=int(got.shape[0]),
+    )
+    if not result.passed:
+        row, col = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        what = "produces NaN/Inf" if not finite else "differs from the PyTorch + PEFT reference"
+        raise ParityError(
+            f"{variant} {what}: max |Δ| = {result.max_abs_diff:.3g} > tolerance {tolerance:g} "
+            f"(worst: text {row}, output {col}; mean |Δ| = {result.mean_abs_diff:.3g})"
+        )
+    return result

@@ -1,0 +1,62 @@
+"""The ``filterserve`` command: one subcommand per stage.
+
+Subcommand modules are imported only when chosen, so ``filterserve score`` runs on the
+client-only install (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from filterserve.errors import FilterServeError
+
+# Modules that only the extras install; a missing one means the install is client-only.
+EXTRAS_MODULES = {"torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "pytriton", "matplotlib", "safetensors"}
+
+# subcommand → (module holding add_<x>_arguments and <x>_command, help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("filterserve.export.cli", "merge the LoRA, export ONNX, check parity, write the model repository"),
+    "serve": ("filterserve.serve.cli", "run tritonserver on a model repository (foreground)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filterserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module, _name=name.replace("-", "_"))
+        try:
+            getattr(importlib.import_module(module), f"add_{name.replace('-', '_')}_arguments")(sub_parser)
+        except ImportError as exc:
+            sub_parser.set_defaults(_missing=str(exc))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"error: `filterserve {args.command}` needs an extra: pip install 'filterserve[all]' ({args._missing})",
+              file=sys.stderr)
+        return 2
+    command = getattr(importlib.import_module(args._module), f"{args._name}_command")
+    try:
+        return int(command(args) or 0)
+    except FilterServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in EXTRAS_MODULES:
+            print(f"error: `filterserve {args.command}` needs {exc.name}: pip install 'filterserve[all]'", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

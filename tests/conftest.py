@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Qwen2 + LoRA filter in the real on-disk layout, and its export.
+
+Building and exporting take seconds; both are session-scoped so every test reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from filterserve.filters import UPLIFTING_V4, FilterSpec
+
+FIVE_DIMS = FilterSpec(
+    name="investment_risk_v2",
+    dimensions=("macro_risk", "credit_stress", "sentiment", "volatility", "evidence"),
+    weights=(0.3, 0.25, 0.2, 0.15, 0.1),
+    max_length=256,
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run only where CUDA is; slow tests only when asked (FILTERSERVE_SLOW=1)."""
+    has_gpu = shutil.which("nvidia-smi") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "slow" in item.keywords and os.environ.get("FILTERSERVE_SLOW") != "1":
+            item.add_marker(pytest.mark.skip(reason="slow; set FILTERSERVE_SLOW=1"))
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory):
+    from filterserve.export.standin import build_standin
+
+    return build_standin(tmp_path_factory.mktemp("standin"), UPLIFTING_V4)
+
+
+@pytest.fixture(scope="session")
+def exported(standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The stand-in exported in fp32 (default, served) and fp16: ``(repository, manifest)``."""
+    from filterserve.export.pipeline import export_filter
+
+    repo = tmp_path_factory.mktemp("export") / "repo"
+    manifest = export_filter(
+        str(standin.base_dir), standin.adapter_dir, repo, UPLIFTING_V4, precisions="fp32,fp16", max_batch_size=16
+    )
+    return repo, manifest
+
+
+@pytest.fixture(scope="session")
+def reference(standin):
+    """The card's recipe (PyTorch + PEFT, unmerged), to score any text in tests."""
+    from filterserve.export.load import load_reference
+    from filterserve.export.parity import reference_scores
+
+    loaded = load_reference(str(standin.base_dir), standin.adapter_dir, UPLIFTING_V4)
+
+    def score(texts: list[str]):
+        return reference_scores(loaded.model, loaded.tokenizer, texts, UPLIFTING_V4.max_length)
+
+    score.tokenizer = loaded.tokenizer  # type: ignore[attr-defined]
+    return score
