@@ -17,7 +17,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16; the first is served by default")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--gpu", action="store_true", help="write GPU instance groups and TensorRT FP16 accelerator settings")
+    parser.add_argument("--gpu", action="store_true", help="target a GPU: GPU instance groups and ONNX Runtime's TensorRT FP16 accelerator (NVIDIA container)")
     parser.add_argument("--force", action="store_true", help="replace a different export already in --out")
 
 
@@ -43,4 +43,24 @@ def export_command(args: argparse.Namespace) -> int:
     print(json.dumps({"repository": str(args.out), "models": manifest["models"], "parity_max_abs_diff": summary,
                       "export_seconds": manifest["export_seconds"], "peak_rss_mb": manifest["peak_rss_mb"]}, indent=2))
     print(f"wrote {args.out}; serve it with: filterserve serve --model-repository {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_standin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write base/ and adapter/ into")
+    parser.add_argument("--shape", choices=["tiny", "qwen2.5-1.5b"], default="tiny",
+                        help="tiny (seconds) or the real Qwen2.5-1.5B dimensions (random weights, ~6 GB)")
+    parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def standin_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from filterserve.export.standin import StandinShape, build_standin
+
+    shape = StandinShape.qwen25_1_5b() if args.shape == "qwen2.5-1.5b" else StandinShape()
+    print(f"building a random-weight stand-in ({args.shape}); its scores mean nothing", file=sys.stderr)
+    made = build_standin(Path(args.out), load_filter(args.filter), shape=shape, seed=args.seed)
+    print(json.dumps({"base": str(made.base_dir), "adapter": str(made.adapter_dir)}))
     return 0

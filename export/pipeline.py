@@ -23,17 +23,13 @@ from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
 from filterserve.export.parity import compare, encode, ort_scores, ort_session, parity_texts, reference_scores
 from filterserve.filters import UPLIFTING_V4, FilterSpec
+from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.progress import Steps
 
 # Max |Δ| against the PyTorch + PEFT reference, per precision (issue 2).
 TOLERANCES: dict[str, float] = {"fp32": 1e-4, "fp16": 0.05}
 # fp16 converts the merged model in place, so it must come after fp32.
 PRECISION_ORDER = ("fp32", "fp16")
-
-
-def tensor_model_name(spec: FilterSpec, precision: str, default_precision: str) -> str:
-    """The default variant takes the contract's name ``<name>_onnx``; others get a suffix."""
-    return f"{spec.name}_onnx" if precision == default_precision else f"{spec.name}_onnx_{precision}"
 
 
 def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -95,7 +91,7 @@ def export_filter(
         merged, merged_parity = merge(loaded, ids, mask, reference)
         steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
 
-    names = {p: tensor_model_name(spec, p, default_precision) for p in order}
+    names = {p: tensor_model_name(spec.name, p, default_precision) for p in order}
     parity: dict[str, Any] = {"merged": merged_parity.to_dict()}
     try:
         for precision in sorted(order, key=PRECISION_ORDER.index):
@@ -113,8 +109,6 @@ def export_filter(
                 steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {tolerance:g})")
 
         with steps.step("write the Triton model repository and filter.json"):
-            from filterserve.model_repository import write_repository
-
             with tempfile.TemporaryDirectory() as tmp:
                 loaded.tokenizer.save_pretrained(tmp)
                 write_repository(
@@ -127,6 +121,7 @@ def export_filter(
                     pad_token_id=loaded.pad_token_id,
                     vocab_size=loaded.vocab_size,
                     gpu=gpu,
+                    tensorrt_fp16=gpu,
                 )
             manifest = {
                 "filter": spec.to_dict(),

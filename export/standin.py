@@ -88,6 +88,9 @@ def build_standin(
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
+    from filterserve.export.load import quiet_libraries
+
+    quiet_libraries()
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(min(shape.vocab_size, 4096))
     config = Qwen2Config(
@@ -125,7 +128,7 @@ def build_standin(
             if "lora_B" in name:
                 param.normal_(0.0, 0.05)
             elif "score" in name and "modules_to_save" in name:
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, 2.0 / shape.hidden_size**0.5)  # logits of a few units, as the real 0-10 scores
     peft_model.save_pretrained(adapter_dir)
     if not with_tokenizer_pad:
         tokenizer.pad_token = None

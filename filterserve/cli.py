@@ -14,12 +14,17 @@ from collections.abc import Sequence
 from filterserve.errors import FilterServeError
 
 # Modules that only the extras install; a missing one means the install is client-only.
-EXTRAS_MODULES = {"torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "pytriton", "matplotlib", "safetensors"}
+EXTRAS_MODULES = {"tensorrt", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "pytriton", "matplotlib", "safetensors"}
 
 # subcommand → (module holding add_<x>_arguments and <x>_command, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("filterserve.export.cli", "merge the LoRA, export ONNX, check parity, write the model repository"),
+    "demo": ("filterserve.demo", "stand-in (or real) filter → export → serve → score the sample articles"),
+    "standin": ("filterserve.export.cli", "build a random-weight Qwen2 + LoRA stand-in filter (tiny or real dimensions)"),
+    "build-engine": ("filterserve.export.tensorrt_engine", "on the target GPU: build a TensorRT FP16 engine into the repository"),
     "serve": ("filterserve.serve.cli", "run tritonserver on a model repository (foreground)"),
+    "bench": ("filterserve.benchmarks.cli", "benchmark a model repository: trained fixture, accuracy gate, latency, throughput"),
+    "score": ("filterserve.client.cli", "score JSONL articles against a running server"),
 }
 
 

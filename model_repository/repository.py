@@ -1,0 +1,251 @@
+"""Writes the Triton configs, the tokenizer model and the ensemble next to exported ONNX files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from filterserve.errors import FilterServeError
+from filterserve.filters import FilterSpec
+
+_HERE = Path(__file__).resolve().parent
+TOKENIZER_TEMPLATE = _HERE / "templates" / "tokenizer_model.py"
+ONNXRUNTIME_SHIM = _HERE / "backends" / "onnxruntime" / "model.py"
+
+# Files a Hugging Face tokenizer folder may hold; anything else there (adapter weights) stays behind.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+WARMUP_SEQ_LEN = 16
+WARMUP_BATCH = 2
+TENSOR_QUEUE_DELAY_US = 1000
+TOKENIZER_QUEUE_DELAY_US = 500
+TRT_CACHE_ROOT = "/tmp/filterserve_trt_cache"
+
+
+def tensor_model_name(name: str, precision: str, default_precision: str) -> str:
+    """The default precision keeps the plain name so the ensemble and clients never change."""
+    return f"{name}_onnx" if precision == default_precision else f"{name}_onnx_{precision}"
+
+
+def _to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def _set_params(config: mc.ModelConfig, params: dict[str, object]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _dynamic_batching(config: mc.ModelConfig, max_batch_size: int, delay_us: int) -> None:
+    preferred = [b for b in (4, 8, 16, 32) if b <= max_batch_size]
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+
+
+def _add_tensor(tensors, name: str, data_type: int, dims: list[int]) -> None:
+    """``tensors`` is a repeated ModelInput or ModelOutput field."""
+    tensor = tensors.add()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(dims)
+
+
+def tokenizer_config(
+    spec: FilterSpec, *, max_batch_size: int, pad_token_id: int, bucket: int
+) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=f"{spec.name}_tokenizer", backend="python", max_batch_size=max_batch_size)
+    _add_tensor(config.input, "TEXT", mc.TYPE_STRING, [1])
+    _add_tensor(config.output, "input_ids", mc.TYPE_INT64, [-1])
+    _add_tensor(config.output, "attention_mask", mc.TYPE_INT64, [-1])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, max_batch_size, TOKENIZER_QUEUE_DELAY_US)
+    _set_params(config, {"max_length": spec.max_length, "pad_token_id": pad_token_id, "bucket": bucket})
+    return config
+
+
+def _tensorrt_fp16(config: mc.ModelConfig, max_batch_size: int, max_length: int) -> None:
+    """ONNX Runtime's TensorRT accelerator in NVIDIA's container; engines are cached per model."""
+    opt_batch = min(8, max_batch_size)
+    opt_len = min(128, max_length)
+
+    def shapes(batch: int, seq: int) -> str:
+        return f"input_ids:{batch}x{seq},attention_mask:{batch}x{seq}"
+
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters.update(
+        {
+            "precision_mode": "FP16",
+            "max_workspace_size_bytes": str(4 << 30),
+            "trt_engine_cache_enable": "true",
+            "trt_engine_cache_path": f"{TRT_CACHE_ROOT}/{config.name}",
+            "trt_profile_min_shapes": shapes(1, 1),
+            "trt_profile_opt_shapes": shapes(opt_batch, opt_len),
+            "trt_profile_max_shapes": shapes(max_batch_size, max_length),
+        }
+    )
+
+
+def tensor_model_config(
+    spec: FilterSpec,
+    model_name: str,
+    *,
+    precision: str,
+    max_batch_size: int,
+    pad_token_id: int,
+    vocab_size: int,
+    gpu: bool,
+    tensorrt_fp16: bool,
+) -> mc.ModelConfig:
+    config = mc.ModelConfig(
+        name=model_name,
+        backend="onnxruntime",
+        max_batch_size=max_batch_size,
+        default_model_filename="model.onnx",
+    )
+    for name in ("input_ids", "attention_mask"):
+        _add_tensor(config.input, name, mc.TYPE_INT64, [-1])
+    _add_tensor(config.output, "logits", mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, "weighted_score", mc.TYPE_FP32, [1])
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=1)
+    _dynamic_batching(config, max_batch_size, TENSOR_QUEUE_DELAY_US)
+    warmup = config.model_warmup.add(name="zeros_and_ones", batch_size=min(WARMUP_BATCH, max_batch_size))
+    # Token id 0 is in every vocabulary; the mask comes from a file because Triton has no "ones_data".
+    warmup.inputs["input_ids"].CopyFrom(
+        mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], zero_data=True)
+    )
+    warmup.inputs["attention_mask"].CopyFrom(
+        mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], input_data_file="attention_mask")
+    )
+    if tensorrt_fp16 and precision != "int8":  # TensorRT cannot take ONNX Runtime's dynamic int8 ops
+        _tensorrt_fp16(config, max_batch_size, spec.max_length)
+    _set_params(config, {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "precision": precision})
+    return config
+
+
+def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
+    _add_tensor(config.input, "TEXT", mc.TYPE_STRING, [1])
+    _add_tensor(config.output, "scores", mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, "weighted_score", mc.TYPE_FP32, [1])
+    config.ensemble_scheduling.step.add(
+        model_name=f"{spec.name}_tokenizer",
+        model_version=-1,
+        input_map={"TEXT": "TEXT"},
+        output_map={"input_ids": "_input_ids", "attention_mask": "_attention_mask"},
+    )
+    config.ensemble_scheduling.step.add(
+        model_name=tensor_model,
+        model_version=-1,
+        input_map={"input_ids": "_input_ids", "attention_mask": "_attention_mask"},
+        output_map={"logits": "scores", "weighted_score": "weighted_score"},
+    )
+    # Clients read the filter from the server's model config instead of a local copy.
+    _set_params(
+        config,
+        {
+            "dimensions": ",".join(spec.dimensions),
+            "weights": ",".join(repr(float(w)) for w in spec.weights),
+            "max_length": spec.max_length,
+        },
+    )
+    return config
+
+
+def _write_config(model_dir: Path, config: mc.ModelConfig) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(_to_text(config), encoding="utf-8")
+
+
+def write_tensor_model(model_dir: Path, config: mc.ModelConfig) -> None:
+    """A tensor model's config and the warm-up mask file it names (ONNX and TensorRT alike)."""
+    _write_config(model_dir, config)
+    (model_dir / "warmup").mkdir(exist_ok=True)
+    np.ones(WARMUP_SEQ_LEN, dtype="<i8").tofile(model_dir / "warmup" / "attention_mask")
+
+
+def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise FilterServeError(f"no tokenizer.json in {tokenizer_dir}: the tokenizer model needs the fast tokenizer file")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, dest / name)
+
+
+def write_repository(
+    repo: Path,
+    spec: FilterSpec,
+    *,
+    tokenizer_dir: Path,
+    precisions: list[str],
+    default_precision: str,
+    max_batch_size: int,
+    pad_token_id: int,
+    vocab_size: int,
+    bucket: int = 16,
+    gpu: bool = False,
+    tensorrt_fp16: bool = False,
+) -> None:
+    """Complete the repository around the ONNX files the export already wrote into ``repo``.
+
+    ``tensorrt_fp16`` adds ONNX Runtime's TensorRT FP16 accelerator block for NVIDIA's container;
+    it needs ``gpu`` because TensorRT only runs on GPU instances.
+    """
+    repo = Path(repo)
+    tokenizer_dir = Path(tokenizer_dir)
+    if default_precision not in precisions:
+        raise FilterServeError(f"default precision {default_precision!r} is not among the exported {precisions}")
+    if max_batch_size < 1:
+        raise FilterServeError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if bucket < 1:
+        raise FilterServeError(f"bucket must be at least 1, got {bucket}")
+    if not 0 <= pad_token_id < vocab_size:
+        raise FilterServeError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {vocab_size})")
+    if tensorrt_fp16 and not gpu:
+        raise FilterServeError("tensorrt_fp16 needs gpu=True: TensorRT runs on GPU instances only")
+
+    for precision in precisions:
+        model_name = tensor_model_name(spec.name, precision, default_precision)
+        model_dir = repo / model_name
+        if not (model_dir / "1" / "model.onnx").is_file():
+            raise FilterServeError(f"{precision} tensor model missing: expected {model_dir / '1' / 'model.onnx'}")
+        config = tensor_model_config(
+            spec,
+            model_name,
+            precision=precision,
+            max_batch_size=max_batch_size,
+            pad_token_id=pad_token_id,
+            vocab_size=vocab_size,
+            gpu=gpu,
+            tensorrt_fp16=tensorrt_fp16,
+        )
+        write_tensor_model(model_dir, config)
+
+    tokenizer_dir_out = repo / f"{spec.name}_tokenizer"
+    _write_config(
+        tokenizer_dir_out,
+        tokenizer_config(spec, max_batch_size=max_batch_size, pad_token_id=pad_token_id, bucket=bucket),
+    )
+    _copy_tokenizer(tokenizer_dir, tokenizer_dir_out / "1" / "tokenizer")
+    shutil.copy2(TOKENIZER_TEMPLATE, tokenizer_dir_out / "1" / "model.py")
+
+    _write_config(
+        repo / spec.name,
+        ensemble_config(
+            spec,
+            max_batch_size=max_batch_size,
+            tensor_model=tensor_model_name(spec.name, default_precision, default_precision),
+        ),
+    )
+    (repo / spec.name / "1").mkdir(exist_ok=True)  # Triton needs a version folder, even if empty

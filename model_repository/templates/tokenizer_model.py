@@ -1,0 +1,92 @@
+"""Triton Python model: text → input_ids, attention_mask, padded per batch.
+
+It runs inside NVIDIA's container as well as beside the pytriton wheel, so it imports only
+``tokenizers`` and numpy. All requests of one ``execute`` call are padded to one common length
+(rounded up to a bucket) because the tensor model's dynamic batcher only joins requests of
+identical shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+
+def _param(config: dict, key: str) -> int:
+    return int(config["parameters"][key]["string_value"])
+
+
+def _invalid(message: str) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+
+
+def _decode(raw: object, row: int) -> str:
+    """Turns one TEXT element into a non-empty string; ValueError names what is wrong."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"TEXT row {row} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    else:
+        text = str(raw)
+    if not text.strip():
+        raise ValueError(f"empty text in TEXT row {row}")
+    return text
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.max_length = _param(config, "max_length")
+        self.pad_token_id = _param(config, "pad_token_id")
+        self.bucket = _param(config, "bucket")
+        tokenizer_file = Path(args["model_repository"]) / args["model_version"] / "tokenizer" / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        # Truncation and padding are done here, per batch, not by settings saved in tokenizer.json.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+
+    def _padded_length(self, longest: int) -> int:
+        rounded = -(-max(longest, 1) // self.bucket) * self.bucket
+        return min(rounded, self.max_length)
+
+    def execute(self, requests: list) -> list:
+        texts: list[str] = []
+        spans: list[tuple[int, int] | str] = []  # per request: its rows in ``texts``, or an error
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            try:
+                decoded = [_decode(item, row) for row, item in enumerate(raw)]
+            except ValueError as exc:
+                spans.append(str(exc))
+                continue
+            spans.append((len(texts), len(texts) + len(decoded)))
+            texts.extend(decoded)
+
+        ids = [enc.ids[: self.max_length] for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        length = self._padded_length(max((len(row) for row in ids), default=1))
+        input_ids = np.full((len(ids), length), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(ids), length), dtype=np.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+
+        responses = []
+        for span in spans:
+            if isinstance(span, str):
+                responses.append(_invalid(span))
+                continue
+            start, end = span
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("input_ids", input_ids[start:end]),
+                        pb_utils.Tensor("attention_mask", attention_mask[start:end]),
+                    ]
+                )
+            )
+        return responses

@@ -1,0 +1,138 @@
+"""FilterClient against the real tritonserver serving the real export of the stand-in."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filterserve.client import ClientError, FilterClient, ScoreError, Scores, ServerUnavailable
+from filterserve.data import sample_articles
+from filterserve.filters import UPLIFTING_V4
+from filterserve.serve import TritonServer
+
+PROTOCOLS = ["grpc", "http"]
+LONG_TEXT = " ".join(["Volunteers rebuilt the village school after the flood."] * 120)  # > max_length tokens
+
+
+SERVED_DIMENSIONS = tuple(f"served_{name}" for name in UPLIFTING_V4.dimensions)
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory: pytest.TempPathFactory):
+    """The export with its dimensions renamed in the ensemble config: the client must show those names."""
+    repo = tmp_path_factory.mktemp("client") / "repo"
+    shutil.copytree(exported[0], repo)
+    config = repo / UPLIFTING_V4.name / "config.pbtxt"
+    text = config.read_text(encoding="utf-8")
+    original = ",".join(UPLIFTING_V4.dimensions)
+    assert original in text
+    config.write_text(text.replace(original, ",".join(SERVED_DIMENSIONS)), encoding="utf-8")
+    with TritonServer(repo) as running:
+        yield running
+
+
+def _url(server: TritonServer, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+@pytest.fixture(scope="module", params=PROTOCOLS)
+def client(request, server):
+    with FilterClient(_url(server, request.param), request.param) as opened:
+        yield opened
+
+
+def _vector(scores: Scores) -> np.ndarray:
+    return np.array(list(scores.dimensions.values()))
+
+
+@pytest.mark.timeout(120)
+def test_scores_match_the_reference(client, reference):
+    articles = sample_articles()
+    results = [client.score(a["title"], a["content"]) for a in articles]
+    expected = reference([f"{a['title']}. {a['content']}" for a in articles])
+    np.testing.assert_allclose(np.stack([_vector(r) for r in results]), expected, rtol=0, atol=1e-4)
+    for result in results:
+        assert result.weighted_score == pytest.approx(float(np.dot(_vector(result), client.weights)), abs=1e-5)
+        assert list(result.as_dict()) == [*client.dimensions, "weighted_score"]
+
+
+@pytest.mark.timeout(60)
+def test_filter_comes_from_the_server(client):
+    assert client.model == UPLIFTING_V4.name  # found without being named
+    assert client.dimensions == SERVED_DIMENSIONS
+    assert client.weights == UPLIFTING_V4.weights
+    assert client.max_length == UPLIFTING_V4.max_length
+
+
+@pytest.mark.timeout(60)
+def test_score_many_keeps_order_and_isolates_failures(client):
+    texts = [f"Story {i}: volunteers rebuilt {i} schools after the flood." for i in range(40)]
+    items: list = [*texts[:20], ("A title", ""), *texts[20:]]
+    results = client.score_many(items, concurrency=16)
+    assert len(results) == 41
+    assert isinstance(results[20], ScoreError) and results[20].index == 20 and "content is empty" in results[20].message
+    scored = results[:20] + results[21:]
+    sequential = [client.score_text(text) for text in texts]
+    for got, want in zip(scored, sequential):
+        assert isinstance(got, Scores)
+        np.testing.assert_allclose(_vector(got), _vector(want), atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_tokenize_on_client_matches_the_ensemble(client, exported):
+    tokenizer = Path(exported[0]) / f"{UPLIFTING_V4.name}_tokenizer" / "1" / "tokenizer" / "tokenizer.json"
+    with FilterClient(client.url, client.protocol, tokenizer=str(tokenizer)) as local:
+        a = sample_articles()[0]
+        for text in (f"{a['title']}. {a['content']}", LONG_TEXT):
+            np.testing.assert_allclose(_vector(local.score_text(text)), _vector(client.score_text(text)), atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_gets_a_clear_error(client):
+    with pytest.raises(ClientError, match="empty text"):
+        client.score_text("   ")
+    with pytest.raises(ClientError, match="content is empty"):
+        client.score("A title", "")
+    with pytest.raises(ClientError, match=r"bad input: .*vocabulary"):  # the server's own message
+        client.score_tokens([1, 10**6])
+
+
+@pytest.mark.timeout(60)
+def test_unknown_model_is_not_ready(server):
+    with pytest.raises(ClientError, match="model nope is not ready"):
+        FilterClient(server.grpc_url, model="nope")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_no_server_fails_fast_and_says_where(protocol):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: nothing answers here
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable, match=rf"server at 127.0.0.1:{port} is not reachable \({protocol}\)"):
+            FilterClient(f"127.0.0.1:{port}", protocol, timeout_s=2, retries=1)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.timeout(60)
+def test_bare_client_import_needs_no_torch():
+    check = "import filterserve.client, filterserve.client.cli, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_silent_server_times_out(protocol):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()  # connections are accepted by the kernel but never answered
+        with pytest.raises(ClientError, match=rf"timed out after 0.5 s \({protocol}\)"):
+            FilterClient(f"127.0.0.1:{sock.getsockname()[1]}", protocol, timeout_s=0.5, retries=0)

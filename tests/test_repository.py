@@ -1,0 +1,129 @@
+"""The generated repository: layout, configs and the checks ``write_repository`` makes (no server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from filterserve.errors import FilterServeError
+from filterserve.model_repository import write_repository
+from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
+
+SPEC = TOY_SPEC
+
+
+def _config(repo: Path, model: str) -> mc.ModelConfig:
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy_export(tmp_path_factory.mktemp("toy"), max_batch_size=8, bucket=32)
+
+
+def _write(tmp_path: Path, **overrides) -> Path:
+    """A fresh repository with fp32 (default) and fp16 tensor models; ``overrides`` go to write_repository."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    tok = build_tokenizer(tokenizer_dir)
+    repo = tmp_path / "repo"
+    for folder in (f"{SPEC.name}_onnx", f"{SPEC.name}_onnx_fp16"):
+        build_onnx(repo / folder / "1" / "model.onnx", tok.get_vocab_size(), SPEC.weights)
+    kwargs = dict(
+        tokenizer_dir=tokenizer_dir,
+        precisions=["fp32", "fp16"],
+        default_precision="fp32",
+        max_batch_size=16,
+        pad_token_id=0,
+        vocab_size=tok.get_vocab_size(),
+    )
+    write_repository(repo, SPEC, **{**kwargs, **overrides})
+    return repo
+
+
+@pytest.mark.timeout(30)
+def test_layout_is_self_contained(toy):
+    tokenizer_version = toy.repo / f"{SPEC.name}_tokenizer" / "1"
+    assert (tokenizer_version / "model.py").is_file()
+    assert (tokenizer_version / "tokenizer" / "tokenizer.json").read_bytes() == (toy.tokenizer_dir / "tokenizer.json").read_bytes()
+    assert (toy.repo / SPEC.name / "1").is_dir()
+    assert (toy.repo / f"{SPEC.name}_onnx" / "1" / "model.onnx.data").is_file()
+    mask = np.fromfile(toy.repo / f"{SPEC.name}_onnx" / "warmup" / "attention_mask", dtype="<i8")
+    assert mask.tolist() == [1] * 16
+
+
+@pytest.mark.timeout(30)
+def test_configs_follow_the_contract(toy):
+    tokenizer = _config(toy.repo, f"{SPEC.name}_tokenizer")
+    assert tokenizer.backend == "python" and tokenizer.max_batch_size == 8
+    assert [(t.name, t.data_type, list(t.dims)) for t in tokenizer.input] == [("TEXT", mc.TYPE_STRING, [1])]
+    assert {t.name for t in tokenizer.output} == {"input_ids", "attention_mask"}
+    assert {k: v.string_value for k, v in tokenizer.parameters.items()} == {
+        "max_length": str(SPEC.max_length),
+        "pad_token_id": str(toy.pad_token_id),
+        "bucket": "32",
+    }
+    assert list(tokenizer.dynamic_batching.preferred_batch_size) == [4, 8]
+
+    tensor = _config(toy.repo, f"{SPEC.name}_onnx")
+    assert tensor.backend == "onnxruntime"
+    assert [(t.name, t.data_type, list(t.dims)) for t in tensor.input] == [
+        ("input_ids", mc.TYPE_INT64, [-1]),
+        ("attention_mask", mc.TYPE_INT64, [-1]),
+    ]
+    assert [(t.name, list(t.dims)) for t in tensor.output] == [("logits", [SPEC.num_labels]), ("weighted_score", [1])]
+    assert tensor.parameters["vocab_size"].string_value == str(toy.vocab_size)
+    assert tensor.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert not tensor.optimization.execution_accelerators.gpu_execution_accelerator
+    assert tensor.model_warmup[0].inputs["input_ids"].data_type == mc.TYPE_INT64
+    assert tensor.dynamic_batching.max_queue_delay_microseconds > 0
+
+    ensemble = _config(toy.repo, SPEC.name)
+    assert ensemble.platform == "ensemble"
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [f"{SPEC.name}_tokenizer", f"{SPEC.name}_onnx"]
+    assert [(t.name, list(t.dims)) for t in ensemble.output] == [("scores", [SPEC.num_labels]), ("weighted_score", [1])]
+    params = {k: v.string_value for k, v in ensemble.parameters.items()}
+    assert params == {"dimensions": "alpha,beta,gamma", "weights": "0.5,0.3,0.2", "max_length": str(SPEC.max_length)}
+
+
+@pytest.mark.timeout(60)
+def test_gpu_tensorrt_block_and_other_precisions(tmp_path):
+    repo = _write(tmp_path, gpu=True, tensorrt_fp16=True)
+    for model in (f"{SPEC.name}_onnx", f"{SPEC.name}_onnx_fp16"):
+        config = _config(repo, model)
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "tensorrt"
+        assert accelerator.parameters["precision_mode"] == "FP16"
+        assert accelerator.parameters["trt_engine_cache_enable"] == "true"
+        assert accelerator.parameters["trt_profile_max_shapes"] == (
+            f"input_ids:16x{SPEC.max_length},attention_mask:16x{SPEC.max_length}"
+        )
+    assert _config(repo, f"{SPEC.name}_onnx_fp16").parameters["precision"].string_value == "fp16"
+    assert _config(repo, SPEC.name).ensemble_scheduling.step[1].model_name == f"{SPEC.name}_onnx"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"precisions": ["fp32", "fp16", "int8"]}, "int8 tensor model missing"),
+        ({"default_precision": "int8"}, "default precision"),
+        ({"tensorrt_fp16": True}, "needs gpu=True"),
+        ({"pad_token_id": 10**6}, "outside the vocabulary"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(tmp_path, overrides, message):
+    with pytest.raises(FilterServeError, match=message):
+        _write(tmp_path, **overrides)
+
+
+@pytest.mark.timeout(30)
+def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FilterServeError, match="no tokenizer.json"):
+        _write(tmp_path, tokenizer_dir=tmp_path / "empty")

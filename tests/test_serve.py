@@ -1,0 +1,296 @@
+"""The real tritonserver from the nvidia-pytriton wheel serving the real export of the stand-in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from filterserve.errors import FilterServeError
+from filterserve.filters import UPLIFTING_V4
+from filterserve.serve import TritonServer
+
+SPEC = UPLIFTING_V4
+TENSOR_MODEL = f"{SPEC.name}_onnx"
+TOKENIZER_MODEL = f"{SPEC.name}_tokenizer"
+TEXTS = [
+    "Volunteers rebuilt the village school. Classes resume on Monday after the flood.",
+    "Markets fell. Investors feared a recession — «ça va mal» 📉",
+    "Short.",
+]
+CLIENTS = {"http": httpclient, "grpc": grpcclient}
+BAD_REQUEST = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+
+
+@pytest.fixture(scope="module")
+def repo(exported) -> Path:
+    return exported[0]
+
+
+@pytest.fixture(scope="module")
+def manifest(exported) -> dict:
+    return exported[1]
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with TritonServer(repo) as running:
+        yield running
+
+
+def _client(server: TritonServer, protocol: str):
+    if protocol == "http":
+        return httpclient.InferenceServerClient(server.http_url, concurrency=32)
+    return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def _text_inputs(protocol: str, texts: list) -> list:
+    data = np.array([t if isinstance(t, bytes) else t.encode() for t in texts], dtype=object).reshape(-1, 1)
+    tensor = CLIENTS[protocol].InferInput("TEXT", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+def _score(client, protocol: str, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    result = client.infer(SPEC.name, _text_inputs(protocol, texts))
+    return result.as_numpy("scores"), result.as_numpy("weighted_score")
+
+
+def _stats(client, protocol: str, model: str) -> tuple[int, int]:
+    stats = client.get_inference_statistics(model_name=model, **({"as_json": True} if protocol == "grpc" else {}))
+    entry = stats["model_stats"][0]
+    return int(entry["inference_count"]), int(entry["execution_count"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_one_at_a_time_matches_reference(server, protocol, reference):
+    client = _client(server, protocol)
+    expected = reference(TEXTS)
+    for i, text in enumerate(TEXTS):
+        scores, weighted = _score(client, protocol, [text])
+        assert scores.shape == (1, SPEC.num_labels) and weighted.shape == (1, 1)
+        assert np.abs(scores[0] - expected[i]).max() <= 1e-4  # fp32: the issue's tolerance
+        assert weighted[0, 0] == pytest.approx(SPEC.weighted(scores[0].tolist()), abs=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_ensemble_config_carries_the_filter(server):
+    config = httpclient.InferenceServerClient(server.http_url).get_model_config(SPEC.name)
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert params["dimensions"].split(",") == list(SPEC.dimensions)
+    assert [float(w) for w in params["weights"].split(",")] == list(SPEC.weights)
+    assert int(params["max_length"]) == SPEC.max_length
+
+
+@pytest.mark.timeout(60)
+def test_tokenizer_model_matches_transformers_and_pads_to_buckets(server, reference):
+    long_text = " ".join(["Volunteers rebuilt the village school after the flood."] * 120)
+    texts = [*TEXTS, long_text]
+    client = httpclient.InferenceServerClient(server.http_url)
+    result = client.infer(TOKENIZER_MODEL, _text_inputs("http", texts))
+    ids, mask = result.as_numpy("input_ids"), result.as_numpy("attention_mask")
+    assert ids.shape == mask.shape and ids.shape[1] == SPEC.max_length  # the long text sets it, capped
+    for row, text in enumerate(texts):
+        expected = reference.tokenizer(text, max_length=SPEC.max_length, truncation=True)["input_ids"]
+        assert ids[row, : int(mask[row].sum())].tolist() == expected
+    short = client.infer(TOKENIZER_MODEL, _text_inputs("http", TEXTS[2:])).as_numpy("input_ids")
+    assert short.shape[1] == 16  # rounded up to the bucket
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_concurrent_requests_are_batched(server, protocol, reference):
+    expected = reference([f"{TEXTS[i % 2]} Story {i}." for i in range(32)])
+    stats_client = _client(server, protocol)
+    before = _stats(stats_client, protocol, TENSOR_MODEL)
+    clients = [_client(server, protocol) for _ in range(32)]  # a client per thread: they are not thread-safe
+    start = threading.Barrier(len(clients))
+    results: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        inputs = _text_inputs(protocol, [f"{TEXTS[i % 2]} Story {i}."])
+        start.wait()
+        try:
+            results[i] = clients[i].infer(SPEC.name, inputs).as_numpy("scores")
+        except InferenceServerException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(isinstance(r, np.ndarray) and r.shape == (1, SPEC.num_labels) for r in results.values()), results
+    assert len(results) == 32
+    for i, scores in results.items():
+        assert np.abs(scores[0] - expected[i]).max() <= 1e-4, f"request {i} scored differently when batched"
+    deadline = time.monotonic() + 5  # statistics are updated just after the responses go out
+    while (after := _stats(stats_client, protocol, TENSOR_MODEL))[0] - before[0] < 32 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 32
+    assert executions < inferences, "the dynamic batcher joined no requests"
+
+
+def _bad_requests(manifest: dict) -> dict[str, tuple[str, list, str]]:
+    """name → (model, inputs builder, words the error message must contain)."""
+    too_many = manifest["max_batch_size"] + 1
+    vocab = manifest["vocab_size"]
+    return {
+        "empty text": (SPEC.name, lambda p: _text_inputs(p, ["   "]), "empty text"),
+        "non-utf8": (SPEC.name, lambda p: _text_inputs(p, [b"caf\xe9 \xff"]), "utf-8"),
+        "batch too large": (SPEC.name, lambda p: _text_inputs(p, ["hello"] * too_many), "batch-size"),
+        "wrong dtype": (SPEC.name, lambda p: [_int_input(p, "TEXT", np.ones((1, 1), np.int32), "INT32")], "data-type"),
+        "wrong shape": (SPEC.name, lambda p: _text_inputs_2d(p), "shape"),
+        "out of vocabulary": (
+            TENSOR_MODEL,
+            lambda p: [
+                _int_input(p, "input_ids", np.array([[5, vocab]], np.int64), "INT64"),
+                _int_input(p, "attention_mask", np.ones((1, 2), np.int64), "INT64"),
+            ],
+            "vocabulary",
+        ),
+        "mask mismatch": (
+            TENSOR_MODEL,
+            lambda p: [
+                _int_input(p, "input_ids", np.array([[5, 6]], np.int64), "INT64"),
+                _int_input(p, "attention_mask", np.ones((1, 3), np.int64), "INT64"),
+            ],
+            "does not match",
+        ),
+    }
+
+
+def _int_input(protocol: str, name: str, data: np.ndarray, datatype: str):
+    tensor = CLIENTS[protocol].InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def _text_inputs_2d(protocol: str) -> list:
+    data = np.array([[b"one", b"two"]], dtype=object)  # dims [2] where the model takes [1]
+    tensor = CLIENTS[protocol].InferInput("TEXT", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_input_is_rejected_and_server_keeps_serving(server, manifest, protocol):
+    client = _client(server, protocol)
+    for case, (model, build, words) in _bad_requests(manifest).items():
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(model, build(protocol))
+        assert caught.value.status() == BAD_REQUEST[protocol], f"{case}: {caught.value}"
+        assert words in caught.value.message().lower(), f"{case}: {caught.value.message()}"
+    scores, _ = _score(client, protocol, TEXTS[:2])
+    assert scores.shape == (2, SPEC.num_labels)
+
+
+def _tokenizer_stub(server: TritonServer) -> psutil.Process:
+    stubs = []
+    for child in psutil.Process(server.pid).children(recursive=True):
+        try:  # a killed stub lingers as a zombie, whose command line cannot be read
+            if "triton_python_backend_stub" in child.name() and any(TOKENIZER_MODEL in p for p in child.cmdline()):
+                stubs.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    assert len(stubs) == 1, stubs
+    return stubs[0]
+
+
+def _wait_dead(process: psutil.Process, timeout_s: float = 10.0) -> None:
+    """A killed stub stays a zombie until tritonserver reaps it, so wait for either."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{process} did not die")
+
+
+@pytest.mark.timeout(150)
+def test_copied_repository_serves_and_recovers_from_a_crashed_stub(repo, tmp_path):
+    copy = tmp_path / "elsewhere" / "repo"
+    shutil.copytree(repo, copy)
+    assert (copy / "filter.json").is_file()  # a file at the root must not break loading
+    with TritonServer(copy) as server:
+        client = _client(server, "grpc")
+        first, _ = _score(client, "grpc", TEXTS[:1])
+        stub = _tokenizer_stub(server)
+        stub.kill()
+        _wait_dead(stub)
+        with pytest.raises(InferenceServerException):
+            _score(client, "grpc", TEXTS[:1])
+        server.check()
+        again, _ = _score(client, "grpc", TEXTS[:1])
+        np.testing.assert_allclose(again, first, atol=1e-5)
+        assert _tokenizer_stub(server).pid != stub.pid
+
+
+@pytest.mark.timeout(30)
+def test_unusable_repository_or_port_is_a_clear_error(tmp_path, repo):
+    with pytest.raises(FilterServeError, match="not found"):
+        TritonServer(tmp_path / "missing")
+    with pytest.raises(FilterServeError, match="no models"):
+        TritonServer(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(FilterServeError, match="already in use"):
+            TritonServer(repo, http_port=busy.getsockname()[1]).start()
+
+
+@pytest.mark.timeout(90)
+def test_cli_serves_until_ctrl_c(repo):
+    code = (
+        "import argparse, sys\n"
+        "from filterserve.serve.cli import add_serve_arguments, serve_command\n"
+        "parser = argparse.ArgumentParser()\n"
+        "add_serve_arguments(parser)\n"
+        "sys.exit(serve_command(parser.parse_args(sys.argv[1:])))\n"
+    )
+    cli = subprocess.Popen(
+        [sys.executable, "-c", code, "--model-repository", str(repo), "--check-interval", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    server_pids: list[int] = []
+    try:
+        lines = []
+        while not any("HTTP" in line for line in lines):
+            line = cli.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = lines[-1].split()[-1]
+        assert httpclient.InferenceServerClient(url).is_server_ready()
+        server_pids += [p.pid for p in psutil.Process(cli.pid).children(recursive=True)]
+        time.sleep(1.5)  # a few supervision rounds pass without incident
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(30) == 0
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in server_pids)
+    finally:
+        for pid in [cli.pid, *server_pids]:  # only after a failure is anything left to end
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        cli.wait()
