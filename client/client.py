@@ -176,8 +176,8 @@ class FilterClient:
                 self._tokenizer = Tokenizer.from_file(str(tokenizer))
             except Exception as exc:  # tokenizers raises plain Exception for missing or broken files
                 raise ClientError(f"cannot load tokenizer {tokenizer}: {exc}") from None
-            # The server's tokenizer step truncates itself and adds no special tokens; match it.
-            self._tokenizer.no_truncation()
+            # As the server's tokenizer step (and transformers): the library truncates, no padding.
+            self._tokenizer.enable_truncation(self.max_length)
             self._tokenizer.no_padding()
             self._require_ready(self.tensor_model)
 
@@ -305,7 +305,7 @@ class FilterClient:
         if not text.strip():
             raise ClientError("bad input: empty text")
         if self._tokenizer is not None:
-            ids = self._tokenizer.encode(text, add_special_tokens=False).ids[: self.max_length]
+            ids = self._tokenizer.encode(text).ids
             return self.score_tokens(ids)
         data = np.array([[text.encode("utf-8")]], dtype=object)
         return self._infer(self.model, {TEXT_INPUT: data}, ("scores", "weighted_score"))

@@ -46,8 +46,9 @@ class TritonPythonModel:
         self.bucket = _param(config, "bucket")
         tokenizer_file = Path(args["model_repository"]) / args["model_version"] / "tokenizer" / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        # Truncation and padding are done here, per batch, not by settings saved in tokenizer.json.
-        self.tokenizer.no_truncation()
+        # As transformers' ``tokenizer(text, max_length=L, truncation=True)``: the library truncates
+        # (keeping any special tokens the post-processor adds); padding is done here, per batch.
+        self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
 
     def _padded_length(self, longest: int) -> int:
@@ -67,7 +68,7 @@ class TritonPythonModel:
             spans.append((len(texts), len(texts) + len(decoded)))
             texts.extend(decoded)
 
-        ids = [enc.ids[: self.max_length] for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        ids = [enc.ids for enc in self.tokenizer.encode_batch(texts)]
         length = self._padded_length(max((len(row) for row in ids), default=1))
         input_ids = np.full((len(ids), length), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(ids), length), dtype=np.int64)
