@@ -121,6 +121,19 @@ def _claim_port(host: str, port: int | None, what: str) -> int:
     return port
 
 
+def _die_with_parent() -> None:
+    """Runs in the child: the kernel sends SIGTERM to tritonserver if its parent dies.
+
+    atexit does not run when the parent is killed by a signal; without this a killed test run
+    or a crashed caller would leave an orphaned server holding its ports.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class TritonServer:
     """A tritonserver process in its own process group, stopped on exit even if the caller forgets."""
 
@@ -210,7 +223,13 @@ class TritonServer:
             ]
             with open(self.log_path, "wb") as log:
                 self._process = subprocess.Popen(
-                    command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                    command,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             atexit.register(self.stop)
             self._wait_ready()

@@ -259,7 +259,8 @@ def test_unusable_repository_or_port_is_a_clear_error(tmp_path, repo):
 
 
 @pytest.mark.timeout(90)
-def test_cli_serves_until_ctrl_c(repo):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serves_until_ctrl_c_or_sigterm(repo, stop_signal):
     code = (
         "import argparse, sys\n"
         "from filterserve.serve.cli import add_serve_arguments, serve_command\n"
@@ -268,7 +269,8 @@ def test_cli_serves_until_ctrl_c(repo):
         "sys.exit(serve_command(parser.parse_args(sys.argv[1:])))\n"
     )
     cli = subprocess.Popen(
-        [sys.executable, "-c", code, "--model-repository", str(repo), "--check-interval", "0.5"],
+        [sys.executable, "-c", code, "--model-repository", str(repo), "--check-interval", "0.5",
+         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -284,7 +286,7 @@ def test_cli_serves_until_ctrl_c(repo):
         assert httpclient.InferenceServerClient(url).is_server_ready()
         server_pids += [p.pid for p in psutil.Process(cli.pid).children(recursive=True)]
         time.sleep(1.5)  # a few supervision rounds pass without incident
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal(stop_signal)
         assert cli.wait(30) == 0
         assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in server_pids)
     finally:
@@ -294,3 +296,29 @@ def test_cli_serves_until_ctrl_c(repo):
             except ProcessLookupError:
                 pass
         cli.wait()
+
+
+@pytest.mark.timeout(90)
+def test_server_dies_with_a_killed_parent(repo):
+    """A caller killed by SIGKILL (no atexit, no finally) must not leave tritonserver running."""
+    code = (
+        "import sys, time\n"
+        "from filterserve.serve import TritonServer\n"
+        "server = TritonServer(sys.argv[1]).start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code, str(repo)], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    try:
+        assert psutil.pid_exists(server_pid)
+        parent.kill()
+        parent.wait()
+        server = psutil.Process(server_pid)
+        server.wait(30)
+    except psutil.NoSuchProcess:
+        pass
+    finally:
+        if psutil.pid_exists(server_pid):
+            os.killpg(server_pid, signal.SIGKILL)
+    assert not psutil.pid_exists(server_pid)
