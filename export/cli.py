@@ -15,7 +15,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model repository folder to write")
     parser.add_argument("--name", help="Triton model name (default: the filter's name)")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
-    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16; the first is served by default")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (int8 needs --validation)")
+    parser.add_argument("--validation", help="labelled JSONL (title, content, one field per dimension): every variant "
+                        "must keep the validation MAE within --gate-tolerance of the PyTorch + PEFT reference")
+    parser.add_argument("--gate-tolerance", type=float, default=0.01, help="max MAE increase, overall and per dimension")
+    parser.add_argument("--default", default="auto", help="precision the ensemble serves; auto = the fastest variant "
+                        "the accuracy gate admitted (with --validation), else the first listed")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--gpu", action="store_true", help="target a GPU: GPU instance groups and ONNX Runtime's TensorRT FP16 accelerator (NVIDIA container)")
     parser.add_argument("--force", action="store_true", help="replace a different export already in --out")
@@ -38,10 +43,22 @@ def export_command(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         force=args.force,
         gpu=args.gpu,
+        validation=args.validation,
+        gate_tolerance=args.gate_tolerance,
+        default=args.default,
     )
     summary = {p: round(r["max_abs_diff"], 8) for p, r in manifest["parity"].items()}
-    print(json.dumps({"repository": str(args.out), "models": manifest["models"], "parity_max_abs_diff": summary,
-                      "export_seconds": manifest["export_seconds"], "peak_rss_mb": manifest["peak_rss_mb"]}, indent=2))
+    gate = manifest["accuracy_gate"]
+    print(json.dumps({
+        "repository": str(args.out),
+        "models": manifest["models"],
+        "default_precision": manifest["default_precision"],
+        "parity_max_abs_diff": summary,
+        "validation_mae_change": gate and {v: round(m["mae_delta"], 6) for v, m in gate["report"]["variants"].items()},
+        "latency_ms_batch1": manifest["latency_ms_batch1"],
+        "export_seconds": manifest["export_seconds"],
+        "peak_rss_mb": manifest["peak_rss_mb"],
+    }, indent=2))
     print(f"wrote {args.out}; serve it with: filterserve serve --model-repository {args.out}", file=sys.stderr)
     return 0
 

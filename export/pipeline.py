@@ -1,15 +1,20 @@
-"""``filterserve export``: base + adapter → merged → ONNX variants → parity → model repository.
+"""``filterserve export``: base + adapter → merged → ONNX variants → parity → accuracy gate → repository.
 
 Every variant is checked against the PyTorch + PEFT reference before the repository is
-written; a variant outside its tolerance stops the export and leaves no half-written models.
+written: fp32 and fp16 by their max |Δ| on fixed texts (a variant outside its tolerance
+stops the export and leaves no half-written models); INT8, whose drift only trained weights
+can judge, by the accuracy gate on the filter's labelled validation data. With validation
+data every variant passes that gate too, and the ensemble serves the fastest admitted one.
 """
 
 from __future__ import annotations
 
 import resource
 import shutil
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,19 +22,23 @@ from typing import Any, TextIO
 import numpy as np
 
 from filterserve.errors import FilterServeError
-from filterserve.export.load import adapter_weights_path, load_reference
+from filterserve.export.load import Loaded, adapter_weights_path, load_reference
 from filterserve.export.manifest import describe_source, prepare_out_dir, versions, write_manifest
 from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
 from filterserve.export.parity import compare, encode, ort_scores, ort_session, parity_texts, reference_scores
+from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.progress import Steps
 
-# Max |Δ| against the PyTorch + PEFT reference, per precision (issue 2).
-TOLERANCES: dict[str, float] = {"fp32": 1e-4, "fp16": 0.05}
-# fp16 converts the merged model in place, so it must come after fp32.
-PRECISION_ORDER = ("fp32", "fp16")
+# Max |Δ| against the PyTorch + PEFT reference on the parity texts (issue 2). INT8 has none:
+# the accuracy gate on validation data admits it (issue 6).
+TOLERANCES: dict[str, float | None] = {"fp32": 1e-4, "fp16": 0.05, "int8": None}
+# int8 quantizes the fp32 file; fp16 converts the merged model in place, so it comes last.
+BUILD_ORDER = ("fp32", "int8", "fp16")
+DEFAULT_GATE_TOLERANCE = 0.01
+LATENCY_REPEATS = 5
 
 
 def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -43,6 +52,57 @@ def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def staged_dir(out: Path, spec: FilterSpec, precision: str) -> Path:
+    """Where a variant is built before the default is known (renamed to ``<name>_onnx`` after)."""
+    return out / f"{spec.name}_onnx_{precision}"
+
+
+def median_latency_ms(onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> float:
+    """Batch-1 latency of one median-length text: what picks the fastest admitted variant."""
+    session = ort_session(onnx_path)
+    ort_scores(session, ids, mask)  # warm-up
+    times = []
+    for _ in range(LATENCY_REPEATS):
+        start = time.perf_counter()
+        ort_scores(session, ids, mask)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 3)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Labelled articles and the card's scores for them, taken before the merge changes the model."""
+
+    path: Path
+    texts: list[str]
+    truth: np.ndarray
+    reference: np.ndarray
+
+
+def score_validation(loaded: Loaded, spec: FilterSpec, path: Path) -> Validation:
+    from filterserve.benchmarks.trained_fixture import labels, read_jsonl
+    from filterserve.client.client import item_text
+
+    articles = read_jsonl(path)
+    if not articles:
+        raise FilterServeError(f"validation data {path} holds no articles")
+    texts = [item_text(a) for a in articles]
+    truth = labels(articles, spec)
+    return Validation(path, texts, truth, reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length))
+
+
+def gate_variants(
+    validation: Validation, loaded: Loaded, spec: FilterSpec, variants: dict[str, Path], tolerance: float
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Validation MAE per variant against the reference's; returns the report and the refusals."""
+    from filterserve.benchmarks.accuracy import build_report, refusals
+    from filterserve.benchmarks.engines import OrtEngine
+
+    scored = {p: OrtEngine(p, path, loaded.tokenizer, spec.max_length).run(validation.texts) for p, path in variants.items()}
+    report = build_report(spec, validation.truth, validation.reference, scored)
+    return report, refusals(report, tolerance)
+
+
 def export_filter(
     base: str,
     adapter: str | Path,
@@ -52,19 +112,34 @@ def export_filter(
     max_batch_size: int = 32,
     force: bool = False,
     gpu: bool = False,
+    validation: str | Path | None = None,
+    gate_tolerance: float = DEFAULT_GATE_TOLERANCE,
+    default: str = "auto",
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Run the whole export and return the manifest written to ``out/filter.json``.
 
-    The first precision listed is the default: the ensemble ``<name>`` serves it.
+    ``default`` names the precision the ensemble ``<name>`` serves; ``auto`` is the fastest
+    variant the accuracy gate admitted when ``validation`` is given, else the first listed.
+    Variants refused by the gate are left out of the repository, which is still written for
+    the admitted ones, and then :class:`AccuracyGateError` names what was refused and why.
     """
     start = time.perf_counter()
     order = parse_precisions(precisions)
-    default_precision = order[0]
     if max_batch_size < 1:
         raise FilterServeError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+    if default != "auto" and default not in order:
+        raise FilterServeError(f"--default {default} is not among the exported precisions {order}")
+    if "int8" in order and validation is None:
+        raise FilterServeError(
+            "int8 needs --validation VAL.jsonl (labelled articles): its drift can only be judged by the "
+            "accuracy gate on trained weights"
+        )
     adapter_dir, out = Path(adapter).expanduser(), Path(out).expanduser()
-    steps = Steps(total=5 + 2 * len(order), stream=stream)
+    if validation is not None and not Path(validation).is_file():
+        raise FilterServeError(f"validation data not found: {validation}")
+    build = [p for p in BUILD_ORDER if p in order or (p == "fp32" and "int8" in order)]
+    steps = Steps(total=6 + 2 * len(build) + 2 * (validation is not None), stream=stream)
 
     with steps.step("check inputs and checksum the sources"):
         adapter_weights_path(adapter_dir)
@@ -87,35 +162,89 @@ def export_filter(
         steps.say(f"{len(texts)} texts, padded batch {ids.shape[0]}×{ids.shape[1]} tokens")
         weighted_reference = reference @ np.asarray(spec.weights, dtype=np.float64)
 
-    with steps.step("merge LoRA into the base and check the merge"):
-        merged, merged_parity = merge(loaded, ids, mask, reference)
-        steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
-
-    names = {p: tensor_model_name(spec.name, p, default_precision) for p in order}
-    parity: dict[str, Any] = {"merged": merged_parity.to_dict()}
+    model_dirs = [out / spec.name, out / f"{spec.name}_tokenizer", out / f"{spec.name}_onnx"]
+    model_dirs += [staged_dir(out, spec, p) for p in build]
     try:
-        for precision in sorted(order, key=PRECISION_ORDER.index):
-            onnx_path = out / names[precision] / "1" / "model.onnx"
-            with steps.step(f"export ONNX {precision} → {names[precision]}"):
-                if precision == "fp16":
-                    merged.half()
-                export_onnx(merged, spec.weights, ids, mask, onnx_path)
+        held_out: Validation | None = None
+        if validation is not None:  # the gate's reference is the unmerged PEFT model
+            with steps.step(f"reference scores on the validation data {validation}"):
+                held_out = score_validation(loaded, spec, Path(validation))
+                steps.say(f"{len(held_out.texts)} labelled articles")
+        with steps.step("merge LoRA into the base and check the merge"):
+            merged, merged_parity = merge(loaded, ids, mask, reference)
+            steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
+
+        parity: dict[str, Any] = {"merged": merged_parity.to_dict()}
+        paths: dict[str, Path] = {}
+
+        def check_parity(precision: str) -> None:
+            logits, weighted = ort_scores(ort_session(paths[precision]), ids, mask)
+            tolerance = TOLERANCES[precision]
+            limit = float("inf") if tolerance is None else tolerance
+            result = compare(f"ONNX {precision}", logits, reference, limit)
+            compare(f"ONNX {precision} weighted_score", weighted[:, :1], weighted_reference[:, None], limit)
+            parity[precision] = result.to_dict() | {"tolerance": tolerance}
+            steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {tolerance if tolerance is not None else 'the accuracy gate'})")
+
+        def build_int8(rung: int) -> None:
+            description, keep = EXCLUSION_LADDER[rung]
+            kept = quantize_int8(paths["fp32"], paths["int8"], keep)
+            int8_info.update(rung=rung, kept_fp32=description, fp32_matmuls=len(kept))
+            steps.say(f"dynamic INT8 (per-channel weights); fp32 besides the head: {description} ({len(kept)} MatMuls)")
+
+        int8_info: dict[str, Any] = {}
+        for precision in build:
+            paths[precision] = staged_dir(out, spec, precision) / "1" / "model.onnx"
+            with steps.step(f"build {precision}"):
+                if precision == "int8":
+                    build_int8(0)
+                else:
+                    if precision == "fp16":
+                        merged.half()
+                    export_onnx(merged, spec.weights, ids, mask, paths[precision])
             with steps.step(f"parity {precision} (ONNX Runtime) vs PyTorch + PEFT"):
-                logits, weighted = ort_scores(ort_session(onnx_path), ids, mask)
-                tolerance = TOLERANCES[precision]
-                result = compare(f"ONNX {precision}", logits, reference, tolerance)
-                compare(f"ONNX {precision} weighted_score", weighted[:, :1], weighted_reference[:, None], tolerance)
-                parity[precision] = result.to_dict()
-                steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {tolerance:g})")
+                check_parity(precision)
+        del merged
+
+        refused: dict[str, list[str]] = {}
+        gate: dict[str, Any] | None = None
+        if held_out is not None:
+            with steps.step(f"accuracy gate on {validation} (MAE change ≤ {gate_tolerance:g}, overall and per dimension)"):
+                gate, refused = gate_variants(held_out, loaded, spec, {p: paths[p] for p in order}, gate_tolerance)
+                while "int8" in refused and int8_info["rung"] + 1 < len(EXCLUSION_LADDER):
+                    steps.say("int8 refused: " + "; ".join(refused.pop("int8")) + "; keeping more layers in fp32")
+                    build_int8(int8_info["rung"] + 1)
+                    check_parity("int8")
+                    retry, retry_refused = gate_variants(held_out, loaded, spec, {"int8": paths["int8"]}, gate_tolerance)
+                    gate["variants"]["int8"] = retry["variants"]["int8"]
+                    refused.update(retry_refused)
+                for precision, reasons in refused.items():
+                    steps.say(f"REFUSED {precision}: " + "; ".join(reasons))
+        admitted = [p for p in order if p not in refused]
+        if not admitted:
+            raise AccuracyGateRefusal(refused)
+
+        with steps.step("batch-1 latency of each admitted variant, to pick the default"):
+            median_row = int(np.argsort(mask.sum(axis=1))[len(texts) // 2])
+            one_ids, one_mask = ids[median_row : median_row + 1], mask[median_row : median_row + 1]
+            length = int(one_mask.sum())
+            latency = {p: median_latency_ms(paths[p], one_ids[:, :length], one_mask[:, :length]) for p in admitted}
+            default_precision = choose_default(default, admitted, latency, validated=validation is not None)
+            steps.say(", ".join(f"{p} {ms:.1f} ms" for p, ms in latency.items()) + f" → default {default_precision}")
 
         with steps.step("write the Triton model repository and filter.json"):
+            for precision in build:
+                if precision not in admitted:
+                    shutil.rmtree(staged_dir(out, spec, precision), ignore_errors=True)
+            names = {p: tensor_model_name(spec.name, p, default_precision) for p in admitted}
+            staged_dir(out, spec, default_precision).rename(out / names[default_precision])
             with tempfile.TemporaryDirectory() as tmp:
                 loaded.tokenizer.save_pretrained(tmp)
                 write_repository(
                     out,
                     spec,
                     tokenizer_dir=Path(tmp),
-                    precisions=order,
+                    precisions=admitted,
                     default_precision=default_precision,
                     max_batch_size=max_batch_size,
                     pad_token_id=loaded.pad_token_id,
@@ -123,7 +252,7 @@ def export_filter(
                     gpu=gpu,
                     tensorrt_fp16=gpu,
                 )
-            manifest = {
+            manifest = write_manifest(out, {
                 "filter": spec.to_dict(),
                 "models": [spec.name, f"{spec.name}_tokenizer", *names.values()],
                 "ensemble": spec.name,
@@ -137,14 +266,44 @@ def export_filter(
                 "versions": versions(),
                 "parity": parity,
                 "parity_texts": len(texts),
+                "accuracy_gate": gate and {"tolerance": gate_tolerance, "data": str(validation), "report": gate},
+                "refused": refused,
+                "int8": int8_info or None,
+                "latency_ms_batch1": latency,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "export_seconds": round(time.perf_counter() - start, 2),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "step_seconds": steps.timings,
-            }
-            manifest = write_manifest(out, manifest)
+            })
     except BaseException:
-        for name in [spec.name, f"{spec.name}_tokenizer", *names.values()]:
-            shutil.rmtree(out / name, ignore_errors=True)
+        for path in model_dirs:
+            shutil.rmtree(path, ignore_errors=True)
         raise
+    if refused:
+        raise AccuracyGateRefusal(refused, written=list(names))
     return manifest
+
+
+def choose_default(default: str, admitted: list[str], latency: dict[str, float], validated: bool) -> str:
+    """An explicit choice wins; ``auto`` takes the fastest gate-admitted variant, or the first listed.
+
+    Without validation data only the parity check stands behind fp16, and a 0.05 bound on a few
+    texts is no proof that the MAE did not move, so ``auto`` does not promote it.
+    """
+    if default != "auto":
+        if default not in admitted:
+            raise FilterServeError(f"--default {default} was refused by the accuracy gate")
+        return default
+    if not validated:
+        return admitted[0]
+    return min(admitted, key=lambda p: latency[p])
+
+
+class AccuracyGateRefusal(FilterServeError):
+    """Variants the accuracy gate refused, with the dimension and figures that failed."""
+
+    def __init__(self, refused: dict[str, list[str]], written: list[str] | None = None) -> None:
+        self.refused = refused
+        reasons = "; ".join(r for reasons in refused.values() for r in reasons)
+        kept = f"the repository holds only {', '.join(written)}. " if written else "nothing was written. "
+        super().__init__(f"accuracy gate refused {', '.join(refused)}: {kept}{reasons}")

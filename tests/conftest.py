@@ -63,3 +63,29 @@ def reference(standin):
 
     score.tokenizer = loaded.tokenizer  # type: ignore[attr-defined]
     return score
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A small filter trained on generated labelled articles: accuracy figures mean something."""
+    from filterserve.benchmarks.trained_fixture import build_trained_fixture
+
+    return build_trained_fixture(tmp_path_factory.mktemp("trained"), UPLIFTING_V4, steps=300)
+
+
+def perturb_head(src: Path, dst: Path, column: int, factor: float) -> None:
+    """A deliberately wrong variant: one dimension's column of the fp32 score head scaled.
+
+    The head is the one initializer of shape [hidden, n_dims] (kept fp32 in INT8 models too).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    n_dims = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    head = next(i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[1] == n_dims and i.dims[0] > 1)
+    weights = numpy_helper.to_array(head).copy()
+    weights[:, column] *= factor
+    head.CopyFrom(numpy_helper.from_array(weights, head.name))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")

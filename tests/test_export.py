@@ -200,7 +200,7 @@ def test_cli_export_shows_progress_and_writes_repository(standin, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "[1/7] check inputs" in proc.stderr and "[7/7] write the Triton model repository" in proc.stderr
+    assert "[1/8] check inputs" in proc.stderr and "[8/8] write the Triton model repository" in proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["models"][0] == "demo_filter"
     assert summary["parity_max_abs_diff"]["fp32"] <= 1e-4

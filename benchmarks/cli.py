@@ -1,0 +1,90 @@
+"""``filterserve bench <fixture|accuracy|latency|throughput>`` arguments and entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from filterserve.filters import load_filter
+
+
+def _repository_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", required=True, help="folder written by `filterserve export`")
+    parser.add_argument("--base", help="base model (default: the path recorded in filter.json)")
+    parser.add_argument("--adapter", help="adapter folder (default: the path recorded in filter.json)")
+    parser.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
+
+
+def _served_arguments(parser: argparse.ArgumentParser, started_here: bool) -> None:
+    parser.add_argument(
+        "--url",
+        help="HOST:PORT of a running server"
+        + (" (default: start one on the repository and use gRPC and HTTP)" if started_here else " (default: no served model)"),
+    )
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="protocol of --url")
+
+
+def _concurrencies(value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be positive integers, got {value!r}")
+    return list(dict.fromkeys(items))
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+
+    fixture = sub.add_parser("fixture", help="train a tiny Qwen2 + LoRA filter on generated labelled articles")
+    fixture.add_argument("--out", required=True, help="folder for base/, adapter/, train.jsonl, val.jsonl")
+    fixture.add_argument("--steps", type=int, default=600, help="training steps (batch 16)")
+    fixture.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
+    fixture.add_argument("--seed", type=int, default=42)
+
+    accuracy = sub.add_parser("accuracy", help="MAE/RMSE of the reference, every exported variant and the served model")
+    accuracy.add_argument("--data", required=True, help="labelled JSONL: title, content, one field per dimension")
+    _repository_arguments(accuracy)
+    _served_arguments(accuracy, started_here=False)
+    accuracy.add_argument("--tolerance", type=float, default=0.01, help="largest MAE increase admitted vs the reference")
+
+    for name, help_text in (
+        ("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side"),
+        ("throughput", "articles/s and tokens/s against concurrency, every engine side by side"),
+    ):
+        speed = sub.add_parser(name, help=help_text)
+        _repository_arguments(speed)
+        _served_arguments(speed, started_here=True)
+        speed.add_argument("--requests", type=int, default=20, help="timed requests per engine and length (latency) or per level (throughput)")
+        if name == "throughput":
+            speed.add_argument("--concurrency", type=_concurrencies, default=[1, 4, 16, 64], help="comma-separated levels")
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.bench == "fixture":
+        from filterserve.benchmarks.trained_fixture import build_trained_fixture
+
+        made = build_trained_fixture(Path(args.out), load_filter(args.filter), steps=args.steps, seed=args.seed)
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(made).items()}, indent=2))
+        print(f"export it with: filterserve export --base {made.base_dir} --adapter {made.adapter_dir} --out REPO", file=sys.stderr)
+        return 0
+    if args.bench == "accuracy":
+        from filterserve.benchmarks.accuracy import run_accuracy
+
+        report = run_accuracy(args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out)
+        print(json.dumps({n: {"mae": v["mae"], "mae_delta": v["mae_delta"]} for n, v in report["variants"].items()}, indent=2))
+        return 0
+    from filterserve.benchmarks.speed import run_latency, run_throughput
+
+    if args.bench == "latency":
+        report = run_latency(args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.out)
+    else:
+        report = run_throughput(
+            args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.concurrency, args.out
+        )
+    print(f"wrote {args.out}/{args.bench}.md, .json and .png", file=sys.stderr)
+    print(json.dumps(report["summary"], indent=2))
+    return 0

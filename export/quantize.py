@@ -1,0 +1,70 @@
+"""INT8 for the CPU: ONNX Runtime dynamic quantization of the fp32 export.
+
+Only the weight matrices of the linear layers are quantized (per channel, int8 weights,
+activations quantized on the fly); the score head and the weighted sum always stay fp32
+because their few outputs carry the whole result. On random weights the drift is large
+(DESIGN.md), so an INT8 model is admitted only by the accuracy gate on the filter's labelled
+validation data; when the gate refuses it, the export climbs :data:`EXCLUSION_LADDER`,
+keeping more layers in fp32, until the gate admits it or the ladder ends.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from filterserve.errors import FilterServeError
+
+# (what stays fp32 besides the head, which module paths it keeps), tried in order.
+EXCLUSION_LADDER: list[tuple[str, Callable[[str], bool]]] = [
+    ("nothing else", lambda path: False),
+    ("the MLP down projections (activation outliers)", lambda path: path.endswith("mlp.down_proj")),
+    ("every MLP projection (attention stays int8)", lambda path: ".mlp." in path),
+]
+
+
+def module_paths(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMul node → the PyTorch module it came from, read from the exporter's name scopes."""
+    paths = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+        names = ast.literal_eval(scopes)
+        paths[node.name] = names[-2] if len(names) >= 2 else node.name
+    return paths
+
+
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """The score head and the weighted sum: the last two MatMuls of the (topologically sorted) graph."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul"][-2:]
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, keep_fp32: Callable[[str], bool] = EXCLUSION_LADDER[0][1]) -> list[str]:
+    """Write the INT8 model (external data, like the others); returns the MatMul nodes kept in fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32_path), load_external_data=False)
+    kept = set(head_nodes(graph)) | {node for node, path in module_paths(graph).items() if keep_fp32(path)}
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (int8_path, int8_path.with_name(int8_path.name + ".data")):
+        stale.unlink(missing_ok=True)  # the quantizer appends to an existing external-data file
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs its pre-processing advice at WARNING
+    try:
+        quantize_dynamic(
+            str(fp32_path),
+            str(int8_path),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=sorted(kept),
+            use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    except Exception as exc:  # the quantizer raises bare Exceptions and ValueErrors alike
+        raise FilterServeError(f"INT8 quantization of {fp32_path} failed: {type(exc).__name__}: {exc}") from exc
+    return sorted(kept)

@@ -1,0 +1,143 @@
+"""Benchmarks on a filter that learned something: the trained fixture, exported for real.
+
+Accuracy gates are only meaningful when the model's scores track the labels, so these tests
+train the fixture (seconds), export it in fp32 and fp16, and check the reports and the gate;
+the speed benchmarks run with a real server started and stopped by the benchmark itself.
+No test asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from filterserve.benchmarks.accuracy import REFERENCE, accuracy_gate, build_report
+from filterserve.benchmarks.trained_fixture import TrainedFixture, read_jsonl, single_thread
+from filterserve.cli import main
+from filterserve.export.standin import LORA_TARGETS
+from filterserve.filters import UPLIFTING_V4
+
+from conftest import perturb_head
+
+SPEC = UPLIFTING_V4
+ENGINES = {"pytorch_peft", "pytorch_merged", "onnx_fp32", "onnx_fp16", "served_grpc", "served_http"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """No test here measures a speed; one thread keeps them fast on a CPU shared with other jobs."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained_repo(trained: TrainedFixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from filterserve.export.pipeline import export_filter
+
+    repo = tmp_path_factory.mktemp("trained_export") / "repo"
+    export_filter(str(trained.base_dir), trained.adapter_dir, repo, SPEC, precisions="fp32,fp16", max_batch_size=16)
+    return repo
+
+
+@pytest.mark.timeout(180)
+def test_trained_fixture_learns_its_labels_in_the_real_layout(trained: TrainedFixture) -> None:
+    assert trained.val_mae < 0.6 * trained.constant_mae, (trained.val_mae, trained.constant_mae)
+
+    base_config = json.loads((trained.base_dir / "config.json").read_text())
+    assert base_config["architectures"] == ["Qwen2ForCausalLM"]
+    assert base_config.get("pad_token_id") is None  # as Qwen2.5's: whoever loads it must set it
+    adapter_config = json.loads((trained.adapter_dir / "adapter_config.json").read_text())
+    assert (adapter_config["task_type"], adapter_config["r"], adapter_config["lora_alpha"]) == ("SEQ_CLS", 8, 16)
+    assert set(adapter_config["target_modules"]) == set(LORA_TARGETS)
+    from safetensors import safe_open
+
+    with safe_open(str(trained.adapter_dir / "adapter_model.safetensors"), "pt") as weights:
+        assert any(k.endswith("score.weight") for k in weights.keys())
+    assert (trained.adapter_dir / "tokenizer.json").is_file()
+
+    train, val = read_jsonl(trained.train_path), read_jsonl(trained.val_path)
+    assert not {a["id"] for a in train} & {a["id"] for a in val}
+    for article in val:
+        assert article["title"] and article["content"]
+        assert all(0.0 <= article[dim] <= 10.0 for dim in SPEC.dimensions)
+
+
+@pytest.mark.timeout(180)
+def test_accuracy_report_and_gate_pass(trained: TrainedFixture, trained_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    code = main(["bench", "accuracy", "--data", str(trained.val_path), "--model-repository", str(trained_repo), "--out", str(out)])
+    assert code == 0
+    assert all((out / f"accuracy.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
+    report = json.loads((out / "accuracy.json").read_text())
+    assert set(report["variants"]) == {REFERENCE, "onnx_fp32", "onnx_fp16"}
+    for variant in report["variants"].values():
+        assert set(variant["per_dimension"]) == set(SPEC.dimensions)
+        for figures in variant["per_dimension"].values():
+            assert {"mae", "rmse", "mae_delta", "max_abs_diff", "mean_abs_diff"} <= set(figures)
+    # The reference run here (one text at a time, from the saved files) is the model the fixture trained.
+    assert report["variants"][REFERENCE]["mae"] == pytest.approx(trained.val_mae, abs=1e-3)
+    assert report["variants"]["onnx_fp32"]["max_abs_diff"] < 1e-4
+    assert report["passed"] and accuracy_gate(report, 0.01) == []
+    assert "| onnx_fp16 |" in (out / "accuracy.md").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_accuracy_gate_fails_on_a_perturbed_variant(trained: TrainedFixture, trained_repo: Path, tmp_path: Path, capsys) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repo, repo)
+    manifest = json.loads((repo / "filter.json").read_text())
+    fp32 = repo / manifest["tensor_models"]["fp32"] / "1" / "model.onnx"
+    perturb_head(fp32, repo / "broken" / "1" / "model.onnx", column=3, factor=1.5)
+    manifest["tensor_models"]["broken"] = "broken"
+    (repo / "filter.json").write_text(json.dumps(manifest))
+
+    out = tmp_path / "report"
+    code = main(["bench", "accuracy", "--data", str(trained.val_path), "--model-repository", str(repo), "--out", str(out)])
+    assert code != 0
+    message = capsys.readouterr().err
+    assert f"onnx_broken on dimension {SPEC.dimensions[3]}: MAE" in message
+    assert "onnx_fp32" not in message.split("accuracy gate failed")[-1]
+    report = json.loads((out / "accuracy.json").read_text())
+    assert not report["passed"]
+
+    truth = np.zeros((4, SPEC.num_labels))
+    nan_report = build_report(SPEC, truth, truth, {"onnx_int8": np.full_like(truth, np.nan)})
+    assert accuracy_gate(nan_report, 0.01) == [f"onnx_int8 produces NaN/Inf scores (max |Δ| vs {REFERENCE} = nan)"]
+
+
+def _tritonservers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "tritonserver" in p.name()]
+
+
+@pytest.mark.timeout(240)
+def test_latency_and_throughput_reports_with_a_started_server(trained_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    common = ["--model-repository", str(trained_repo), "--out", str(out)]
+    assert main(["bench", "latency", *common, "--requests", "2"]) == 0
+    assert main(["bench", "throughput", *common, "--requests", "8", "--concurrency", "1,4"]) == 0
+    assert not _tritonservers()  # each benchmark stopped the server it started
+
+    for stem in ("latency", "throughput"):
+        assert all((out / f"{stem}.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
+    latency = json.loads((out / "latency.json").read_text())
+    assert set(latency["engines"]) == ENGINES
+    assert set(latency["lengths_tokens"]) == {"short", "median", "max_length"}
+    assert latency["lengths_tokens"]["max_length"] == SPEC.max_length
+    for row in latency["engines"].values():
+        for stats in row.values():
+            assert {"p50_ms", "p95_ms", "p99_ms", "speedup_p50_vs_card", "flops_per_s", "fraction_of_peak"} <= set(stats)
+            assert stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
+    assert latency["engines"]["pytorch_peft"]["short"]["speedup_p50_vs_card"] == 1.0
+    assert latency["peak_flops"] > 0 and latency["matmul_params"] > 0
+
+    throughput = json.loads((out / "throughput.json").read_text())
+    assert set(throughput["engines"]) == ENGINES
+    for row in throughput["engines"].values():
+        assert set(row) == {"1", "4"}
+        for stats in row.values():
+            assert {"articles_per_s", "tokens_per_s", "ratio_vs_card", "flops_per_s", "fraction_of_peak"} <= set(stats)
