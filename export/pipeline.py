@@ -224,11 +224,11 @@ def export_filter(
         if not admitted:
             raise AccuracyGateRefusal(refused)
 
-        with steps.step("batch-1 latency of each admitted variant, to pick the default"):
+        with steps.step("batch-1 latency of each variant (refused ones too, for the record), to pick the default"):
             median_row = int(np.argsort(mask.sum(axis=1))[len(texts) // 2])
             one_ids, one_mask = ids[median_row : median_row + 1], mask[median_row : median_row + 1]
             length = int(one_mask.sum())
-            latency = {p: median_latency_ms(paths[p], one_ids[:, :length], one_mask[:, :length]) for p in admitted}
+            latency = {p: median_latency_ms(paths[p], one_ids[:, :length], one_mask[:, :length]) for p in order}
             default_precision = choose_default(default, admitted, latency, validated=validation is not None)
             steps.say(", ".join(f"{p} {ms:.1f} ms" for p, ms in latency.items()) + f" → default {default_precision}")
 
@@ -296,7 +296,7 @@ def choose_default(default: str, admitted: list[str], latency: dict[str, float],
         return default
     if not validated:
         return admitted[0]
-    return min(admitted, key=lambda p: latency[p])
+    return min(admitted, key=latency.__getitem__)
 
 
 class AccuracyGateRefusal(FilterServeError):

@@ -48,7 +48,7 @@ def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
         assert all(d["mae_delta"] <= 0.05 for d in figures["per_dimension"].values())
     assert report["fp32"]["max_abs_diff"] <= 1e-4 and report["int8"]["max_abs_diff"] > report["fp16"]["max_abs_diff"]
     latency = manifest["latency_ms_batch1"]
-    assert set(latency) == set(admitted)
+    assert set(latency) == {"fp32", "fp16", "int8"}
     assert manifest["default_precision"] == min(admitted, key=latency.__getitem__)
     assert _served_precision(repo) == manifest["default_precision"]
     assert manifest["parity"]["int8"]["tolerance"] is None and manifest["parity"]["int8"]["finite"]
