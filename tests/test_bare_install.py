@@ -29,14 +29,16 @@ def test_bare_install_is_a_working_torch_free_client(tmp_path):
         "assert 'transformers' not in sys.modules\n"
         "print('ok')\n"
     )
-    check = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
+    # Outside the checkout: `python -c` puts the working directory first on sys.path, and the
+    # source tree's filterserve/ folder would shadow the installed package.
+    check = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert check.stdout.strip() == "ok", check.stderr
     cli = str(tmp_path / "env" / "bin" / "filterserve")
-    usage = subprocess.run([cli, "score", "--help"], capture_output=True, text=True, timeout=60)
+    usage = subprocess.run([cli, "score", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert usage.returncode == 0 and "--url" in usage.stdout
     export = subprocess.run(
         [cli, "export", "--base", "b", "--adapter", str(tmp_path), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert export.returncode == 2
     assert "pip install 'filterserve[all]'" in export.stderr and "Traceback" not in export.stderr

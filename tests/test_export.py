@@ -25,13 +25,13 @@ from conftest import FIVE_DIMS
 ARTICLE_TEXTS = [f"{a['title']}. {a['content']}" for a in sample_articles()]
 
 
-def test_manifest_records_filter_sources_versions_and_parity(exported, standin):
+def test_manifest_records_filter_sources_versions_and_parity(exported, standin, reference):
     repo, manifest = exported
     on_disk = json.loads((repo / "filter.json").read_text())
     assert on_disk["filter"]["dimensions"][2] == {"name": "collective_benefit", "weight": 0.38}
     assert [d["name"] for d in on_disk["filter"]["dimensions"]] == list(UPLIFTING_V4.dimensions)
     assert on_disk["max_length"] == 512
-    assert on_disk["pad_token_id"] == on_disk["pad_token_id"] >= 0
+    assert on_disk["pad_token_id"] == reference.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert on_disk["tensor_models"] == {"fp32": "uplifting_v4_onnx", "fp16": "uplifting_v4_onnx_fp16"}
     adapter_sums = on_disk["sources"]["adapter"]["sha256"]
     assert len(adapter_sums["adapter_model.safetensors"]) == 64
