@@ -8,6 +8,7 @@ tolerance, overall and on every dimension.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,23 @@ DEFAULT_TOLERANCE = 0.01
 
 class AccuracyGateError(FilterServeError):
     """A variant moves the validation MAE beyond the tolerance, or produces NaN/Inf."""
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Articles as the model reads them (``title. content``) and their labels, one column per dimension."""
+
+    path: Path
+    texts: list[str]
+    truth: np.ndarray
+
+
+def read_labelled(path: Path, spec: FilterSpec) -> LabelledSet:
+    """Shared by this benchmark and the export's gate, so both judge the same texts the same way."""
+    articles = read_jsonl(path)
+    if not articles:
+        raise FilterServeError(f"{path} holds no articles")
+    return LabelledSet(path, [item_text(a) for a in articles], labels(articles, spec))
 
 
 def _errors(scores: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
@@ -173,11 +191,8 @@ def run_accuracy(
 
     repo = open_repository(repository, base, adapter)
     spec = repo.spec
-    articles = read_jsonl(Path(data))
-    if not articles:
-        raise FilterServeError(f"{data} holds no articles")
-    truth = labels(articles, spec)
-    texts = [item_text(a) for a in articles]
+    labelled = read_labelled(Path(data), spec)
+    truth, texts = labelled.truth, labelled.texts
     steps = Steps(total=4 + len(repo.tensor_models))
     with steps.step(f"load the card's recipe: {repo.base} + {repo.adapter} (PyTorch + PEFT)"):
         loaded = load_reference(repo.base, repo.adapter, spec)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.progress import Steps
+
+if TYPE_CHECKING:  # the gate's reader needs the [bench] extra only when --validation is used
+    from filterserve.benchmarks.accuracy import LabelledSet
 
 # Max |Δ| against the PyTorch + PEFT reference on the parity texts (issue 2). INT8 has none:
 # the accuracy gate on validation data admits it (issue 6).
@@ -76,22 +79,15 @@ def median_latency_ms(onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> flo
 class Validation:
     """Labelled articles and the card's scores for them, taken before the merge changes the model."""
 
-    path: Path
-    texts: list[str]
-    truth: np.ndarray
+    labelled: LabelledSet
     reference: np.ndarray
 
 
 def score_validation(loaded: Loaded, spec: FilterSpec, path: Path) -> Validation:
-    from filterserve.benchmarks.trained_fixture import labels, read_jsonl
-    from filterserve.client.client import item_text
+    from filterserve.benchmarks.accuracy import read_labelled
 
-    articles = read_jsonl(path)
-    if not articles:
-        raise FilterServeError(f"validation data {path} holds no articles")
-    texts = [item_text(a) for a in articles]
-    truth = labels(articles, spec)
-    return Validation(path, texts, truth, reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length))
+    labelled = read_labelled(path, spec)
+    return Validation(labelled, reference_scores(loaded.model, loaded.tokenizer, labelled.texts, spec.max_length))
 
 
 def gate_variants(
@@ -101,8 +97,9 @@ def gate_variants(
     from filterserve.benchmarks.accuracy import build_report, refusals
     from filterserve.benchmarks.engines import OrtEngine
 
-    scored = {p: OrtEngine(p, path, loaded.tokenizer, spec.max_length).run(validation.texts) for p, path in variants.items()}
-    report = build_report(spec, validation.truth, validation.reference, scored)
+    texts = validation.labelled.texts
+    scored = {p: OrtEngine(p, path, loaded.tokenizer, spec.max_length).run(texts) for p, path in variants.items()}
+    report = build_report(spec, validation.labelled.truth, validation.reference, scored)
     return report, refusals(report, tolerance)
 
 
@@ -172,7 +169,7 @@ def export_filter(
         if validation is not None:  # the gate's reference is the unmerged PEFT model
             with steps.step(f"reference scores on the validation data {validation}"):
                 held_out = score_validation(loaded, spec, Path(validation))
-                steps.say(f"{len(held_out.texts)} labelled articles")
+                steps.say(f"{len(held_out.labelled.texts)} labelled articles")
         with steps.step("merge LoRA into the base and check the merge"):
             merged, merged_parity = merge(loaded, ids, mask, reference)
             steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
