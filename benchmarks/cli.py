@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from filterserve.contract import GATE_TOLERANCE
 from filterserve.filters import load_filter
 
 
@@ -49,7 +50,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     accuracy.add_argument("--data", required=True, help="labelled JSONL: title, content, one field per dimension")
     _repository_arguments(accuracy)
     _served_arguments(accuracy, started_here=False)
-    accuracy.add_argument("--tolerance", type=float, default=0.01, help="largest MAE increase admitted vs the reference")
+    accuracy.add_argument("--tolerance", type=float, default=GATE_TOLERANCE, help="largest MAE increase admitted vs the reference")
 
     for name, help_text in (
         ("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side"),

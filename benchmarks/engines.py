@@ -62,11 +62,9 @@ class BatchEngine:
         return self.run([text], 1)
 
     def run(self, texts: list[str], concurrency: int = ACCURACY_BATCH) -> np.ndarray:
-        from filterserve.export.parity import encode
+        from filterserve.export.parity import score_in_batches
 
-        return np.concatenate(
-            [self._batch(*encode(self.tokenizer, texts[i : i + concurrency], self.max_length)) for i in range(0, len(texts), concurrency)]
-        )
+        return score_in_batches(self._batch, self.tokenizer, texts, self.max_length, concurrency)
 
 
 class TorchEngine(BatchEngine):
@@ -112,7 +110,7 @@ class ServedEngine:
     def one(self, text: str) -> np.ndarray:
         """A plain request: batch-1 latency must not include a thread pool's start-up."""
         scores = self.client.score_text(text)
-        return np.array([[scores.dimensions[d] for d in self.spec.dimensions]], dtype=np.float64)
+        return np.array([[scores.scores[d] for d in self.spec.dimensions]], dtype=np.float64)
 
     def run(self, texts: list[str], concurrency: int = ACCURACY_BATCH) -> np.ndarray:
         from filterserve.client import ScoreError
@@ -121,7 +119,7 @@ class ServedEngine:
         failed = [r for r in results if isinstance(r, ScoreError)]
         if failed:
             raise FilterServeError(f"{self.name}: {len(failed)} of {len(texts)} requests failed, first: {failed[0].message}")
-        return np.array([[r.dimensions[d] for d in self.spec.dimensions] for r in results], dtype=np.float64)
+        return np.array([[r.scores[d] for d in self.spec.dimensions] for r in results], dtype=np.float64)
 
 
 Engine = BatchEngine | ServedEngine

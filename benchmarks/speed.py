@@ -48,7 +48,7 @@ def texts_of_length(tokenizer: Any, n_tokens: int, count: int, seed: int = 0) ->
     """``count`` different texts of exactly ``n_tokens`` tokens (decoded, then checked by re-encoding)."""
     from filterserve.data import sample_articles
 
-    words = " ".join(f"{a['title']}. {a['content']}" for a in sample_articles()).split()
+    words = " ".join(f"{a['title']} {a['content']}" for a in sample_articles()).split()
     rng = random.Random(seed)
     texts = []
     for _ in range(count):

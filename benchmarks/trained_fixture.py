@@ -9,7 +9,6 @@ noise, and a tiny Qwen2 + LoRA regression filter (the stand-in's layout, trained
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from filterserve.client.client import item_text
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, FilterSpec
+from filterserve.gate import labels, write_jsonl
 from filterserve.progress import Steps
 
 # Words the stand-in tokenizer was trained on (filterserve.data's articles), so each is one or
@@ -86,23 +85,6 @@ def generate_articles(spec: FilterSpec, n: int, seed: int) -> list[dict]:
     return articles
 
 
-def labels(articles: list[dict], spec: FilterSpec) -> np.ndarray:
-    try:
-        return np.array([[float(a[dim]) for dim in spec.dimensions] for a in articles], dtype=np.float64)
-    except KeyError as exc:
-        raise FilterServeError(f"a labelled article has no field {exc} (one numeric field per dimension is needed)") from None
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FilterServeError(f"data file not found: {path}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 @contextmanager
 def single_thread() -> Iterator[None]:
     """A tiny model gains nothing from intra-op threads, and on a CPU shared with another job
@@ -163,7 +145,7 @@ def build_trained_fixture(
         model.train()
         for step in range(steps):
             batch = torch.randint(len(train), (16,), generator=gen).tolist()
-            ids, mask = encode(tokenizer, [item_text(train[i]) for i in batch], spec.max_length)
+            ids, mask = encode(tokenizer, [spec.input_text(train[i]["title"], train[i]["content"]) for i in batch], spec.max_length)
             logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
             loss = torch.nn.functional.smooth_l1_loss(logits, y_train[batch])
             optimizer.zero_grad()
@@ -176,7 +158,7 @@ def build_trained_fixture(
 
     with progress.step("validate against a constant predictor"):
         y_val = labels(val, spec)
-        predicted = TorchEngine("trained", model, tokenizer, spec.max_length).run([item_text(a) for a in val])
+        predicted = TorchEngine("trained", model, tokenizer, spec.max_length).run([spec.input_text(a["title"], a["content"]) for a in val])
         val_mae = float(np.abs(predicted - y_val).mean())
         constant_mae = float(np.abs(np.median(labels(train, spec), axis=0) - y_val).mean())
         progress.say(f"validation MAE {val_mae:.3f} vs constant (train median) {constant_mae:.3f}")

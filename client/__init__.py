@@ -3,9 +3,9 @@
 from filterserve.client.client import (
     ClientError,
     FilterClient,
+    FilterResult,
     ScoreError,
-    Scores,
     ServerUnavailable,
 )
 
-__all__ = ["ClientError", "FilterClient", "ScoreError", "Scores", "ServerUnavailable"]
+__all__ = ["ClientError", "FilterClient", "FilterResult", "ScoreError", "ServerUnavailable"]

@@ -1,4 +1,4 @@
-"""``filterserve score``: JSONL articles in, the same objects plus their scores out.
+"""``filterserve score``: JSONL articles in, the same objects plus one result object per filter out.
 
 Every input line ends up either on stdout (scored) or in the error file (with its line number
 and the reason), so a long run can be resumed from the error file alone.
@@ -104,7 +104,8 @@ def score_command(args: argparse.Namespace) -> int:
                     if isinstance(result, ScoreError):
                         run.fail(number, result.message, raw)
                     else:
-                        run.write({**record, **result.as_dict()})
+                        # Namespaced by filter: input fields (labels named like dimensions) stay as they were.
+                        run.write({**record, client.spec.name: result.as_dict()})
 
     if not run.failed:
         errors_path.unlink()  # an empty error file would only suggest that something failed

@@ -1,12 +1,13 @@
 """A thin scoring client over Triton's gRPC and HTTP protocols.
 
-It reads the filter (dimension names, weights, max_length) from the served ensemble's config,
+It reads the filter (dimension names, weights, template, rules) from the served ensemble's config,
 so the same client scores any filter the export wrote, and it imports only tritonclient,
 numpy, tokenizers and tqdm so that the bare install stays free of torch.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import weakref
@@ -22,15 +23,26 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tokenizers import Tokenizer
 from tqdm import tqdm
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from filterserve.contract import (
+    CONTENT,
+    DECISION_OUTPUTS,
+    ENSEMBLE_OUTPUTS,
+    FILTER_PARAMETER,
+    SCORES,
+    TENSOR_OUTPUTS,
+    TEXT,
+    TITLE,
+    TOKEN_INPUTS,
+)
 from filterserve.errors import FilterServeError
+from filterserve.filters import FilterSpec
 
 Protocol = Literal["grpc", "http"]
 Item = str | tuple[str, str] | dict[str, Any]
 T = TypeVar("T")
 
-TEXT_INPUT = "TEXT"
 # Only these mean "the server is not there (yet)"; retrying anything else repeats a sure failure.
 RETRYABLE_GRPC = {"StatusCode.UNAVAILABLE"}
 RETRYABLE_HTTP = {"502", "503", "504"}
@@ -49,46 +61,64 @@ class ServerUnavailable(ClientError):
 
 
 @dataclass(frozen=True)
-class Scores:
-    """One article's scores, keyed by the served filter's dimension names in its output order."""
+class FilterResult:
+    """One article scored by one filter: the raw outputs and the filter's decision on them.
 
-    dimensions: dict[str, float]
+    ``scores`` and ``weighted_score`` are the model's raw outputs (what parity is checked on);
+    ``final_scores``, ``weighted_average`` and ``gatekeeper_applied`` are what the filter's
+    consumers read (calibrated, clamped to 0–10, gated).
+    """
+
+    scores: dict[str, float]
     weighted_score: float
+    final_scores: dict[str, float]
+    weighted_average: float
+    gatekeeper_applied: bool
 
-    def as_dict(self) -> dict[str, float]:
-        return {**self.dimensions, "weighted_score": self.weighted_score}
+    def as_dict(self) -> dict[str, Any]:
+        """The object ``filterserve score`` writes under the filter's name."""
+        return {
+            "scores": dict(self.scores),
+            "weighted_score": self.weighted_score,
+            "final_scores": dict(self.final_scores),
+            "weighted_average": self.weighted_average,
+            "gatekeeper_applied": self.gatekeeper_applied,
+        }
 
 
 @dataclass(frozen=True)
 class ScoreError:
-    """Stands in for the :class:`Scores` of an item that failed, so a batch never aborts halfway."""
+    """Stands in for the :class:`FilterResult` of an item that failed, so a batch never aborts halfway."""
 
     index: int
     message: str
 
 
-def article_text(title: object, content: object) -> str:
-    """The model card's input, ``title + ". " + content``; both parts must be non-empty strings."""
-    for field, value in (("title", title), ("content", content)):
-        if not isinstance(value, str):
-            raise ClientError(f"bad input: {field} must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise ClientError(f"bad input: {field} is empty")
-    return f"{title}. {content}"
+def article_inputs(item: Item) -> dict[str, str]:
+    """A :meth:`FilterClient.score_many` item as the ensemble's inputs: TEXT, or TITLE + CONTENT.
 
-
-def item_text(item: Item) -> str:
-    """Text of a :meth:`FilterClient.score_many` item: a text, a (title, content) pair or an article."""
+    An article goes as TITLE and CONTENT so that the server applies the filter's own template;
+    an empty title or content is refused here, as the filter's production scorer refuses it.
+    """
     if isinstance(item, str):
-        return item
+        if not item.strip():
+            raise ClientError("bad input: empty text")
+        return {TEXT: item}
     if isinstance(item, tuple) and len(item) == 2:
-        return article_text(*item)
-    if isinstance(item, dict):
+        title, content = item
+    elif isinstance(item, dict):
         missing = [key for key in ("title", "content") if key not in item]
         if missing:
             raise ClientError(f"bad input: missing {' and '.join(missing)}")
-        return article_text(item["title"], item["content"])
-    raise ClientError(f"bad input: expected a text, a (title, content) pair or a dict, got {type(item).__name__}")
+        title, content = item["title"], item["content"]
+    else:
+        raise ClientError(f"bad input: expected a text, a (title, content) pair or a dict, got {type(item).__name__}")
+    for name, value in (("title", title), ("content", content)):
+        if not isinstance(value, str):
+            raise ClientError(f"bad input: {name} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise ClientError(f"bad input: {name} is empty")
+    return {TITLE: title, CONTENT: content}
 
 
 def _strip_scheme(url: str) -> tuple[str, bool]:
@@ -102,8 +132,8 @@ def _strip_scheme(url: str) -> tuple[str, bool]:
 class FilterClient:
     """Scores articles with a filter served by Triton.
 
-    ``tokenizer`` (a ``tokenizer.json``) tokenizes here and calls the tensor model
-    ``<model>_onnx`` directly, for callers who run without the server's tokenizer step.
+    ``tokenizer`` (a ``tokenizer.json``) tokenizes here with the filter's template and calls the
+    ensemble's tensor model and decision step directly, for callers who skip the tokenizer step.
     The gRPC client is shared by all threads; the HTTP client is not thread-safe (gevent), so
     each thread gets its own.
     """
@@ -160,26 +190,40 @@ class FilterClient:
             raise ServerUnavailable(f"server at {self.url} answers but is not live ({self.protocol})")
         self.model = model or self._find_filter_model()
         self._require_ready(self.model)
-        params = self._parameters(self.model)
-        if "dimensions" not in params:
-            raise ClientError(f"model {self.model} has no 'dimensions' parameter: it is not a filterserve ensemble")
-        self.dimensions: tuple[str, ...] = tuple(params["dimensions"].split(","))
-        self.weights: tuple[float, ...] = tuple(float(w) for w in params.get("weights", "").split(",") if w)
-        self.max_length = int(params.get("max_length", 512))
-        if len(self.weights) != len(self.dimensions):
-            raise ClientError(f"model {self.model} has {len(self.dimensions)} dimensions but {len(self.weights)} weights")
+        config = self._config(self.model)
+        described = config.get("parameters", {}).get(FILTER_PARAMETER, {}).get("string_value")
+        if not described:
+            raise ClientError(f"model {self.model} has no '{FILTER_PARAMETER}' parameter: it is not a filterserve ensemble")
+        try:
+            self.spec = FilterSpec.from_dict(json.loads(described), source=f"the '{FILTER_PARAMETER}' parameter of {self.model}")
+        except json.JSONDecodeError as exc:
+            raise ClientError(f"model {self.model}: its '{FILTER_PARAMETER}' parameter is not JSON ({exc})") from None
+        # The composing models, as the ensemble names them: the step fed by token ids, the one fed by scores.
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        by_input = {key: step["model_name"] for step in steps for key in step.get("input_map", {})}
+        self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(SCORES)
 
-        self.tensor_model = f"{self.model}_onnx"
         self._tokenizer: Tokenizer | None = None
         if tokenizer is not None:
+            if not self.tensor_model or not self.decision_model:
+                raise ClientError(f"model {self.model} names no tensor model or decision step to call with tokens")
             try:
                 self._tokenizer = Tokenizer.from_file(str(tokenizer))
             except Exception as exc:  # tokenizers raises plain Exception for missing or broken files
                 raise ClientError(f"cannot load tokenizer {tokenizer}: {exc}") from None
             # As the server's tokenizer step (and transformers): the library truncates, no padding.
-            self._tokenizer.enable_truncation(self.max_length)
+            self._tokenizer.enable_truncation(self.spec.max_length)
             self._tokenizer.no_padding()
             self._require_ready(self.tensor_model)
+            self._require_ready(self.decision_model)
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return self.spec.dimensions
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.spec.weights
 
     # --- connections -------------------------------------------------------------------------
     def __enter__(self) -> "FilterClient":
@@ -250,9 +294,6 @@ class FilterClient:
             return answer.get("config", {})
         return self._call(lambda c: c.get_model_config(model), "model config")
 
-    def _parameters(self, model: str) -> dict[str, str]:
-        return {key: value.get("string_value", "") for key, value in self._config(model).get("parameters", {}).items()}
-
     def _find_filter_model(self) -> str:
         if self.protocol == "grpc":
             index = self._call(lambda c: c.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), "model index")
@@ -263,7 +304,7 @@ class FilterClient:
         candidates = []
         for name in names:
             config = self._config(name)
-            if config.get("platform") == "ensemble" and "dimensions" in config.get("parameters", {}):
+            if config.get("platform") == "ensemble" and FILTER_PARAMETER in config.get("parameters", {}):
                 candidates.append(name)
         if len(candidates) == 1:
             return candidates[0]
@@ -279,46 +320,62 @@ class FilterClient:
     def _module(self) -> Any:
         return grpcclient if self.protocol == "grpc" else httpclient
 
-    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, str]) -> Scores:
+    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         module = self._module()
         tensors = []
         for name, data in inputs.items():
-            tensor = module.InferInput(name, list(data.shape), "BYTES" if data.dtype == object else "INT64")
+            tensor = module.InferInput(name, list(data.shape), "BYTES" if data.dtype == object else np_to_triton_dtype(data.dtype))
             tensor.set_data_from_numpy(data)
             tensors.append(tensor)
         requested = [module.InferRequestedOutput(name) for name in outputs]
         result = self._call(
             lambda c: c.infer(model, tensors, outputs=requested, **self._timeout_kw()), f"inference on {model}"
         )
-        scores = result.as_numpy(outputs[0]).reshape(-1)
-        if scores.shape[0] != len(self.dimensions):
-            raise ClientError(f"model {model} returned {scores.shape[0]} scores for {len(self.dimensions)} dimensions")
-        weighted = float(result.as_numpy(outputs[1]).reshape(-1)[0])
-        return Scores(dict(zip(self.dimensions, map(float, scores))), weighted)
+        return {name: result.as_numpy(name) for name in outputs}
 
-    def score(self, title: str, content: str) -> Scores:
-        return self.score_text(article_text(title, content))
+    def _result(self, model: str, raw: np.ndarray, weighted: np.ndarray, decided: dict[str, np.ndarray]) -> FilterResult:
+        raw, final = raw.reshape(-1), decided[DECISION_OUTPUTS[0]].reshape(-1)
+        if raw.shape[0] != len(self.dimensions) or final.shape[0] != len(self.dimensions):
+            raise ClientError(f"model {model} returned {raw.shape[0]} scores for {len(self.dimensions)} dimensions")
+        if not (np.isfinite(raw).all() and np.isfinite(weighted).all()):
+            raise ClientError(f"model {model} returned non-finite scores {raw.tolist()}: refusing to report them")
+        return FilterResult(
+            scores=dict(zip(self.dimensions, map(float, raw))),
+            weighted_score=float(weighted.reshape(-1)[0]),
+            final_scores=dict(zip(self.dimensions, map(float, final))),
+            weighted_average=float(decided[DECISION_OUTPUTS[1]].reshape(-1)[0]),
+            gatekeeper_applied=bool(decided[DECISION_OUTPUTS[2]].reshape(-1)[0]),
+        )
 
-    def score_text(self, text: str) -> Scores:
+    def score(self, title: str, content: str) -> FilterResult:
+        """One article; the server joins title and content with the filter's template."""
+        return self.score_item((title, content))
+
+    def score_text(self, text: str) -> FilterResult:
+        """Text already joined as the filter expects (see ``spec.text_template``)."""
         if not isinstance(text, str):
             raise ClientError(f"bad input: text must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise ClientError("bad input: empty text")
+        return self.score_item(text)
+
+    def score_item(self, item: Item) -> FilterResult:
+        inputs = article_inputs(item)
         if self._tokenizer is not None:
-            ids = self._tokenizer.encode(text).ids
-            return self.score_tokens(ids)
-        data = np.array([[text.encode("utf-8")]], dtype=object)
-        return self._infer(self.model, {TEXT_INPUT: data}, ("scores", "weighted_score"))
+            text = inputs[TEXT] if TEXT in inputs else self.spec.input_text(inputs[TITLE], inputs[CONTENT])
+            return self.score_tokens(self._tokenizer.encode(text).ids)
+        data = {name: np.array([[value.encode("utf-8")]], dtype=object) for name, value in inputs.items()}
+        out = self._infer(self.model, data, ENSEMBLE_OUTPUTS)
+        return self._result(self.model, out[SCORES], out[TENSOR_OUTPUTS[1]], out)
 
-    def score_tokens(self, input_ids: Sequence[int]) -> Scores:
-        """Scores token ids on the tensor model; ids must come from the filter's own tokenizer."""
-        if not input_ids:
-            raise ClientError("bad input: no tokens")
-        ids = np.asarray(input_ids, dtype=np.int64)[: self.max_length].reshape(1, -1)
-        inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        return self._infer(self.tensor_model, inputs, ("logits", "weighted_score"))
+    def score_tokens(self, input_ids: Sequence[int]) -> FilterResult:
+        """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer."""
+        if not input_ids or not self.tensor_model or not self.decision_model:
+            raise ClientError("bad input: no tokens" if not input_ids else f"model {self.model} has no tensor model step")
+        ids = np.asarray(input_ids, dtype=np.int64)[: self.spec.max_length].reshape(1, -1)
+        logits, weighted = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS).values()
+        decided = self._infer(self.decision_model, {SCORES: logits.astype(np.float32)}, DECISION_OUTPUTS)
+        return self._result(self.tensor_model, logits, weighted, decided)
 
-    def score_iter(self, items: Iterable[Item], concurrency: int = 16) -> Iterator[Scores | ScoreError]:
+    def score_iter(self, items: Iterable[Item], concurrency: int = 16) -> Iterator[FilterResult | ScoreError]:
         """Yields results in input order while up to ``concurrency`` requests are in flight.
 
         Items are read lazily, so a large input never sits in memory. Once the server is found
@@ -328,11 +385,11 @@ class FilterClient:
             raise ClientError(f"concurrency must be at least 1, got {concurrency}")
         down: list[str] = []
 
-        def one(index: int, item: Item) -> Scores | ScoreError:
+        def one(index: int, item: Item) -> FilterResult | ScoreError:
             if down:
                 return ScoreError(index, f"not sent: {down[0]}")
             try:
-                return self.score_text(item_text(item))
+                return self.score_item(item)
             except ServerUnavailable as exc:
                 down.append(str(exc))
                 return ScoreError(index, str(exc))
@@ -341,7 +398,7 @@ class FilterClient:
             except Exception as exc:  # an unforeseen failure of one item must not abort the others
                 return ScoreError(index, f"{type(exc).__name__}: {exc}")
 
-        pending: deque[Future[Scores | ScoreError]] = deque()
+        pending: deque[Future[FilterResult | ScoreError]] = deque()
         with ThreadPoolExecutor(concurrency, thread_name_prefix="filterserve-score") as pool:
             for index, item in enumerate(items):
                 pending.append(pool.submit(one, index, item))
@@ -352,7 +409,7 @@ class FilterClient:
 
     def score_many(
         self, items: Iterable[Item], concurrency: int = 16, progress: bool = False
-    ) -> list[Scores | ScoreError]:
+    ) -> list[FilterResult | ScoreError]:
         """All results in input order; failures are :class:`ScoreError` entries, never exceptions."""
         total = len(items) if isinstance(items, Sequence) else None
         with tqdm(total=total, disable=not progress, unit="item") as bar:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from filterserve.contract import GATE_TOLERANCE
 from filterserve.filters import load_filter
 
 
@@ -15,10 +16,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model repository folder to write")
     parser.add_argument("--name", help="Triton model name (default: the filter's name)")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
+    parser.add_argument("--calibration", help='per-dimension isotonic breakpoints, JSON {"<dimension>": {"x": [...], "y": [...]}}: '
+                        "applied to the served final_scores (raw scores and parity are unchanged)")
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (int8 needs --validation)")
     parser.add_argument("--validation", help="labelled JSONL (title, content, one field per dimension): every variant "
                         "must keep the validation MAE within --gate-tolerance of the PyTorch + PEFT reference")
-    parser.add_argument("--gate-tolerance", type=float, default=0.01, help="max MAE increase, overall and per dimension")
+    parser.add_argument("--gate-tolerance", type=float, default=GATE_TOLERANCE, help="max MAE increase, overall and per dimension")
     parser.add_argument("--default", default="auto", help="precision the ensemble serves; auto = the fastest variant "
                         "the accuracy gate admitted (with --validation), else the first listed")
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -34,6 +37,8 @@ def export_command(args: argparse.Namespace) -> int:
     spec = load_filter(args.filter)
     if args.name:
         spec = replace(spec, name=args.name)
+    if args.calibration:
+        spec = spec.with_calibration(args.calibration)
     manifest = export_filter(
         args.base,
         args.adapter,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from filterserve.contract import MERGE_TOLERANCE
 from filterserve.errors import FilterServeError
 from filterserve.export.load import Loaded
 from filterserve.export.parity import ParityResult, compare, torch_scores
-
-MERGE_TOLERANCE = 1e-4
 
 
 def merge(loaded: Loaded, ids: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> tuple[torch.nn.Module, ParityResult]:

@@ -1,12 +1,13 @@
 """The parity check every exported variant ends in: its scores against the PyTorch + PEFT reference.
 
-The reference is the card's recipe run one text at a time (no padding); the variants run a
-right-padded batch of mixed lengths, so the check also proves that padding does not move the
-scores (the pooling must find the last non-pad token).
+The reference is the card's recipe run one text at a time (no padding) on the filter's input
+template; the variants run a right-padded batch of mixed lengths, so the check also proves that
+padding does not move the scores (the pooling must find the last non-pad token).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,27 +16,35 @@ import torch
 
 from filterserve.errors import ParityError
 
+from filterserve.filters import FilterSpec
+
 _SENTENCE = (
     "Neighbours in the valley rebuilt the flooded library together, and the children's corner "
     "reopened with books donated from three towns. "
 )
+# (title, content): a typical article, the shortest possible one, non-Latin scripts (real news is
+# multilingual), and (added in parity_articles) one far past max_length that must be truncated.
+PARITY_ARTICLES: tuple[tuple[str, str], ...] = (
+    ("Volunteers rebuild flooded village library",
+     "More than two hundred residents dried, sorted and reshelved forty thousand books in six weeks."),
+    ("A", "B"),
+    ("Markets slide as investors weigh the rate outlook", "Shares fell for a third day."),
+    ("太阳能膜降低了净水成本", "实地试验为四千人提供了饮用水。研究人员说，这种材料可以在当地制造。"),
+    ("Волонтёры восстановили школу", "Занятия возобновятся в понедельник после наводнения."),
+    ("متطوعون يعيدون بناء المكتبة", "أعاد أكثر من مئتي ساكن ترتيب أربعين ألف كتاب في ستة أسابيع."),
+)
 
 
-def parity_texts(tokenizer, max_length: int) -> list[str]:
-    """Mixed lengths, a 1-token text, and a text that must be truncated at ``max_length``."""
-    one_token = next(
-        (t for t in ("A", "a", "I", ".", "1") if len(tokenizer(t)["input_ids"]) == 1), "A"
-    )
+def parity_articles(tokenizer, spec: FilterSpec) -> list[tuple[str, str]]:
+    """The fixed articles plus one whose content runs past ``max_length`` tokens."""
     n_ids = len(tokenizer(_SENTENCE)["input_ids"])
-    long_text = _SENTENCE * (max_length // max(n_ids, 1) + 2)
-    return [
-        "Volunteers rebuild flooded village library. More than two hundred residents dried, sorted "
-        "and reshelved forty thousand books in six weeks.",
-        one_token,
-        long_text,
-        "Markets slide as investors weigh the interest rate outlook.",
-        "Solar membrane cuts the cost of clean water. Field trials supplied four thousand people.",
-    ]
+    long_content = _SENTENCE * (spec.max_length // max(n_ids, 1) + 2)
+    return [*PARITY_ARTICLES, ("Library reopens after the flood", long_content)]
+
+
+def parity_texts(tokenizer, spec: FilterSpec) -> list[str]:
+    """The parity articles as the model reads them: the filter's own template."""
+    return [spec.input_text(title, content) for title, content in parity_articles(tokenizer, spec)]
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +53,15 @@ def encode(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np
         texts, max_length=max_length, truncation=True, padding=True, return_tensors="np"
     )
     return batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
+
+
+def score_in_batches(
+    score_batch: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, texts: list[str], max_length: int, batch_size: int
+) -> np.ndarray:
+    """Scores ``texts`` in right-padded batches of ``batch_size``, as the server's tokenizer step pads them."""
+    return np.concatenate(
+        [score_batch(*encode(tokenizer, texts[i : i + batch_size], max_length)) for i in range(0, len(texts), batch_size)]
+    )
 
 
 @torch.inference_mode()

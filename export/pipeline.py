@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -27,24 +27,29 @@ from filterserve.export.load import Loaded, adapter_weights_path, load_reference
 from filterserve.export.manifest import describe_source, prepare_out_dir, versions, write_manifest
 from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
-from filterserve.export.parity import compare, encode, ort_scores, ort_session, parity_texts, reference_scores
+from filterserve.export.parity import (
+    compare,
+    encode,
+    ort_scores,
+    ort_session,
+    parity_texts,
+    reference_scores,
+    score_in_batches,
+)
 from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
 from filterserve.filters import UPLIFTING_V4, FilterSpec
+from filterserve.gate import AccuracyGateRefusal, LabelledSet, build_report, read_labelled, refusals
+from filterserve import contract
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.progress import Steps
 
-if TYPE_CHECKING:  # the gate's reader needs the [bench] extra only when --validation is used
-    from filterserve.benchmarks.accuracy import LabelledSet
-
-# Max |Δ| against the PyTorch + PEFT reference on the parity texts (issue 2). INT8 has none:
-# the accuracy gate on validation data admits it (issue 6).
-TOLERANCES: dict[str, float | None] = {"fp32": 1e-4, "fp16": 0.05, "int8": None}
+TOLERANCES = contract.PARITY_TOLERANCES
 # fp16 converts the merged model in place, so it follows fp32; int8 quantizes the fp32 file and
 # needs no PyTorch model, so it comes last, after the model is released (at 1.5B the quantizer's
 # copy of the fp32 graph and the PyTorch model together would approach 24 GB).
 BUILD_ORDER = ("fp32", "fp16", "int8")
-DEFAULT_GATE_TOLERANCE = 0.01
 LATENCY_REPEATS = 5
+GATE_BATCH = 16
 
 
 def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -60,7 +65,7 @@ def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def staged_dir(out: Path, spec: FilterSpec, precision: str) -> Path:
     """Where a variant is built before the default is known (renamed to ``<name>_onnx`` after)."""
-    return out / f"{spec.name}_onnx_{precision}"
+    return out / contract.tensor_model(spec.name, precision)
 
 
 def median_latency_ms(onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> float:
@@ -84,8 +89,6 @@ class Validation:
 
 
 def score_validation(loaded: Loaded, spec: FilterSpec, path: Path) -> Validation:
-    from filterserve.benchmarks.accuracy import read_labelled
-
     labelled = read_labelled(path, spec)
     return Validation(labelled, reference_scores(loaded.model, loaded.tokenizer, labelled.texts, spec.max_length))
 
@@ -94,11 +97,13 @@ def gate_variants(
     validation: Validation, loaded: Loaded, spec: FilterSpec, variants: dict[str, Path], tolerance: float
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Validation MAE per variant against the reference's; returns the report and the refusals."""
-    from filterserve.benchmarks.accuracy import build_report, refusals
-    from filterserve.benchmarks.engines import OrtEngine
-
     texts = validation.labelled.texts
-    scored = {p: OrtEngine(p, path, loaded.tokenizer, spec.max_length).run(texts) for p, path in variants.items()}
+    scored = {}
+    for precision, path in variants.items():
+        session = ort_session(path)
+        scored[precision] = score_in_batches(
+            lambda ids, mask: ort_scores(session, ids, mask)[0], loaded.tokenizer, texts, spec.max_length, GATE_BATCH
+        )
     report = build_report(spec, validation.labelled.truth, validation.reference, scored)
     return report, refusals(report, tolerance)
 
@@ -113,7 +118,7 @@ def export_filter(
     force: bool = False,
     gpu: bool = False,
     validation: str | Path | None = None,
-    gate_tolerance: float = DEFAULT_GATE_TOLERANCE,
+    gate_tolerance: float = contract.GATE_TOLERANCE,
     default: str = "auto",
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
@@ -122,7 +127,7 @@ def export_filter(
     ``default`` names the precision the ensemble ``<name>`` serves; ``auto`` is the fastest
     variant the accuracy gate admitted when ``validation`` is given, else the first listed.
     Variants refused by the gate are left out of the repository, which is still written for
-    the admitted ones, and then :class:`AccuracyGateError` names what was refused and why.
+    the admitted ones, and then :class:`AccuracyGateRefusal` names what was refused and why.
     """
     start = time.perf_counter()
     order = parse_precisions(precisions)
@@ -156,13 +161,13 @@ def export_filter(
             sources["base"]["revision"] = commit
 
     with steps.step("reference scores (PyTorch + PEFT, one text at a time)"):
-        texts = parity_texts(loaded.tokenizer, spec.max_length)
+        texts = parity_texts(loaded.tokenizer, spec)
         reference = reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length)
         ids, mask = encode(loaded.tokenizer, texts, spec.max_length)
         steps.say(f"{len(texts)} texts, padded batch {ids.shape[0]}×{ids.shape[1]} tokens")
         weighted_reference = reference @ np.asarray(spec.weights, dtype=np.float64)
 
-    model_dirs = [out / spec.name, out / f"{spec.name}_tokenizer", out / f"{spec.name}_onnx"]
+    model_dirs = [out / name for name in (spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), contract.tensor_model(spec.name))]
     model_dirs += [staged_dir(out, spec, p) for p in build]
     try:
         held_out: Validation | None = None
@@ -170,6 +175,8 @@ def export_filter(
             with steps.step(f"reference scores on the validation data {validation}"):
                 held_out = score_validation(loaded, spec, Path(validation))
                 steps.say(f"{len(held_out.labelled.texts)} labelled articles")
+                for line, reason in held_out.labelled.skipped:
+                    steps.say(f"skipped {validation} line {line}: {reason}")
         with steps.step("merge LoRA into the base and check the merge"):
             merged, merged_parity = merge(loaded, ids, mask, reference)
             steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
@@ -256,7 +263,7 @@ def export_filter(
                 )
             manifest = write_manifest(out, {
                 "filter": spec.to_dict(),
-                "models": [spec.name, f"{spec.name}_tokenizer", *names.values()],
+                "models": [spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values()],
                 "ensemble": spec.name,
                 "tensor_models": names,
                 "default_precision": default_precision,
@@ -268,7 +275,12 @@ def export_filter(
                 "versions": versions(),
                 "parity": parity,
                 "parity_texts": len(texts),
-                "accuracy_gate": gate and {"tolerance": gate_tolerance, "data": str(validation), "report": gate},
+                "accuracy_gate": gate and {
+                    "tolerance": gate_tolerance,
+                    "data": str(validation),
+                    "skipped": [{"line": line, "reason": reason} for line, reason in held_out.labelled.skipped],
+                    "report": gate,
+                },
                 "refused": refused,
                 "int8": int8_info or None,
                 "latency_ms_batch1": latency,
@@ -299,13 +311,3 @@ def choose_default(default: str, admitted: list[str], latency: dict[str, float],
     if not validated:
         return admitted[0]
     return min(admitted, key=latency.__getitem__)
-
-
-class AccuracyGateRefusal(FilterServeError):
-    """Variants the accuracy gate refused, with the dimension and figures that failed."""
-
-    def __init__(self, refused: dict[str, list[str]], written: list[str] | None = None) -> None:
-        self.refused = refused
-        reasons = "; ".join(r for reasons in refused.values() for r in reasons)
-        kept = f"the repository holds only {', '.join(written)}. " if written else "nothing was written. "
-        super().__init__(f"accuracy gate refused {', '.join(refused)}: {kept}{reasons}")

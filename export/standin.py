@@ -46,10 +46,10 @@ class Standin:
     adapter_dir: Path
 
 
-def _corpus() -> list[str]:
+def _corpus(spec: FilterSpec) -> list[str]:
     from filterserve.data import sample_articles
 
-    texts = [f"{a['title']}. {a['content']}" for a in sample_articles()]
+    texts = [spec.input_text(a["title"], a["content"]) for a in sample_articles()]
     words = " ".join(texts).split()
     # Shuffled recombinations give the BPE trainer enough material for a few thousand merges.
     gen = torch.Generator().manual_seed(0)
@@ -57,7 +57,7 @@ def _corpus() -> list[str]:
     return texts + extra
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, spec: FilterSpec):
     """A byte-level BPE tokenizer with Qwen's special tokens, pad = ``<|endoftext|>``."""
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +71,7 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus(spec), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=PAD_TOKEN, pad_token=PAD_TOKEN, padding_side="right"
     )
@@ -92,7 +92,7 @@ def build_standin(
 
     quiet_libraries()
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(min(shape.vocab_size, 4096))
+    tokenizer = build_tokenizer(min(shape.vocab_size, 4096), spec)
     config = Qwen2Config(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,

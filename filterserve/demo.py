@@ -23,13 +23,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
 
 
-def _table(dimensions: tuple[str, ...], rows: list[tuple[str, list[float], float]]) -> str:
-    short = [d[:8] for d in dimensions]
-    header = f"{'article':<40} " + " ".join(f"{s:>8}" for s in short) + f" {'weighted':>9}"
+def _table(dimensions: tuple[str, ...], rows: list[tuple[str, list[float], float, bool]]) -> str:
+    """Final (clamped, calibrated) scores under their full dimension names, then the decision."""
+    widths = [max(len(d), 6) for d in dimensions]
+    header = f"{'article':<40} " + " ".join(f"{d:>{w}}" for d, w in zip(dimensions, widths)) + f" {'average':>8} gated"
     lines = [header, "-" * len(header)]
-    for title, scores, weighted in rows:
+    for title, scores, average, gated in rows:
         title = title if len(title) <= 40 else title[:37] + "..."
-        lines.append(f"{title:<40} " + " ".join(f"{s:8.3f}" for s in scores) + f" {weighted:9.3f}")
+        cells = " ".join(f"{s:>{w}.2f}" for s, w in zip(scores, widths))
+        lines.append(f"{title:<40} {cells} {average:8.2f} {'yes' if gated else 'no':>5}")
     return "\n".join(lines)
 
 
@@ -64,7 +66,7 @@ def demo_command(args: argparse.Namespace) -> int:
     for article, result in zip(articles, results):
         if not hasattr(result, "dimensions"):
             raise FilterServeError(f"scoring {article['id']} failed: {result}")
-        rows.append((article["title"], list(result.dimensions.values()), result.weighted_score))
+        rows.append((article["title"], list(result.final_scores.values()), result.weighted_average, result.gatekeeper_applied))
     print(_table(spec.dimensions, rows))
     if not args.base:
         print("\n(random stand-in weights: these numbers mean nothing)", file=sys.stderr)

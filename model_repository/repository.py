@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
+from filterserve.model_repository.decision import write_decision_model
 
 _HERE = Path(__file__).resolve().parent
 TOKENIZER_TEMPLATE = _HERE / "templates" / "tokenizer_model.py"
@@ -29,12 +32,13 @@ WARMUP_SEQ_LEN = 16
 WARMUP_BATCH = 2
 TENSOR_QUEUE_DELAY_US = 1000
 TOKENIZER_QUEUE_DELAY_US = 500
+DECISION_QUEUE_DELAY_US = 100
 TRT_CACHE_ROOT = "/tmp/filterserve_trt_cache"
 
 
 def tensor_model_name(name: str, precision: str, default_precision: str) -> str:
     """The default precision keeps the plain name so the ensemble and clients never change."""
-    return f"{name}_onnx" if precision == default_precision else f"{name}_onnx_{precision}"
+    return contract.tensor_model(name, None if precision == default_precision else precision)
 
 
 def _to_text(config: mc.ModelConfig) -> str:
@@ -52,24 +56,54 @@ def _dynamic_batching(config: mc.ModelConfig, max_batch_size: int, delay_us: int
     config.dynamic_batching.max_queue_delay_microseconds = delay_us
 
 
-def _add_tensor(tensors, name: str, data_type: int, dims: list[int]) -> None:
+def _add_tensor(tensors, name: str, data_type: int, dims: list[int], optional: bool = False) -> None:
     """``tensors`` is a repeated ModelInput or ModelOutput field."""
     tensor = tensors.add()
     tensor.name = name
     tensor.data_type = data_type
     tensor.dims.extend(dims)
+    if optional:
+        tensor.optional = True
+
+
+def _add_text_inputs(config: mc.ModelConfig) -> None:
+    """TEXT, or TITLE + CONTENT: each optional, the tokenizer step says which combination is missing."""
+    for name in contract.TEXT_INPUTS:
+        _add_tensor(config.input, name, mc.TYPE_STRING, [1], optional=True)
 
 
 def tokenizer_config(
     spec: FilterSpec, *, max_batch_size: int, pad_token_id: int, bucket: int
 ) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=f"{spec.name}_tokenizer", backend="python", max_batch_size=max_batch_size)
-    _add_tensor(config.input, "TEXT", mc.TYPE_STRING, [1])
-    _add_tensor(config.output, "input_ids", mc.TYPE_INT64, [-1])
-    _add_tensor(config.output, "attention_mask", mc.TYPE_INT64, [-1])
+    config = mc.ModelConfig(name=contract.tokenizer_model(spec.name), backend="python", max_batch_size=max_batch_size)
+    _add_text_inputs(config)
+    for name in contract.TOKEN_INPUTS:
+        _add_tensor(config.output, name, mc.TYPE_INT64, [-1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _dynamic_batching(config, max_batch_size, TOKENIZER_QUEUE_DELAY_US)
-    _set_params(config, {"max_length": spec.max_length, "pad_token_id": pad_token_id, "bucket": bucket})
+    _set_params(config, {
+        "max_length": spec.max_length,
+        "pad_token_id": pad_token_id,
+        "bucket": bucket,
+        "text_template": spec.text_template,
+    })
+    return config
+
+
+def decision_config(spec: FilterSpec, *, max_batch_size: int) -> mc.ModelConfig:
+    """The decision graph on ONNX Runtime: Triton's C++ backend in the container, the stand-in here."""
+    config = mc.ModelConfig(
+        name=contract.decision_model(spec.name),
+        backend="onnxruntime",
+        max_batch_size=max_batch_size,
+        default_model_filename="model.onnx",
+    )
+    _add_tensor(config.input, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.FINAL_SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_AVERAGE, mc.TYPE_FP32, [1])
+    _add_tensor(config.output, contract.GATEKEEPER_APPLIED, mc.TYPE_BOOL, [1])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, max_batch_size, DECISION_QUEUE_DELAY_US)
     return config
 
 
@@ -112,10 +146,10 @@ def tensor_model_config(
         max_batch_size=max_batch_size,
         default_model_filename="model.onnx",
     )
-    for name in ("input_ids", "attention_mask"):
+    for name in contract.TOKEN_INPUTS:
         _add_tensor(config.input, name, mc.TYPE_INT64, [-1])
-    _add_tensor(config.output, "logits", mc.TYPE_FP32, [spec.num_labels])
-    _add_tensor(config.output, "weighted_score", mc.TYPE_FP32, [1])
+    _add_tensor(config.output, contract.LOGITS, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_SCORE, mc.TYPE_FP32, [1])
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=1)
     _dynamic_batching(config, max_batch_size, TENSOR_QUEUE_DELAY_US)
@@ -135,30 +169,33 @@ def tensor_model_config(
 
 def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
-    _add_tensor(config.input, "TEXT", mc.TYPE_STRING, [1])
-    _add_tensor(config.output, "scores", mc.TYPE_FP32, [spec.num_labels])
-    _add_tensor(config.output, "weighted_score", mc.TYPE_FP32, [1])
+    _add_text_inputs(config)
+    _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_SCORE, mc.TYPE_FP32, [1])
+    _add_tensor(config.output, contract.FINAL_SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_AVERAGE, mc.TYPE_FP32, [1])
+    _add_tensor(config.output, contract.GATEKEEPER_APPLIED, mc.TYPE_BOOL, [1])
+    tokens = {name: f"_{name}" for name in contract.TOKEN_INPUTS}
     config.ensemble_scheduling.step.add(
-        model_name=f"{spec.name}_tokenizer",
+        model_name=contract.tokenizer_model(spec.name),
         model_version=-1,
-        input_map={"TEXT": "TEXT"},
-        output_map={"input_ids": "_input_ids", "attention_mask": "_attention_mask"},
+        input_map={name: name for name in contract.TEXT_INPUTS},
+        output_map=tokens,
     )
     config.ensemble_scheduling.step.add(
         model_name=tensor_model,
         model_version=-1,
-        input_map={"input_ids": "_input_ids", "attention_mask": "_attention_mask"},
-        output_map={"logits": "scores", "weighted_score": "weighted_score"},
+        input_map=tokens,
+        output_map={contract.LOGITS: contract.SCORES, contract.WEIGHTED_SCORE: contract.WEIGHTED_SCORE},
     )
-    # Clients read the filter from the server's model config instead of a local copy.
-    _set_params(
-        config,
-        {
-            "dimensions": ",".join(spec.dimensions),
-            "weights": ",".join(repr(float(w)) for w in spec.weights),
-            "max_length": spec.max_length,
-        },
+    config.ensemble_scheduling.step.add(
+        model_name=contract.decision_model(spec.name),
+        model_version=-1,
+        input_map={contract.SCORES: contract.SCORES},
+        output_map={name: name for name in contract.DECISION_OUTPUTS},
     )
+    # Clients read the filter (dimensions, weights, template, rules) from the server's config.
+    _set_params(config, {contract.FILTER_PARAMETER: json.dumps(spec.to_dict(), ensure_ascii=False)})
     return config
 
 
@@ -232,7 +269,11 @@ def write_repository(
         )
         write_tensor_model(model_dir, config)
 
-    tokenizer_dir_out = repo / f"{spec.name}_tokenizer"
+    decision_dir = repo / contract.decision_model(spec.name)
+    _write_config(decision_dir, decision_config(spec, max_batch_size=max_batch_size))
+    write_decision_model(decision_dir / "1" / "model.onnx", spec)
+
+    tokenizer_dir_out = repo / contract.tokenizer_model(spec.name)
     _write_config(
         tokenizer_dir_out,
         tokenizer_config(spec, max_batch_size=max_batch_size, pad_token_id=pad_token_id, bucket=bucket),

@@ -182,11 +182,11 @@ class TritonServer:
 
     @property
     def ensembles(self) -> list[str]:
-        """Ensembles with a single string input: the ones a text probe can exercise."""
+        """Ensembles that take a TEXT input: the ones a text probe can exercise."""
         return [
             name
             for name, config in self.configs.items()
-            if config.platform == "ensemble" and len(config.input) == 1 and config.input[0].data_type == mc.TYPE_STRING
+            if config.platform == "ensemble" and any(i.name == "TEXT" and i.data_type == mc.TYPE_STRING for i in config.input)
         ]
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -312,15 +312,14 @@ class TritonServer:
         return {out["name"]: {k: out[k] for k in ("shape", "datatype", "data")} for out in answer["outputs"]}
 
     def _probe_ensemble(self, name: str) -> None:
-        text_input = self.configs[name].input[0].name
-        self._infer(name, {text_input: {"shape": [1, 1], "datatype": "BYTES", "data": [PROBE_TEXT]}})
+        self._infer(name, {"TEXT": {"shape": [1, 1], "datatype": "BYTES", "data": [PROBE_TEXT]}})
 
     def _failing_steps(self, name: str) -> list[str]:
         """Replays the ensemble step by step to find the composing models that fail."""
         config = self.configs[name]
-        tensors = {config.input[0].name: {"shape": [1, 1], "datatype": "BYTES", "data": [PROBE_TEXT]}}
+        tensors = {"TEXT": {"shape": [1, 1], "datatype": "BYTES", "data": [PROBE_TEXT]}}
         for step in config.ensemble_scheduling.step:
-            inputs = {model_input: tensors[tensor] for model_input, tensor in step.input_map.items()}
+            inputs = {model_input: tensors[tensor] for model_input, tensor in step.input_map.items() if tensor in tensors}
             try:
                 outputs = self._infer(step.model_name, inputs)
             except FilterServeError:

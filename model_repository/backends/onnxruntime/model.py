@@ -15,7 +15,6 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-INPUTS = ("input_ids", "attention_mask")
 
 
 def _invalid(message: str) -> "pb_utils.InferenceResponse":
@@ -37,10 +36,16 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / filename
         providers = _providers(args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0)))
         self.session = ort.InferenceSession(str(path), providers=providers)
-        self.output_names = [output["name"] for output in config["output"]]
-        self.vocab_size = int(config["parameters"]["vocab_size"]["string_value"])
+        self.input_names = [tensor["name"] for tensor in config["input"]]
+        self.output_names = [tensor["name"] for tensor in config["output"]]
+        vocab = config.get("parameters", {}).get("vocab_size")
+        # Token models (vocab_size set) get their ids checked; small models (the decision step) do not.
+        self.vocab_size = int(vocab["string_value"]) if vocab else None
 
-    def _validate(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> str | None:
+    def _validate(self, feeds: dict[str, np.ndarray]) -> str | None:
+        if self.vocab_size is None:
+            return None
+        input_ids, attention_mask = feeds["input_ids"], feeds["attention_mask"]
         if input_ids.shape != attention_mask.shape:
             return f"attention_mask shape {list(attention_mask.shape)} does not match input_ids shape {list(input_ids.shape)}"
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -52,32 +57,29 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
-        groups: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
         for index, request in enumerate(requests):
-            ids, mask = (pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in INPUTS)
-            error = self._validate(ids, mask)
+            feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+            error = self._validate(feeds)
             if error:
                 responses[index] = _invalid(error)
             else:
-                groups.setdefault(ids.shape[1], []).append((index, ids, mask))
+                groups.setdefault(tuple(f.shape[1:] for f in feeds.values()), []).append((index, feeds))
 
-        # One session run per sequence length: requests the batcher joined share a shape.
+        # One session run per shape: requests the batcher joined share one.
         for members in groups.values():
-            feeds = {
-                "input_ids": np.concatenate([ids for _, ids, _ in members]),
-                "attention_mask": np.concatenate([mask for _, _, mask in members]),
-            }
+            feeds = {name: np.concatenate([f[name] for _, f in members]) for name in self.input_names}
             try:
                 outputs = self.session.run(self.output_names, feeds)
             except Exception as exc:  # an ONNX Runtime failure fails this group, not the others
-                for index, _, _ in members:
+                for index, _ in members:
                     responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}"))
                 continue
             start = 0
-            for index, ids, _ in members:
-                end = start + ids.shape[0]
+            for index, request_feeds in members:
+                end = start + next(iter(request_feeds.values())).shape[0]
                 tensors = [
-                    pb_utils.Tensor(name, np.ascontiguousarray(out[start:end], dtype=np.float32))
+                    pb_utils.Tensor(name, np.ascontiguousarray(out[start:end]))
                     for name, out in zip(self.output_names, outputs)
                 ]
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)

@@ -1,0 +1,45 @@
+"""The serving contract: model and tensor names that the export, the repository, the server, the
+client and any plain Triton caller agree on.
+
+They are public (README, DESIGN): renaming one breaks every deployed client, so they live in one
+place and every module reads them from here. The stand-in ONNX Runtime backend and the tokenizer
+step run inside Triton without this package; they read the names from their model config.
+"""
+
+from __future__ import annotations
+
+# Ensemble <name>: TEXT (already joined), or TITLE + CONTENT (the server applies the template).
+TEXT, TITLE, CONTENT = "TEXT", "TITLE", "CONTENT"
+TEXT_INPUTS = (TEXT, TITLE, CONTENT)
+# Tensor model <name>_onnx (and every other precision, and a TensorRT plan).
+TOKEN_INPUTS = ("input_ids", "attention_mask")
+LOGITS, WEIGHTED_SCORE = "logits", "weighted_score"
+TENSOR_OUTPUTS = (LOGITS, WEIGHTED_SCORE)
+# Decision step <name>_decision: raw scores → what the filter's consumers read.
+SCORES = "scores"
+FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED = "final_scores", "weighted_average", "gatekeeper_applied"
+DECISION_OUTPUTS = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED)
+ENSEMBLE_OUTPUTS = (SCORES, WEIGHTED_SCORE, *DECISION_OUTPUTS)
+# The ensemble's config parameter holding the filter description as JSON: clients read the
+# dimensions, weights, template and rules from the server rather than from a local copy.
+FILTER_PARAMETER = "filter"
+
+# Max |Δ| against the PyTorch + PEFT reference on the parity texts, per variant. INT8 has no
+# bound of its own: only the accuracy gate on trained weights can admit it.
+PARITY_TOLERANCES: dict[str, float | None] = {"fp32": 1e-4, "fp16": 0.05, "int8": None}
+MERGE_TOLERANCE = 1e-4
+# The most the validation MAE may rise, overall and per dimension, for a variant to be served.
+GATE_TOLERANCE = 0.01
+
+
+def tokenizer_model(filter_name: str) -> str:
+    return f"{filter_name}_tokenizer"
+
+
+def decision_model(filter_name: str) -> str:
+    return f"{filter_name}_decision"
+
+
+def tensor_model(filter_name: str, precision: str | None = None) -> str:
+    """``<name>_onnx`` is the one the ensemble serves; other precisions carry their suffix."""
+    return f"{filter_name}_onnx" if precision is None else f"{filter_name}_onnx_{precision}"
