@@ -36,7 +36,7 @@ def _table(dimensions: tuple[str, ...], rows: list[tuple[str, list[float], float
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from filterserve.client import FilterClient
+    from filterserve.client import FilterClient, ScoreError
     from filterserve.data import sample_articles
     from filterserve.export.pipeline import export_filter
     from filterserve.export.standin import build_standin
@@ -64,7 +64,7 @@ def demo_command(args: argparse.Namespace) -> int:
         results = client.score_many([(a["title"], a["content"]) for a in articles], concurrency=8)
     rows = []
     for article, result in zip(articles, results):
-        if not hasattr(result, "dimensions"):
+        if isinstance(result, ScoreError):
             raise FilterServeError(f"scoring {article['id']} failed: {result}")
         rows.append((article["title"], list(result.final_scores.values()), result.weighted_average, result.gatekeeper_applied))
     print(_table(spec.dimensions, rows))

@@ -21,6 +21,25 @@ FIVE_DIMS = FilterSpec(
 )
 
 
+_LONG_BODY = " ".join(
+    f"Paragraph {i}: the cooperative's members repaired {i * 3} homes, trained apprentices and shared tools."
+    for i in range(200)
+)
+# Real news is short, uneven and multilingual: snippets, non-Latin scripts, emoji, a title holding
+# template-like braces, and articles far past 512 tokens (truncated). (title, content) pairs.
+MIXED_ARTICLES: list[tuple[str, str]] = [
+    ("Volunteers rebuild flooded village library", "More than two hundred residents reshelved forty thousand books."),
+    ("Short", "Yes."),
+    ("河流清理行动", "数百名志愿者周末清理了河岸，收集了三吨垃圾。当地学校的学生也参加了。"),
+    ("مدينة تفتتح حديقة عامة جديدة", "افتتحت البلدية حديقة تضم ملعباً للأطفال ومكتبة صغيرة في الهواء الطلق."),
+    ("गाँव में सौर ऊर्जा", "ग्रामीणों ने मिलकर सौर पैनल लगाए और अब स्कूल में रात को भी बिजली रहती है।"),
+    ("Волонтёры восстановили школу", "Занятия возобновятся в понедельник 🎉 после наводнения."),
+    ("Ο καιρός {content} και οι αγορές", "Τα νοικοκυριά εξοικονόμησαν ενέργεια τον χειμώνα {title}."),
+    ("Cooperative rebuilds homes after the storm", _LONG_BODY),
+    ("长篇报道：社区互助", "邻居们互相帮助，修复了房屋。" * 150),
+]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests run only where CUDA is; slow tests only when asked (FILTERSERVE_SLOW=1)."""
     has_gpu = shutil.which("nvidia-smi") is not None

@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filterserve.client import ClientError, FilterClient, ScoreError, Scores, ServerUnavailable
+from filterserve.client import ClientError, FilterClient, FilterResult, ScoreError, ServerUnavailable
 from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
+
+from conftest import MIXED_ARTICLES
+from test_decision import decide
 
 PROTOCOLS = ["grpc", "http"]
 LONG_TEXT = " ".join(["Volunteers rebuilt the village school after the flood."] * 120)  # > max_length tokens
@@ -31,9 +34,10 @@ def server(exported, tmp_path_factory: pytest.TempPathFactory):
     shutil.copytree(exported[0], repo)
     config = repo / UPLIFTING_V4.name / "config.pbtxt"
     text = config.read_text(encoding="utf-8")
-    original = ",".join(UPLIFTING_V4.dimensions)
-    assert original in text
-    config.write_text(text.replace(original, ",".join(SERVED_DIMENSIONS)), encoding="utf-8")
+    for name, served in zip(UPLIFTING_V4.dimensions, SERVED_DIMENSIONS):
+        assert f'\\"{name}\\"' in text  # inside the JSON filter description
+        text = text.replace(f'\\"{name}\\"', f'\\"{served}\\"')
+    config.write_text(text, encoding="utf-8")
     with TritonServer(repo) as running:
         yield running
 
@@ -48,19 +52,24 @@ def client(request, server):
         yield opened
 
 
-def _vector(scores: Scores) -> np.ndarray:
-    return np.array(list(scores.dimensions.values()))
+def _vector(result: FilterResult) -> np.ndarray:
+    return np.array(list(result.scores.values()))
 
 
 @pytest.mark.timeout(120)
 def test_scores_match_the_reference(client, reference):
     articles = sample_articles()
     results = [client.score(a["title"], a["content"]) for a in articles]
-    expected = reference([f"{a['title']}. {a['content']}" for a in articles])
+    expected = reference([UPLIFTING_V4.input_text(a["title"], a["content"]) for a in articles])
     np.testing.assert_allclose(np.stack([_vector(r) for r in results]), expected, rtol=0, atol=1e-4)
-    for result in results:
+    final, average, applied = decide(UPLIFTING_V4, expected)
+    for i, result in enumerate(results):
         assert result.weighted_score == pytest.approx(float(np.dot(_vector(result), client.weights)), abs=1e-5)
-        assert list(result.as_dict()) == [*client.dimensions, "weighted_score"]
+        assert list(result.final_scores.values()) == pytest.approx(final[i].tolist(), abs=1e-4)
+        assert result.weighted_average == pytest.approx(float(average[i]), abs=1e-4)
+        assert result.gatekeeper_applied == bool(applied[i])
+        assert list(result.as_dict()) == ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied"]
+        assert list(result.as_dict()["scores"]) == list(client.dimensions)
 
 
 @pytest.mark.timeout(60)
@@ -68,7 +77,8 @@ def test_filter_comes_from_the_server(client):
     assert client.model == UPLIFTING_V4.name  # found without being named
     assert client.dimensions == SERVED_DIMENSIONS
     assert client.weights == UPLIFTING_V4.weights
-    assert client.max_length == UPLIFTING_V4.max_length
+    assert client.spec.max_length == UPLIFTING_V4.max_length
+    assert client.spec.text_template == UPLIFTING_V4.text_template
 
 
 @pytest.mark.timeout(60)
@@ -81,7 +91,7 @@ def test_score_many_keeps_order_and_isolates_failures(client):
     scored = results[:20] + results[21:]
     sequential = [client.score_text(text) for text in texts]
     for got, want in zip(scored, sequential):
-        assert isinstance(got, Scores)
+        assert isinstance(got, FilterResult)
         np.testing.assert_allclose(_vector(got), _vector(want), atol=1e-5)
 
 
@@ -89,9 +99,11 @@ def test_score_many_keeps_order_and_isolates_failures(client):
 def test_tokenize_on_client_matches_the_ensemble(client, exported):
     tokenizer = Path(exported[0]) / f"{UPLIFTING_V4.name}_tokenizer" / "1" / "tokenizer" / "tokenizer.json"
     with FilterClient(client.url, client.protocol, tokenizer=str(tokenizer)) as local:
-        a = sample_articles()[0]
-        for text in (f"{a['title']}. {a['content']}", LONG_TEXT):
-            np.testing.assert_allclose(_vector(local.score_text(text)), _vector(client.score_text(text)), atol=1e-5)
+        for title, content in MIXED_ARTICLES:
+            here, there = local.score(title, content), client.score(title, content)
+            np.testing.assert_allclose(_vector(here), _vector(there), atol=1e-5)
+            assert here.weighted_average == pytest.approx(there.weighted_average, abs=1e-5)
+        np.testing.assert_allclose(_vector(local.score_text(LONG_TEXT)), _vector(client.score_text(LONG_TEXT)), atol=1e-5)
 
 
 @pytest.mark.timeout(60)

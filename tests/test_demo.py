@@ -21,11 +21,14 @@ def test_demo_exports_serves_scores_and_stops(tmp_path):
     assert "scores MEAN NOTHING" in proc.stderr
     lines = proc.stdout.strip().splitlines()
     header, rows = lines[0], lines[2:]
-    assert header.split()[1:] == [d[:8] for d in UPLIFTING_V4.dimensions] + ["weighted"]
+    assert header.split()[1:] == [*UPLIFTING_V4.dimensions, "average", "gated"]  # full names
     assert len(rows) == len(sample_articles())
     for row in rows:
-        numbers = [float(x) for x in row[40:].split()]
-        assert len(numbers) == UPLIFTING_V4.num_labels + 1
-        assert numbers[-1] == pytest.approx(UPLIFTING_V4.weighted(numbers[:-1]), abs=2e-3)  # 3 decimals printed
+        *numbers, gated = row[40:].split()
+        final, average = [float(x) for x in numbers[:-1]], float(numbers[-1])
+        assert len(final) == UPLIFTING_V4.num_labels and all(0 <= x <= 10 for x in final)
+        mean = sum(w * x for w, x in zip(UPLIFTING_V4.weights, final))
+        expected = min(mean, 3.0) if gated == "yes" else mean
+        assert average == pytest.approx(expected, abs=0.02)  # 2 decimals printed
     assert (tmp_path / "model_repository" / "filter.json").is_file()
     assert "server stopped" in proc.stderr

@@ -22,7 +22,7 @@ from filterserve.filters import UPLIFTING_V4, load_filter
 
 from conftest import FIVE_DIMS
 
-ARTICLE_TEXTS = [f"{a['title']}. {a['content']}" for a in sample_articles()]
+ARTICLE_TEXTS = [UPLIFTING_V4.input_text(a["title"], a["content"]) for a in sample_articles()]
 
 
 def test_manifest_records_filter_sources_versions_and_parity(exported, standin, reference):
@@ -73,13 +73,25 @@ def test_batch_and_sequence_axes_are_dynamic(exported, reference):
         assert np.abs(logits - single).max() <= 1e-4
 
 
-def test_parity_texts_cover_one_token_and_truncation(reference):
-    texts = parity_texts(reference.tokenizer, 512)
+def test_parity_texts_are_articles_in_the_filters_template(reference):
+    texts = parity_texts(reference.tokenizer, UPLIFTING_V4)
+    assert all(t.count("\n\n") == 1 for t in texts), "title, blank line, content: the training format"
+    assert "A\n\nB" in texts, "the shortest possible article exercises the pooling at position 2"
+    assert any("太阳能" in t for t in texts) and any("متطوعون" in t for t in texts), "non-Latin scripts"
     lengths = [len(reference.tokenizer(t)["input_ids"]) for t in texts]
-    assert 1 in lengths
     assert max(lengths) > 512, "one text must be longer than max_length so truncation is exercised"
     ids, _ = encode(reference.tokenizer, texts, 512)
     assert ids.shape[1] == 512
+
+
+def test_template_comes_from_the_filter_description(standin, tmp_path):
+    """A filter trained on another join is exported and checked on that join, recorded in filter.json."""
+    dashed = replace(UPLIFTING_V4, name="dashed", text_template="{title} -- {content}")
+    manifest = pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "repo", dashed)
+    assert manifest["filter"]["text_template"] == "{title} -- {content}"
+    assert load_filter(tmp_path / "repo" / "filter.json").text_template == "{title} -- {content}"
+    config = (tmp_path / "repo" / "dashed_tokenizer" / "config.pbtxt").read_text()
+    assert '"{title} -- {content}"' in config
 
 
 def test_merge_keeps_trained_head_and_drops_lora(standin):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve.errors import FilterServeError
+from filterserve.filters import FilterSpec
 from filterserve.model_repository import write_repository
 from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
 
@@ -59,12 +61,14 @@ def test_layout_is_self_contained(toy):
 def test_configs_follow_the_contract(toy):
     tokenizer = _config(toy.repo, f"{SPEC.name}_tokenizer")
     assert tokenizer.backend == "python" and tokenizer.max_batch_size == 8
-    assert [(t.name, t.data_type, list(t.dims)) for t in tokenizer.input] == [("TEXT", mc.TYPE_STRING, [1])]
+    text_inputs = [(name, mc.TYPE_STRING, [1], True) for name in ("TEXT", "TITLE", "CONTENT")]
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in tokenizer.input] == text_inputs
     assert {t.name for t in tokenizer.output} == {"input_ids", "attention_mask"}
     assert {k: v.string_value for k, v in tokenizer.parameters.items()} == {
         "max_length": str(SPEC.max_length),
         "pad_token_id": str(toy.pad_token_id),
         "bucket": "32",
+        "text_template": "{title}\n\n{content}",
     }
     assert list(tokenizer.dynamic_batching.preferred_batch_size) == [4, 8]
 
@@ -83,10 +87,23 @@ def test_configs_follow_the_contract(toy):
 
     ensemble = _config(toy.repo, SPEC.name)
     assert ensemble.platform == "ensemble"
-    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [f"{SPEC.name}_tokenizer", f"{SPEC.name}_onnx"]
-    assert [(t.name, list(t.dims)) for t in ensemble.output] == [("scores", [SPEC.num_labels]), ("weighted_score", [1])]
-    params = {k: v.string_value for k, v in ensemble.parameters.items()}
-    assert params == {"dimensions": "alpha,beta,gamma", "weights": "0.5,0.3,0.2", "max_length": str(SPEC.max_length)}
+    assert [(t.name, t.optional) for t in ensemble.input] == [("TEXT", True), ("TITLE", True), ("CONTENT", True)]
+    steps = [s.model_name for s in ensemble.ensemble_scheduling.step]
+    assert steps == [f"{SPEC.name}_tokenizer", f"{SPEC.name}_onnx", f"{SPEC.name}_decision"]
+    n = SPEC.num_labels
+    assert [(t.name, t.data_type, list(t.dims)) for t in ensemble.output] == [
+        ("scores", mc.TYPE_FP32, [n]),
+        ("weighted_score", mc.TYPE_FP32, [1]),
+        ("final_scores", mc.TYPE_FP32, [n]),
+        ("weighted_average", mc.TYPE_FP32, [1]),
+        ("gatekeeper_applied", mc.TYPE_BOOL, [1]),
+    ]
+    assert FilterSpec.from_dict(json.loads(ensemble.parameters["filter"].string_value)) == SPEC
+
+    decision = _config(toy.repo, f"{SPEC.name}_decision")
+    assert decision.backend == "onnxruntime" and decision.max_batch_size == 8
+    assert [(t.name, list(t.dims)) for t in decision.input] == [("scores", [n])]
+    assert (toy.repo / f"{SPEC.name}_decision" / "1" / "model.onnx").is_file()
 
 
 @pytest.mark.timeout(60)

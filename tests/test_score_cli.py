@@ -15,7 +15,7 @@ from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
 
-SCORE_KEYS = {*UPLIFTING_V4.dimensions, "weighted_score"}
+RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied"]
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,28 @@ def test_file_round_trip_reports_bad_lines_and_keeps_the_rest(server, tmp_path):
     out = [json.loads(line) for line in done.stdout.splitlines()]
     assert [o["id"] for o in out] == [a["id"] for a in articles]
     for got, article in zip(out, articles):
-        assert got["source"] == article["source"] and got["content"] == article["content"]
-        assert SCORE_KEYS <= set(got)
+        assert {k: v for k, v in got.items() if k != UPLIFTING_V4.name} == article  # the record unchanged
+        result = got[UPLIFTING_V4.name]
+        assert list(result) == RESULT_KEYS
+        assert list(result["scores"]) == list(result["final_scores"]) == list(UPLIFTING_V4.dimensions)
     assert "line 3: bad JSON" in done.stderr and "line 5: bad input: content is empty" in done.stderr
     assert "2 failed" in done.stderr
     errors = _jsonl(tmp_path / "articles.jsonl.errors.jsonl")
     assert [(e["line"], e["input"]) for e in errors] == [(3, lines[2]), (5, lines[4])]
+
+
+@pytest.mark.timeout(120)
+def test_labelled_records_keep_their_labels(server, tmp_path):
+    """Scoring the project's own validation format must not overwrite the labels named like dimensions."""
+    labelled = {"title": "Volunteers rebuild the library", "content": "Residents reshelved the books.",
+                **{dim: 7.5 for dim in UPLIFTING_V4.dimensions}, "weighted_score": "label"}
+    source = tmp_path / "val.jsonl"
+    source.write_text(json.dumps(labelled) + "\n", encoding="utf-8")
+    done = _score(str(source), "--url", server.grpc_url)
+    assert done.returncode == 0, done.stderr
+    (got,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {k: got[k] for k in labelled} == labelled
+    assert set(got[UPLIFTING_V4.name]["scores"]) == set(UPLIFTING_V4.dimensions)
 
 
 @pytest.mark.timeout(120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,8 +21,11 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from filterserve.errors import FilterServeError
-from filterserve.filters import UPLIFTING_V4
+from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.serve import TritonServer
+
+from conftest import MIXED_ARTICLES
+from test_decision import decide
 
 SPEC = UPLIFTING_V4
 TENSOR_MODEL = f"{SPEC.name}_onnx"
@@ -84,16 +88,67 @@ def test_one_at_a_time_matches_reference(server, protocol, reference):
         scores, weighted = _score(client, protocol, [text])
         assert scores.shape == (1, SPEC.num_labels) and weighted.shape == (1, 1)
         assert np.abs(scores[0] - expected[i]).max() <= 1e-4  # fp32: the issue's tolerance
-        assert weighted[0, 0] == pytest.approx(SPEC.weighted(scores[0].tolist()), abs=1e-4)
+        assert weighted[0, 0] == pytest.approx(float(scores[0] @ np.array(SPEC.weights)), abs=1e-4)
 
 
 @pytest.mark.timeout(60)
 def test_ensemble_config_carries_the_filter(server):
     config = httpclient.InferenceServerClient(server.http_url).get_model_config(SPEC.name)
-    params = {k: v["string_value"] for k, v in config["parameters"].items()}
-    assert params["dimensions"].split(",") == list(SPEC.dimensions)
-    assert [float(w) for w in params["weights"].split(",")] == list(SPEC.weights)
-    assert int(params["max_length"]) == SPEC.max_length
+    described = json.loads(config["parameters"]["filter"]["string_value"])
+    assert FilterSpec.from_dict(described) == SPEC
+    assert described["text_template"] == "{title}\n\n{content}"
+    assert described["gatekeeper"] == {"dimension": "collective_benefit", "below": 5.0, "cap": 3.0,
+                                       "unless": {"wonder": 7.0, "collective_benefit": 3.0}}
+
+
+def _article_inputs(protocol: str, articles: list[tuple[str, str]]) -> list:
+    tensors = []
+    for name, column in (("TITLE", 0), ("CONTENT", 1)):
+        data = np.array([[a[column].encode()] for a in articles], dtype=object)
+        tensor = CLIENTS[protocol].InferInput(name, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        tensors.append(tensor)
+    return tensors
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_plain_tritonclient_sends_title_and_content_and_gets_the_trained_input(server, protocol, reference):
+    """The server owns the template: a caller that knows nothing of the join scores what PEFT scores
+    on "{title}\n\n{content}", and gets the filter's decision on those scores."""
+    raw = reference([SPEC.input_text(t, c) for t, c in MIXED_ARTICLES])
+    final, average, applied = decide(SPEC, raw)
+    client = _client(server, protocol)
+    for i, article in enumerate(MIXED_ARTICLES):  # one request each, as services send them
+        result = client.infer(SPEC.name, _article_inputs(protocol, [article]))
+        assert np.abs(result.as_numpy("scores")[0] - raw[i]).max() <= 1e-3, article[0]
+        assert result.as_numpy("weighted_score")[0, 0] == pytest.approx(float(raw[i] @ np.array(SPEC.weights)), abs=1e-3)
+        assert np.abs(result.as_numpy("final_scores")[0] - final[i]).max() <= 1e-3
+        assert result.as_numpy("weighted_average")[0, 0] == pytest.approx(average[i], abs=1e-3)
+        assert result.as_numpy("gatekeeper_applied")[0, 0] == applied[i]
+    batched = client.infer(SPEC.name, _article_inputs(protocol, MIXED_ARTICLES))  # and as one batch
+    assert np.abs(batched.as_numpy("scores") - raw).max() <= 1e-3
+    # The old ". " join scores differently: the check above would catch a server that used it.
+    dotted = reference([f"{t}. {c}" for t, c in MIXED_ARTICLES[:2]])
+    assert np.abs(dotted - raw[:2]).max() > 1e-3
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_text_and_article_inputs_are_refused_when_incomplete_or_mixed(server, protocol):
+    client = _client(server, protocol)
+    title_only = _article_inputs(protocol, [("Title", "Body")])[:1]
+    cases = {
+        "missing CONTENT": title_only,
+        "either TEXT or TITLE + CONTENT": _text_inputs(protocol, ["text"]) + title_only,
+        "CONTENT row 0 is empty": _article_inputs(protocol, [("Title", "  ")]),
+        "TITLE row 0 is empty": _article_inputs(protocol, [("", "Body")]),
+    }
+    for words, inputs in cases.items():
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(SPEC.name, inputs)
+        assert caught.value.status() == BAD_REQUEST[protocol], f"{words}: {caught.value}"
+        assert words.lower() in caught.value.message().lower(), caught.value.message()
 
 
 @pytest.mark.timeout(60)
@@ -151,7 +206,7 @@ def _bad_requests(manifest: dict) -> dict[str, tuple[str, list, str]]:
     too_many = manifest["max_batch_size"] + 1
     vocab = manifest["vocab_size"]
     return {
-        "empty text": (SPEC.name, lambda p: _text_inputs(p, ["   "]), "empty text"),
+        "empty text": (SPEC.name, lambda p: _text_inputs(p, ["   "]), "text row 0 is empty"),
         "non-utf8": (SPEC.name, lambda p: _text_inputs(p, [b"caf\xe9 \xff"]), "utf-8"),
         "batch too large": (SPEC.name, lambda p: _text_inputs(p, ["hello"] * too_many), "batch-size"),
         "wrong dtype": (SPEC.name, lambda p: [_int_input(p, "TEXT", np.ones((1, 1), np.int32), "INT32")], "data-type"),

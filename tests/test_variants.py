@@ -26,13 +26,13 @@ def _served_precision(repo) -> str:
 def test_int8_without_validation_data_is_refused(standin, tmp_path):
     with pytest.raises(FilterServeError, match="int8 needs --validation"):
         pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "repo", precisions="fp32,int8")
-    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+    assert not (tmp_path / "repo").exists(), "refused before anything was written"
 
 
 @pytest.mark.timeout(600)
 def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
-    # The tiny fixture's INT8 drifts by about +0.016 MAE on two dimensions (refused at the default
-    # 0.01, see the next test); at 0.05 all three variants are admitted and the default is picked.
+    # At a tolerance of 0.05 the tiny fixture's INT8 is admitted on the first rung, so all three
+    # variants are served and the default is picked among them.
     repo = tmp_path / "repo"
     manifest = pipeline.export_filter(
         str(trained.base_dir), trained.adapter_dir, repo, SPEC, precisions="fp32,fp16,int8",
@@ -49,7 +49,6 @@ def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
     assert report["fp32"]["max_abs_diff"] <= 1e-4 and report["int8"]["max_abs_diff"] > report["fp16"]["max_abs_diff"]
     latency = manifest["latency_ms_batch1"]
     assert set(latency) == {"fp32", "fp16", "int8"}
-    assert manifest["default_precision"] == min(admitted, key=latency.__getitem__)
     assert _served_precision(repo) == manifest["default_precision"]
     assert manifest["parity"]["int8"]["tolerance"] is None and manifest["parity"]["int8"]["finite"]
     assert json.loads((repo / "filter.json").read_text()) == manifest
@@ -78,6 +77,16 @@ def test_a_variant_that_moves_the_mae_is_refused_with_its_figures(trained, tmp_p
     assert manifest["int8"]["rung"] == len(EXCLUSION_LADDER) - 1, "every rung of the exclusion ladder was tried"
     assert not (repo / f"{SPEC.name}_onnx_int8").exists()
     assert _served_precision(repo) == "fp32"
+
+
+def test_default_is_the_fastest_admitted_only_with_validation():
+    latency = {"fp32": 5.0, "fp16": 6.0, "int8": 1.5}
+    assert pipeline.choose_default("auto", ["fp32", "fp16", "int8"], latency, validated=True) == "int8"
+    assert pipeline.choose_default("auto", ["fp16", "fp32"], latency, validated=True) == "fp32"
+    assert pipeline.choose_default("auto", ["fp16", "fp32"], latency, validated=False) == "fp16"  # first listed
+    assert pipeline.choose_default("fp16", ["fp32", "fp16"], latency, validated=True) == "fp16"
+    with pytest.raises(FilterServeError, match="--default int8 was refused"):
+        pipeline.choose_default("int8", ["fp32"], latency, validated=True)
 
 
 def test_explicit_default_must_be_exported(standin, tmp_path):
