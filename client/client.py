@@ -11,9 +11,9 @@ import json
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass
 from http.client import HTTPException
 from typing import Any, Literal, TypeVar
@@ -30,11 +30,13 @@ from filterserve.contract import (
     DECISION_OUTPUTS,
     ENSEMBLE_OUTPUTS,
     FILTER_PARAMETER,
+    N_TOKENS,
     SCORES,
     TENSOR_OUTPUTS,
     TEXT,
     TITLE,
     TOKEN_INPUTS,
+    TRUNCATED,
 )
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
@@ -48,6 +50,8 @@ RETRYABLE_GRPC = {"StatusCode.UNAVAILABLE"}
 RETRYABLE_HTTP = {"502", "503", "504"}
 BAD_INPUT = {"StatusCode.INVALID_ARGUMENT", "400"}
 TIMED_OUT = {"StatusCode.DEADLINE_EXCEEDED"}
+# Items read ahead per worker thread, to be sent in order of length (see ``score_iter``).
+WINDOW_PER_WORKER = 4
 FIRST_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 2.0
 
@@ -74,6 +78,9 @@ class FilterResult:
     final_scores: dict[str, float]
     weighted_average: float
     gatekeeper_applied: bool
+    # Tokens the model read, and whether the article ran past max_length (it read only the start).
+    n_tokens: int
+    truncated: bool
 
     def as_dict(self) -> dict[str, Any]:
         """The object ``filterserve score`` writes under the filter's name."""
@@ -83,6 +90,8 @@ class FilterResult:
             "final_scores": dict(self.final_scores),
             "weighted_average": self.weighted_average,
             "gatekeeper_applied": self.gatekeeper_applied,
+            "n_tokens": self.n_tokens,
+            "truncated": self.truncated,
         }
 
 
@@ -119,6 +128,17 @@ def article_inputs(item: Item) -> dict[str, str]:
         if not value.strip():
             raise ClientError(f"bad input: {name} is empty")
     return {TITLE: title, CONTENT: content}
+
+
+def item_length(item: object) -> int:
+    """Characters of an item's text: the client's stand-in for its token length (no tokenizer needed)."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, tuple):
+        return sum(len(part) for part in item if isinstance(part, str))
+    if isinstance(item, dict):
+        return sum(len(item.get(key) or "") for key in ("title", "content") if isinstance(item.get(key, ""), str))
+    return 0
 
 
 def _strip_scheme(url: str) -> tuple[str, bool]:
@@ -333,11 +353,14 @@ class FilterClient:
         )
         return {name: result.as_numpy(name) for name in outputs}
 
-    def _result(self, model: str, raw: np.ndarray, weighted: np.ndarray, decided: dict[str, np.ndarray]) -> FilterResult:
+    def _result(
+        self, model: str, raw: np.ndarray, weighted: np.ndarray, decided: dict[str, np.ndarray], n_tokens: int, truncated: bool
+    ) -> FilterResult:
         raw, final = raw.reshape(-1), decided[DECISION_OUTPUTS[0]].reshape(-1)
         if raw.shape[0] != len(self.dimensions) or final.shape[0] != len(self.dimensions):
             raise ClientError(f"model {model} returned {raw.shape[0]} scores for {len(self.dimensions)} dimensions")
-        if not (np.isfinite(raw).all() and np.isfinite(weighted).all()):
+        numbers = (raw, weighted, final, decided[DECISION_OUTPUTS[1]])
+        if not all(np.isfinite(x).all() for x in numbers):
             raise ClientError(f"model {model} returned non-finite scores {raw.tolist()}: refusing to report them")
         return FilterResult(
             scores=dict(zip(self.dimensions, map(float, raw))),
@@ -345,6 +368,8 @@ class FilterClient:
             final_scores=dict(zip(self.dimensions, map(float, final))),
             weighted_average=float(decided[DECISION_OUTPUTS[1]].reshape(-1)[0]),
             gatekeeper_applied=bool(decided[DECISION_OUTPUTS[2]].reshape(-1)[0]),
+            n_tokens=n_tokens,
+            truncated=truncated,
         )
 
     def score(self, title: str, content: str) -> FilterResult:
@@ -361,25 +386,34 @@ class FilterClient:
         inputs = article_inputs(item)
         if self._tokenizer is not None:
             text = inputs[TEXT] if TEXT in inputs else self.spec.input_text(inputs[TITLE], inputs[CONTENT])
-            return self.score_tokens(self._tokenizer.encode(text).ids)
+            encoding = self._tokenizer.encode(text)
+            return self.score_tokens(encoding.ids, truncated=bool(encoding.overflowing))
         data = {name: np.array([[value.encode("utf-8")]], dtype=object) for name, value in inputs.items()}
         out = self._infer(self.model, data, ENSEMBLE_OUTPUTS)
-        return self._result(self.model, out[SCORES], out[TENSOR_OUTPUTS[1]], out)
+        n_tokens, truncated = int(out[N_TOKENS].reshape(-1)[0]), bool(out[TRUNCATED].reshape(-1)[0])
+        return self._result(self.model, out[SCORES], out[TENSOR_OUTPUTS[1]], out, n_tokens, truncated)
 
-    def score_tokens(self, input_ids: Sequence[int]) -> FilterResult:
-        """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer."""
+    def score_tokens(self, input_ids: Sequence[int], truncated: bool = False) -> FilterResult:
+        """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer.
+
+        Ids past max_length are cut here (and the result says ``truncated``).
+        """
         if not input_ids or not self.tensor_model or not self.decision_model:
             raise ClientError("bad input: no tokens" if not input_ids else f"model {self.model} has no tensor model step")
+        truncated = truncated or len(input_ids) > self.spec.max_length
         ids = np.asarray(input_ids, dtype=np.int64)[: self.spec.max_length].reshape(1, -1)
         logits, weighted = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS).values()
         decided = self._infer(self.decision_model, {SCORES: logits.astype(np.float32)}, DECISION_OUTPUTS)
-        return self._result(self.tensor_model, logits, weighted, decided)
+        return self._result(self.tensor_model, logits, weighted, decided, ids.shape[1], truncated)
 
     def score_iter(self, items: Iterable[Item], concurrency: int = 16) -> Iterator[FilterResult | ScoreError]:
         """Yields results in input order while up to ``concurrency`` requests are in flight.
 
-        Items are read lazily, so a large input never sits in memory. Once the server is found
-        unreachable, the items not yet sent fail at once instead of each waiting out the retries.
+        Items are read lazily, a window of ``WINDOW_PER_WORKER × concurrency`` at a time, and each
+        window is sent longest first: requests in flight together are then of similar length, so
+        the server's batcher finds requests of the same padded shape to join, and the longest
+        articles do not trail at the end. Once the server is found unreachable, the items not
+        yet sent fail at once instead of each waiting out the retries.
         """
         if concurrency < 1:
             raise ClientError(f"concurrency must be at least 1, got {concurrency}")
@@ -398,14 +432,21 @@ class FilterClient:
             except Exception as exc:  # an unforeseen failure of one item must not abort the others
                 return ScoreError(index, f"{type(exc).__name__}: {exc}")
 
-        pending: deque[Future[FilterResult | ScoreError]] = deque()
+        window = WINDOW_PER_WORKER * concurrency
+        numbered = enumerate(items)
+        pending: dict[int, Future[FilterResult | ScoreError]] = {}
+        next_index, exhausted = 0, False
         with ThreadPoolExecutor(concurrency, thread_name_prefix="filterserve-score") as pool:
-            for index, item in enumerate(items):
-                pending.append(pool.submit(one, index, item))
-                if len(pending) >= 2 * concurrency:  # a little look-ahead keeps every worker busy
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            while True:
+                if not exhausted and len(pending) < window:  # refill before the workers run dry
+                    batch = list(islice(numbered, window))
+                    exhausted = not batch
+                    for index, item in sorted(batch, key=lambda numbered_item: -item_length(numbered_item[1])):
+                        pending[index] = pool.submit(one, index, item)
+                if next_index not in pending:
+                    return
+                yield pending.pop(next_index).result()
+                next_index += 1
 
     def score_many(
         self, items: Iterable[Item], concurrency: int = 16, progress: bool = False

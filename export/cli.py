@@ -8,6 +8,7 @@ import sys
 
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.filters import load_filter
+from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-tolerance", type=float, default=GATE_TOLERANCE, help="max MAE increase, overall and per dimension")
     parser.add_argument("--default", default="auto", help="precision the ensemble serves; auto = the fastest variant "
                         "the accuracy gate admitted (with --validation), else the first listed")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="most articles the tensor model runs at once")
+    parser.add_argument("--max-batch-tokens", type=int, help="most tokens (rows × padded length) per tensor-model run, "
+                        "to bound memory on small GPUs (default: max-batch-size × max_length)")
+    parser.add_argument("--bucket", type=int, default=DEFAULT_BUCKET, help="each request is padded to a multiple of "
+                        "this many tokens; smaller wastes less, larger lets more requests share a shape (default: 16)")
+    parser.add_argument("--max-text-bytes", type=int, default=DEFAULT_MAX_TEXT_BYTES,
+                        help="longer TEXT, TITLE or CONTENT values are refused (default: 262144)")
     parser.add_argument("--gpu", action="store_true", help="target a GPU: GPU instance groups and ONNX Runtime's TensorRT FP16 accelerator (NVIDIA container)")
     parser.add_argument("--force", action="store_true", help="replace a different export already in --out")
 
@@ -46,6 +53,9 @@ def export_command(args: argparse.Namespace) -> int:
         spec=spec,
         precisions=args.precision,
         max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        bucket=args.bucket,
+        max_text_bytes=args.max_text_bytes,
         force=args.force,
         gpu=args.gpu,
         validation=args.validation,

@@ -41,6 +41,7 @@ from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.gate import AccuracyGateRefusal, LabelledSet, build_report, read_labelled, refusals
 from filterserve import contract
 from filterserve.model_repository import tensor_model_name, write_repository
+from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
 from filterserve.progress import Steps
 
 TOLERANCES = contract.PARITY_TOLERANCES
@@ -115,6 +116,9 @@ def export_filter(
     spec: FilterSpec = UPLIFTING_V4,
     precisions: str | list[str] = "fp32",
     max_batch_size: int = 32,
+    max_batch_tokens: int | None = None,
+    bucket: int = DEFAULT_BUCKET,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     force: bool = False,
     gpu: bool = False,
     validation: str | Path | None = None,
@@ -260,6 +264,9 @@ def export_filter(
                     vocab_size=loaded.vocab_size,
                     gpu=gpu,
                     tensorrt_fp16=gpu,
+                    bucket=bucket,
+                    max_text_bytes=max_text_bytes,
+                    max_batch_tokens=max_batch_tokens,
                 )
             manifest = write_manifest(out, {
                 "filter": spec.to_dict(),
@@ -271,6 +278,9 @@ def export_filter(
                 "vocab_size": loaded.vocab_size,
                 "max_length": spec.max_length,
                 "max_batch_size": max_batch_size,
+                "max_batch_tokens": max_batch_tokens,
+                "bucket": bucket,
+                "max_text_bytes": max_text_bytes,
                 "sources": sources,
                 "versions": versions(),
                 "parity": parity,

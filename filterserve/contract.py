@@ -11,18 +11,22 @@ from __future__ import annotations
 # Ensemble <name>: TEXT (already joined), or TITLE + CONTENT (the server applies the template).
 TEXT, TITLE, CONTENT = "TEXT", "TITLE", "CONTENT"
 TEXT_INPUTS = (TEXT, TITLE, CONTENT)
-# Tensor model <name>_onnx (and every other precision, and a TensorRT plan).
+# Tokenizer step <name>_tokenizer: the tokens, and how much of the article the model reads.
 TOKEN_INPUTS = ("input_ids", "attention_mask")
+N_TOKENS, TRUNCATED = "n_tokens", "truncated"
+# Tensor model <name>_onnx (and every other precision, and a TensorRT plan): TOKEN_INPUTS in.
 LOGITS, WEIGHTED_SCORE = "logits", "weighted_score"
 TENSOR_OUTPUTS = (LOGITS, WEIGHTED_SCORE)
 # Decision step <name>_decision: raw scores → what the filter's consumers read.
 SCORES = "scores"
 FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED = "final_scores", "weighted_average", "gatekeeper_applied"
 DECISION_OUTPUTS = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED)
-ENSEMBLE_OUTPUTS = (SCORES, WEIGHTED_SCORE, *DECISION_OUTPUTS)
+ENSEMBLE_OUTPUTS = (SCORES, WEIGHTED_SCORE, *DECISION_OUTPUTS, N_TOKENS, TRUNCATED)
 # The ensemble's config parameter holding the filter description as JSON: clients read the
 # dimensions, weights, template and rules from the server rather than from a local copy.
 FILTER_PARAMETER = "filter"
+# Prometheus counters of the tokenizer step, labelled model="<tensor model>": their ratio is the padding waste.
+REAL_TOKENS_METRIC, COMPUTED_TOKENS_METRIC = "filterserve_real_tokens_total", "filterserve_computed_tokens_total"
 
 # Max |Δ| against the PyTorch + PEFT reference on the parity texts, per variant. INT8 has no
 # bound of its own: only the accuracy gate on trained weights can admit it.

@@ -33,6 +33,13 @@ WARMUP_BATCH = 2
 TENSOR_QUEUE_DELAY_US = 1000
 TOKENIZER_QUEUE_DELAY_US = 500
 DECISION_QUEUE_DELAY_US = 100
+# Requests are padded to a multiple of this many tokens. Real news (median ~100 tokens) then
+# computes ~5% padding, and requests of one bucket can still batch; see README for the trade-off.
+DEFAULT_BUCKET = 16
+# Longer texts (TEXT, TITLE or CONTENT) are refused. Texts are cut before tokenizing (only the
+# first max_length tokens are read), but a text with no word boundary cannot be cut provably and
+# is tokenized whole: 256 KiB of one "word" holds the tokenizer step for about a second here.
+DEFAULT_MAX_TEXT_BYTES = 1 << 18
 TRT_CACHE_ROOT = "/tmp/filterserve_trt_cache"
 
 
@@ -73,19 +80,23 @@ def _add_text_inputs(config: mc.ModelConfig) -> None:
 
 
 def tokenizer_config(
-    spec: FilterSpec, *, max_batch_size: int, pad_token_id: int, bucket: int
+    spec: FilterSpec, *, max_batch_size: int, pad_token_id: int, bucket: int, max_text_bytes: int, tensor_model: str
 ) -> mc.ModelConfig:
     config = mc.ModelConfig(name=contract.tokenizer_model(spec.name), backend="python", max_batch_size=max_batch_size)
     _add_text_inputs(config)
     for name in contract.TOKEN_INPUTS:
         _add_tensor(config.output, name, mc.TYPE_INT64, [-1])
+    _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
+    _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _dynamic_batching(config, max_batch_size, TOKENIZER_QUEUE_DELAY_US)
     _set_params(config, {
         "max_length": spec.max_length,
         "pad_token_id": pad_token_id,
         "bucket": bucket,
+        "max_text_bytes": max_text_bytes,
         "text_template": spec.text_template,
+        "tensor_model": tensor_model,
     })
     return config
 
@@ -139,7 +150,9 @@ def tensor_model_config(
     vocab_size: int,
     gpu: bool,
     tensorrt_fp16: bool,
+    max_batch_tokens: int | None = None,
 ) -> mc.ModelConfig:
+    """``max_batch_tokens`` bounds rows × length per run (memory on small GPUs); None: no bound beyond max_batch_size."""
     config = mc.ModelConfig(
         name=model_name,
         backend="onnxruntime",
@@ -163,7 +176,13 @@ def tensor_model_config(
     )
     if tensorrt_fp16 and precision != "int8":  # TensorRT cannot take ONNX Runtime's dynamic int8 ops
         _tensorrt_fp16(config, max_batch_size, spec.max_length)
-    _set_params(config, {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "precision": precision})
+    _set_params(config, {
+        "vocab_size": vocab_size,
+        "pad_token_id": pad_token_id,
+        "precision": precision,
+        "max_length": spec.max_length,
+        "max_batch_tokens": max_batch_tokens or max_batch_size * spec.max_length,
+    })
     return config
 
 
@@ -175,12 +194,14 @@ def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str)
     _add_tensor(config.output, contract.FINAL_SCORES, mc.TYPE_FP32, [spec.num_labels])
     _add_tensor(config.output, contract.WEIGHTED_AVERAGE, mc.TYPE_FP32, [1])
     _add_tensor(config.output, contract.GATEKEEPER_APPLIED, mc.TYPE_BOOL, [1])
+    _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
+    _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
     tokens = {name: f"_{name}" for name in contract.TOKEN_INPUTS}
     config.ensemble_scheduling.step.add(
         model_name=contract.tokenizer_model(spec.name),
         model_version=-1,
         input_map={name: name for name in contract.TEXT_INPUTS},
-        output_map=tokens,
+        output_map={**tokens, contract.N_TOKENS: contract.N_TOKENS, contract.TRUNCATED: contract.TRUNCATED},
     )
     config.ensemble_scheduling.step.add(
         model_name=tensor_model,
@@ -230,7 +251,9 @@ def write_repository(
     max_batch_size: int,
     pad_token_id: int,
     vocab_size: int,
-    bucket: int = 16,
+    bucket: int = DEFAULT_BUCKET,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    max_batch_tokens: int | None = None,
     gpu: bool = False,
     tensorrt_fp16: bool = False,
 ) -> None:
@@ -247,6 +270,12 @@ def write_repository(
         raise FilterServeError(f"max_batch_size must be at least 1, got {max_batch_size}")
     if bucket < 1:
         raise FilterServeError(f"bucket must be at least 1, got {bucket}")
+    if max_text_bytes < 1:
+        raise FilterServeError(f"max_text_bytes must be at least 1, got {max_text_bytes}")
+    if max_batch_tokens is not None and max_batch_tokens < spec.max_length:
+        raise FilterServeError(
+            f"max_batch_tokens {max_batch_tokens} is below max_length {spec.max_length}: one full-length article must fit"
+        )
     if not 0 <= pad_token_id < vocab_size:
         raise FilterServeError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {vocab_size})")
     if tensorrt_fp16 and not gpu:
@@ -266,6 +295,7 @@ def write_repository(
             vocab_size=vocab_size,
             gpu=gpu,
             tensorrt_fp16=tensorrt_fp16,
+            max_batch_tokens=max_batch_tokens,
         )
         write_tensor_model(model_dir, config)
 
@@ -276,7 +306,14 @@ def write_repository(
     tokenizer_dir_out = repo / contract.tokenizer_model(spec.name)
     _write_config(
         tokenizer_dir_out,
-        tokenizer_config(spec, max_batch_size=max_batch_size, pad_token_id=pad_token_id, bucket=bucket),
+        tokenizer_config(
+            spec,
+            max_batch_size=max_batch_size,
+            pad_token_id=pad_token_id,
+            bucket=bucket,
+            max_text_bytes=max_text_bytes,
+            tensor_model=contract.tensor_model(spec.name),
+        ),
     )
     _copy_tokenizer(tokenizer_dir, tokenizer_dir_out / "1" / "tokenizer")
     shutil.copy2(TOKENIZER_TEMPLATE, tokenizer_dir_out / "1" / "model.py")

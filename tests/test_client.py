@@ -68,7 +68,9 @@ def test_scores_match_the_reference(client, reference):
         assert list(result.final_scores.values()) == pytest.approx(final[i].tolist(), abs=1e-4)
         assert result.weighted_average == pytest.approx(float(average[i]), abs=1e-4)
         assert result.gatekeeper_applied == bool(applied[i])
-        assert list(result.as_dict()) == ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied"]
+        assert list(result.as_dict()) == [
+            "scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied", "n_tokens", "truncated"
+        ]
         assert list(result.as_dict()["scores"]) == list(client.dimensions)
 
 
@@ -103,6 +105,7 @@ def test_tokenize_on_client_matches_the_ensemble(client, exported):
             here, there = local.score(title, content), client.score(title, content)
             np.testing.assert_allclose(_vector(here), _vector(there), atol=1e-5)
             assert here.weighted_average == pytest.approx(there.weighted_average, abs=1e-5)
+            assert (here.n_tokens, here.truncated) == (there.n_tokens, there.truncated)
         np.testing.assert_allclose(_vector(local.score_text(LONG_TEXT)), _vector(client.score_text(LONG_TEXT)), atol=1e-5)
 
 

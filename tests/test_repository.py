@@ -63,12 +63,16 @@ def test_configs_follow_the_contract(toy):
     assert tokenizer.backend == "python" and tokenizer.max_batch_size == 8
     text_inputs = [(name, mc.TYPE_STRING, [1], True) for name in ("TEXT", "TITLE", "CONTENT")]
     assert [(t.name, t.data_type, list(t.dims), t.optional) for t in tokenizer.input] == text_inputs
-    assert {t.name for t in tokenizer.output} == {"input_ids", "attention_mask"}
+    assert [(t.name, t.data_type) for t in tokenizer.output] == [
+        ("input_ids", mc.TYPE_INT64), ("attention_mask", mc.TYPE_INT64), ("n_tokens", mc.TYPE_INT32), ("truncated", mc.TYPE_BOOL),
+    ]
     assert {k: v.string_value for k, v in tokenizer.parameters.items()} == {
         "max_length": str(SPEC.max_length),
         "pad_token_id": str(toy.pad_token_id),
         "bucket": "32",
+        "max_text_bytes": str(1 << 18),
         "text_template": "{title}\n\n{content}",
+        "tensor_model": f"{SPEC.name}_onnx",
     }
     assert list(tokenizer.dynamic_batching.preferred_batch_size) == [4, 8]
 
@@ -80,6 +84,7 @@ def test_configs_follow_the_contract(toy):
     ]
     assert [(t.name, list(t.dims)) for t in tensor.output] == [("logits", [SPEC.num_labels]), ("weighted_score", [1])]
     assert tensor.parameters["vocab_size"].string_value == str(toy.vocab_size)
+    assert tensor.parameters["max_batch_tokens"].string_value == str(8 * SPEC.max_length)  # rows × max_length: no extra bound
     assert tensor.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert not tensor.optimization.execution_accelerators.gpu_execution_accelerator
     assert tensor.model_warmup[0].inputs["input_ids"].data_type == mc.TYPE_INT64
@@ -97,6 +102,8 @@ def test_configs_follow_the_contract(toy):
         ("final_scores", mc.TYPE_FP32, [n]),
         ("weighted_average", mc.TYPE_FP32, [1]),
         ("gatekeeper_applied", mc.TYPE_BOOL, [1]),
+        ("n_tokens", mc.TYPE_INT32, [1]),
+        ("truncated", mc.TYPE_BOOL, [1]),
     ]
     assert FilterSpec.from_dict(json.loads(ensemble.parameters["filter"].string_value)) == SPEC
 
@@ -132,6 +139,8 @@ def test_gpu_tensorrt_block_and_other_precisions(tmp_path):
         ({"tensorrt_fp16": True}, "needs gpu=True"),
         ({"pad_token_id": 10**6}, "outside the vocabulary"),
         ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_batch_tokens": 10}, "one full-length article must fit"),
+        ({"max_text_bytes": 0}, "max_text_bytes"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tmp_path, overrides, message):

@@ -15,7 +15,7 @@ from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
 
-RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied"]
+RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied", "n_tokens", "truncated"]
 
 
 @pytest.fixture(scope="module")

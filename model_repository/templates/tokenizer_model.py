@@ -1,12 +1,13 @@
-"""Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask.
+"""Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask, n_tokens, truncated.
 
 It runs inside NVIDIA's container as well as beside the pytriton wheel, so it imports only
-``tokenizers`` and numpy, and reads everything it needs (template, max_length, pad id, bucket)
-from its model config. The server owns the filter's input template, so a plain Triton caller
-that sends TITLE and CONTENT gets exactly the input the filter was trained on.
+``tokenizers`` and numpy, and reads everything it needs (template, max_length, pad id, bucket,
+size cap) from its model config. The server owns the filter's input template, so a plain Triton
+caller that sends TITLE and CONTENT gets exactly the input the filter was trained on.
 
-All requests of one ``execute`` call are padded to one common length (rounded up to a bucket)
-because the tensor model's dynamic batcher only joins requests of identical shape.
+Each request is padded to its own length, rounded up to a bucket: real news is short and uneven,
+and padding one request to another's length computes tokens nobody needs. The tensor model's
+dynamic batcher joins only requests of identical shape, so requests of one bucket still batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
+# A prefix this many characters per kept token is tried first when cutting an over-long text.
+CUT_CHARS_PER_TOKEN = 8
+
 
 def _param(config: dict, key: str) -> str:
     return config["parameters"][key]["string_value"]
@@ -27,9 +31,11 @@ def _invalid(message: str) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
 
 
-def _decode(raw: object, name: str, row: int) -> str:
-    """Turns one BYTES element into a non-empty string; ValueError names the input and row."""
+def _decode(raw: object, name: str, row: int, max_bytes: int) -> str:
+    """Turns one BYTES element into a non-empty string; ValueError names the input, row and rule."""
     if isinstance(raw, bytes):
+        if len(raw) > max_bytes:
+            raise ValueError(f"{name} row {row} has {len(raw)} bytes; the limit is {max_bytes} (max_text_bytes)")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -41,76 +47,116 @@ def _decode(raw: object, name: str, row: int) -> str:
     return text
 
 
-def _column(request: object, name: str) -> list[str] | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    return [_decode(item, name, row) for row, item in enumerate(tensor.as_numpy().reshape(-1))]
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.max_length = int(_param(config, "max_length"))
         self.pad_token_id = int(_param(config, "pad_token_id"))
         self.bucket = int(_param(config, "bucket"))
+        self.max_text_bytes = int(_param(config, "max_text_bytes"))
         self.template = _param(config, "text_template")
         tokenizer_file = Path(args["model_repository"]) / args["model_version"] / "tokenizer" / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         # As transformers' ``tokenizer(text, max_length=L, truncation=True)``: the library truncates
-        # (keeping any special tokens the post-processor adds); padding is done here, per batch.
+        # (keeping any special tokens the post-processor adds); padding is done here, per request.
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
+        self.untruncated = Tokenizer.from_file(str(tokenizer_file))
+        self.untruncated.no_truncation()
+        self.untruncated.no_padding()
+        # What the padding costs, per tensor model: real tokens (mask ones) and computed ones (rows × padded length).
+        labels = {"model": _param(config, "tensor_model")}
+        self.metric_families = [
+            pb_utils.MetricFamily(name, description, pb_utils.MetricFamily.COUNTER)
+            for name, description in (
+                ("filterserve_real_tokens_total", "Article tokens sent to the tensor model (attention-mask ones)"),
+                ("filterserve_computed_tokens_total", "Tokens the tensor model computes: rows times padded length"),
+            )
+        ]
+        self.real_tokens, self.computed_tokens = (family.Metric(labels=labels) for family in self.metric_families)
 
     def _texts(self, request: object) -> list[str]:
         """The model input of every row: TEXT as sent, or TITLE and CONTENT through the template."""
-        text, title, content = (_column(request, name) for name in ("TEXT", "TITLE", "CONTENT"))
-        if text is not None:
-            if title is not None or content is not None:
+        columns = {}
+        for name in ("TEXT", "TITLE", "CONTENT"):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                columns[name] = [_decode(v, name, row, self.max_text_bytes) for row, v in enumerate(tensor.as_numpy().reshape(-1))]
+        if "TEXT" in columns:
+            if len(columns) > 1:
                 raise ValueError("send either TEXT or TITLE + CONTENT, not both")
-            return text
-        if title is None or content is None:
-            raise ValueError(f"missing {'TITLE' if title is None else 'CONTENT'}: send TEXT, or TITLE and CONTENT")
+            return columns["TEXT"]
+        if len(columns) < 2:
+            raise ValueError(f"missing {'TITLE' if 'TITLE' not in columns else 'CONTENT'}: send TEXT, or TITLE and CONTENT")
+        title, content = columns["TITLE"], columns["CONTENT"]
         if len(title) != len(content):
             raise ValueError(f"TITLE has {len(title)} rows but CONTENT has {len(content)}")
         return [self.template.format(title=t, content=c) for t, c in zip(title, content)]
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        """A prefix of ``text`` whose first max_length tokens are provably those of the whole text.
+
+        Tokenizing costs time in proportion to the text, so a 64 MB article would stall every
+        request behind it. Pre-tokenization splits the text into pieces (words, runs of
+        punctuation or space) by rules that look at most one character past a piece, and BPE
+        runs inside each piece; so every piece that ends two or more characters before the cut
+        is the same piece, with the same tokens, as in the whole text. The prefix is accepted
+        once the piece holding the last kept token ends that early; else it is doubled.
+        Returns the prefix and whether it was cut.
+        """
+        cut = CUT_CHARS_PER_TOKEN * self.max_length
+        while cut < len(text):
+            encoding = self.untruncated.encode(text[:cut])
+            words = encoding.word_ids
+            if len(words) > self.max_length and words[self.max_length - 1] is not None:
+                last_piece = words[self.max_length - 1]
+                piece_end = max(end for (_, end), w in zip(encoding.offsets, words) if w == last_piece)
+                if piece_end <= cut - 2 and any(w is not None and w > last_piece for w in words):
+                    return text[:cut], True
+            cut *= 2
+        return text, False
+
+    def _encode(self, texts: list[str]) -> list[tuple[list[int], bool]]:
+        """Token ids the model reads, and whether the text ran past max_length."""
+        cuts = [self._cut(text) for text in texts]
+        encodings = self.tokenizer.encode_batch([text for text, _ in cuts])
+        return [(enc.ids, was_cut or bool(enc.overflowing)) for enc, (_, was_cut) in zip(encodings, cuts)]
 
     def _padded_length(self, longest: int) -> int:
         rounded = -(-max(longest, 1) // self.bucket) * self.bucket
         return min(rounded, self.max_length)
 
+    def _response(self, rows: list[tuple[list[int], bool]]) -> "pb_utils.InferenceResponse":
+        length = self._padded_length(max(len(ids) for ids, _ in rows))
+        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        for i, (ids, _) in enumerate(rows):
+            input_ids[i, : len(ids)] = ids
+            attention_mask[i, : len(ids)] = 1
+        n_tokens = attention_mask.sum(axis=1, dtype=np.int32).reshape(-1, 1)
+        self.real_tokens.increment(int(n_tokens.sum()))
+        self.computed_tokens.increment(int(input_ids.size))
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("input_ids", input_ids),
+                pb_utils.Tensor("attention_mask", attention_mask),
+                pb_utils.Tensor("n_tokens", n_tokens),
+                pb_utils.Tensor("truncated", np.array([[t] for _, t in rows], dtype=bool)),
+            ]
+        )
+
     def execute(self, requests: list) -> list:
-        texts: list[str] = []
-        spans: list[tuple[int, int] | str] = []  # per request: its rows in ``texts``, or an error
+        responses = []
         for request in requests:
             try:
-                rows = self._texts(request)
+                texts = self._texts(request)
             except ValueError as exc:
-                spans.append(str(exc))
+                responses.append(_invalid(str(exc)))
                 continue
-            spans.append((len(texts), len(texts) + len(rows)))
-            texts.extend(rows)
-
-        ids = [enc.ids for enc in self.tokenizer.encode_batch(texts)]
-        length = self._padded_length(max((len(row) for row in ids), default=1))
-        input_ids = np.full((len(ids), length), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), length), dtype=np.int64)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = row
-            attention_mask[i, : len(row)] = 1
-
-        responses = []
-        for span in spans:
-            if isinstance(span, str):
-                responses.append(_invalid(span))
-                continue
-            start, end = span
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("input_ids", input_ids[start:end]),
-                        pb_utils.Tensor("attention_mask", attention_mask[start:end]),
-                    ]
-                )
-            )
+            responses.append(self._response(self._encode(texts)))
         return responses
+
+    def finalize(self) -> None:
+        # Metrics must go before their families (the stub refuses the other order).
+        del self.real_tokens, self.computed_tokens
+        del self.metric_families
