@@ -37,6 +37,14 @@ def _concurrencies(value: str) -> list[int]:
     return list(dict.fromkeys(items))
 
 
+def _mixes(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in ("uniform", "realistic")]
+    if not items or unknown:
+        raise argparse.ArgumentTypeError(f"mixes are uniform and realistic, got {value!r}")
+    return list(dict.fromkeys(items))
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
 
@@ -62,6 +70,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         speed.add_argument("--requests", type=int, default=20, help="timed requests per engine and length (latency) or per level (throughput)")
         if name == "throughput":
             speed.add_argument("--concurrency", type=_concurrencies, default=[1, 4, 16, 64], help="comma-separated levels")
+            speed.add_argument("--mix", type=_mixes, default=["uniform", "realistic"],
+                               help="article lengths: uniform (max_length/2 each) and/or realistic (the news-like mix)")
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -84,7 +94,8 @@ def bench_command(args: argparse.Namespace) -> int:
         report = run_latency(args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.out)
     else:
         report = run_throughput(
-            args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.concurrency, args.out
+            args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.concurrency,
+            args.mix, args.out,
         )
     print(f"wrote {args.out}/{args.bench}.md, .json and .png", file=sys.stderr)
     print(json.dumps(report["summary"], indent=2))

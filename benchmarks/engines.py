@@ -1,4 +1,4 @@
-"""The ways one exported filter can be run, behind one call: ``run(texts, concurrency) → scores``.
+"""The ways one exported filter can be run, behind one call: ``run(items, batch size or concurrency) → scores``.
 
 Benchmarks compare the card's recipe with every exported variant and the served model on the
 same texts; giving them one interface keeps each comparison a loop rather than a special case.
@@ -49,27 +49,61 @@ def open_repository(path: str | Path, base: str | None = None, adapter: str | Pa
     return Repository(repo, manifest, FilterSpec.from_dict(manifest["filter"], f"{repo}/filter.json"), str(base), Path(adapter))
 
 
-class BatchEngine:
-    """In process, on right-padded batches of ``concurrency`` texts (the server's tokenizer step pads the same way)."""
+@dataclass
+class TokenCount:
+    """Tokens of the articles (real) and tokens the engine computed (rows × padded length)."""
 
-    def __init__(self, name: str, tokenizer: Any, max_length: int) -> None:
+    real: int = 0
+    computed: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.computed / self.real if self.real else float("nan")
+
+
+class BatchEngine:
+    """In process, on right-padded batches of ``batch_size`` texts.
+
+    ``sort_by_length`` runs the texts shortest first (scores still come back in input order),
+    as a bulk job that holds its whole corpus can; ``pad_to_max_length`` pads every batch to
+    max_length, as the filter's production scorer did.
+    """
+
+    def __init__(self, name: str, tokenizer: Any, max_length: int, *, sort_by_length: bool = False,
+                 pad_to_max_length: bool = False) -> None:
         self.name, self.tokenizer, self.max_length = name, tokenizer, max_length
+        self.sort_by_length, self.pad_to_max_length = sort_by_length, pad_to_max_length
+        self.tokens = TokenCount()
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _counted(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.tokens.real += int(mask.sum())
+        self.tokens.computed += int(ids.size)
+        return self._batch(ids, mask)
+
     def one(self, text: str) -> np.ndarray:
         return self.run([text], 1)
 
-    def run(self, texts: list[str], concurrency: int = ACCURACY_BATCH) -> np.ndarray:
+    def run(self, texts: list[str], batch_size: int = ACCURACY_BATCH) -> np.ndarray:
+        """Scores texts (already in the filter's template); ``self.tokens`` counts this run's tokens."""
         from filterserve.export.parity import score_in_batches
 
-        return score_in_batches(self._batch, self.tokenizer, texts, self.max_length, concurrency)
+        order = list(range(len(texts)))
+        if self.sort_by_length:
+            order.sort(key=lambda i: len(self.tokenizer(texts[i])["input_ids"]))
+        self.tokens = TokenCount()
+        scores = score_in_batches(self._counted, self.tokenizer, [texts[i] for i in order], self.max_length, batch_size,
+                                  self.pad_to_max_length)
+        restored = np.empty_like(scores)
+        restored[order] = scores
+        return restored
 
 
 class TorchEngine(BatchEngine):
-    def __init__(self, name: str, model: Any, tokenizer: Any, max_length: int) -> None:
-        super().__init__(name, tokenizer, max_length)
+    def __init__(self, name: str, model: Any, tokenizer: Any, max_length: int, **options: bool) -> None:
+        super().__init__(name, tokenizer, max_length, **options)
         self.model = model
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -79,12 +113,12 @@ class TorchEngine(BatchEngine):
 
 
 class OrtEngine(BatchEngine):
-    def __init__(self, name: str, onnx_path: Path, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, name: str, onnx_path: Path, tokenizer: Any, max_length: int, **options: bool) -> None:
         from filterserve.export.parity import ort_session
 
         if not onnx_path.is_file():
             raise FilterServeError(f"{name}: exported model not found at {onnx_path}")
-        super().__init__(name, tokenizer, max_length)
+        super().__init__(name, tokenizer, max_length, **options)
         self.session = ort_session(onnx_path)
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -98,45 +132,113 @@ class OrtEngine(BatchEngine):
 SERVED_TIMEOUT_S = 3600.0
 
 
-class ServedEngine:
-    """The served ensemble through the project's client, ``concurrency`` requests in flight."""
+def served_tokens(metrics_url: str | None, model: str) -> TokenCount | None:
+    """The server's own count of real and computed tokens for ``model`` (None without a metrics URL)."""
+    import re
+    import urllib.request
 
-    def __init__(self, name: str, url: str, protocol: str, spec: FilterSpec) -> None:
+    from filterserve.contract import COMPUTED_TOKENS_METRIC, REAL_TOKENS_METRIC
+
+    if metrics_url is None:
+        return None
+    text = urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=30).read().decode()
+
+    def value(metric: str) -> int:
+        match = re.search(rf'^{metric}{{model="{model}"}} (\S+)$', text, re.MULTILINE)
+        return int(float(match.group(1))) if match else 0
+
+    return TokenCount(value(REAL_TOKENS_METRIC), value(COMPUTED_TOKENS_METRIC))
+
+
+class ServedEngine:
+    """The served ensemble through the project's client (what ``filterserve score`` runs), ``concurrency`` requests in flight."""
+
+    def __init__(self, name: str, url: str, protocol: str, spec: FilterSpec, metrics_url: str | None = None) -> None:
         from filterserve.client import FilterClient
 
-        self.name, self.spec = name, spec
+        self.name, self.spec, self.metrics_url = name, spec, metrics_url
         self.client = FilterClient(url, protocol, model=spec.name, timeout_s=SERVED_TIMEOUT_S)
+        self.tokens: TokenCount | None = None
 
     def one(self, text: str) -> np.ndarray:
         """A plain request: batch-1 latency must not include a thread pool's start-up."""
-        scores = self.client.score_text(text)
-        return np.array([[scores.scores[d] for d in self.spec.dimensions]], dtype=np.float64)
+        return self._matrix([self.client.score_text(text)])
 
-    def run(self, texts: list[str], concurrency: int = ACCURACY_BATCH) -> np.ndarray:
+    def _matrix(self, results: list) -> np.ndarray:
         from filterserve.client import ScoreError
 
-        results = self.client.score_many(texts, concurrency=concurrency)
         failed = [r for r in results if isinstance(r, ScoreError)]
         if failed:
-            raise FilterServeError(f"{self.name}: {len(failed)} of {len(texts)} requests failed, first: {failed[0].message}")
+            raise FilterServeError(f"{self.name}: {len(failed)} of {len(results)} requests failed, first: {failed[0].message}")
         return np.array([[r.scores[d] for d in self.spec.dimensions] for r in results], dtype=np.float64)
+
+    def _send(self, items: list, concurrency: int) -> list:
+        return self.client.score_many(items, concurrency=concurrency)
+
+    def run(self, items: list, concurrency: int = ACCURACY_BATCH) -> np.ndarray:
+        """Texts or (title, content) articles; ``self.tokens`` is the server's count for this run."""
+        from filterserve.contract import tensor_model
+
+        before = served_tokens(self.metrics_url, tensor_model(self.spec.name))
+        scores = self._matrix(self._send(items, concurrency))
+        after = served_tokens(self.metrics_url, tensor_model(self.spec.name))
+        self.tokens = after and before and TokenCount(after.real - before.real, after.computed - before.computed)
+        return scores
+
+
+class PlainTritonEngine(ServedEngine):
+    """A caller that knows nothing of filterserve: tritonclient, TITLE + CONTENT, requests in random order."""
+
+    def _send(self, items: list, concurrency: int) -> list:
+        import random
+        from concurrent.futures import ThreadPoolExecutor
+
+        import tritonclient.grpc as grpcclient
+
+        from filterserve.client.client import FilterResult
+        from filterserve.contract import CONTENT, SCORES, TITLE
+
+        client = grpcclient.InferenceServerClient(self.client.url)  # gRPC clients are thread-safe
+        order = list(range(len(items)))
+        random.Random(0).shuffle(order)
+
+        def one(index: int) -> tuple[int, FilterResult]:
+            title, content = items[index]
+            tensors = []
+            for name, value in ((TITLE, title), (CONTENT, content)):
+                tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[value.encode()]], dtype=object))
+                tensors.append(tensor)
+            raw = client.infer(self.spec.name, tensors, client_timeout=SERVED_TIMEOUT_S).as_numpy(SCORES)[0]
+            scores = dict(zip(self.spec.dimensions, map(float, raw)))
+            return index, FilterResult(scores, 0.0, scores, 0.0, False, 0, False)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            done = dict(pool.map(one, order))
+        client.close()
+        return [done[i] for i in range(len(items))]
 
 
 Engine = BatchEngine | ServedEngine
 
 
-def served_engines(repo: Repository, url: str | None, protocol: str) -> Iterator[ServedEngine]:
-    """The given server, or one started here on the repository (both protocols) and stopped after."""
+def served_engines(repo: Repository, url: str | None, protocol: str, plain: bool = False) -> Iterator[ServedEngine]:
+    """The given server, or one started here on the repository (both protocols) and stopped after.
+
+    ``plain`` adds a bare tritonclient caller sending in random order (gRPC), to compare with the client.
+    """
     if url:
         yield ServedEngine(f"served_{protocol}", url, protocol, repo.spec)
         return
     from filterserve.serve import TritonServer
 
     with TritonServer(repo.path) as server:
-        yield ServedEngine("served_grpc", server.grpc_url, "grpc", repo.spec)
-        yield ServedEngine("served_http", server.http_url, "http", repo.spec)
+        yield ServedEngine("served_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url)
+        yield ServedEngine("served_http", server.http_url, "http", repo.spec, server.metrics_url)
+        if plain:
+            yield PlainTritonEngine("tritonclient_random_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url)
 
 
-def ort_engines(repo: Repository, tokenizer: Any) -> Iterator[OrtEngine]:
+def ort_engines(repo: Repository, tokenizer: Any, **options: bool) -> Iterator[OrtEngine]:
     for precision, path in repo.tensor_models.items():
-        yield OrtEngine(f"onnx_{precision}", path, tokenizer, repo.spec.max_length)
+        yield OrtEngine(f"onnx_{precision}", path, tokenizer, repo.spec.max_length, **options)

@@ -47,21 +47,27 @@ def parity_texts(tokenizer, spec: FilterSpec) -> list[str]:
     return [spec.input_text(title, content) for title, content in parity_articles(tokenizer, spec)]
 
 
-def encode(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """A right-padded INT64 batch, as the server's tokenizer step produces it."""
+def encode(tokenizer, texts: list[str], max_length: int, pad_to_max_length: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A right-padded INT64 batch: to its longest text, or (as the production scorer did) to max_length."""
     batch = tokenizer(
-        texts, max_length=max_length, truncation=True, padding=True, return_tensors="np"
+        texts, max_length=max_length, truncation=True, padding="max_length" if pad_to_max_length else True, return_tensors="np"
     )
     return batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
 
 
 def score_in_batches(
-    score_batch: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, texts: list[str], max_length: int, batch_size: int
+    score_batch: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+    pad_to_max_length: bool = False,
 ) -> np.ndarray:
-    """Scores ``texts`` in right-padded batches of ``batch_size``, as the server's tokenizer step pads them."""
-    return np.concatenate(
-        [score_batch(*encode(tokenizer, texts[i : i + batch_size], max_length)) for i in range(0, len(texts), batch_size)]
-    )
+    """Scores ``texts`` in right-padded batches of ``batch_size``, in the order given."""
+    return np.concatenate([
+        score_batch(*encode(tokenizer, texts[i : i + batch_size], max_length, pad_to_max_length))
+        for i in range(0, len(texts), batch_size)
+    ])
 
 
 @torch.inference_mode()

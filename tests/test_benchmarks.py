@@ -26,6 +26,7 @@ from conftest import perturb_head
 
 SPEC = UPLIFTING_V4
 ENGINES = {"pytorch_peft", "pytorch_merged", "onnx_fp32", "onnx_fp16", "served_grpc", "served_http"}
+THROUGHPUT_ENGINES = {"production_scorer", "onnx_fp32", "onnx_fp16", "served_grpc", "served_http", "tritonclient_random_grpc"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,6 +118,16 @@ def test_accuracy_gate_fails_on_a_perturbed_variant(trained: TrainedFixture, tra
     assert refusals(nan_report) == {"onnx_int8": [f"onnx_int8 produces NaN/Inf scores (max |Δ| vs {REFERENCE} = nan)"]}
 
 
+def test_realistic_mix_has_the_documented_shape() -> None:
+    from filterserve.benchmarks.articles import realistic_lengths
+
+    lengths = np.array(realistic_lengths(20000, seed=3))
+    assert np.median(lengths) == pytest.approx(100, abs=6)
+    assert np.percentile(lengths, 25) == pytest.approx(55, abs=5) and np.percentile(lengths, 75) == pytest.approx(235, abs=20)
+    assert (lengths > 512).mean() == pytest.approx(0.10, abs=0.01)
+    assert np.minimum(lengths, 512).mean() == pytest.approx(166, abs=6)
+
+
 def _tritonservers() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if "tritonserver" in p.name()]
 
@@ -141,8 +152,17 @@ def test_latency_and_throughput_reports_with_a_started_server(trained_repo: Path
     assert latency["peak_flops"] > 0 and latency["matmul_params"] > 0
 
     throughput = json.loads((out / "throughput.json").read_text())
-    assert set(throughput["engines"]) == ENGINES
-    for row in throughput["engines"].values():
-        assert set(row) == {"1", "4"}
-        for stats in row.values():
-            assert {"articles_per_s", "tokens_per_s", "ratio_vs_card", "flops_per_s", "fraction_of_peak"} <= set(stats)
+    assert set(throughput["engines"]) == {"uniform", "realistic"}
+    for mix, engines in throughput["engines"].items():
+        assert set(engines) == THROUGHPUT_ENGINES
+        for row in engines.values():
+            assert set(row) == {"1", "4"}
+        # Every engine saw the same articles: in-process counts and the server's counters agree on the real tokens.
+        real = {engine: row["4"]["real_tokens"] for engine, row in engines.items()}
+        assert len(set(real.values())) == 1, real
+        production = engines["production_scorer"]["4"]
+        assert production["computed_tokens"] == 8 * SPEC.max_length  # 8 articles, padded to max_length
+        sorted_batches, served = engines["onnx_fp32"]["4"], engines["served_grpc"]["4"]
+        assert 1.0 <= served["computed_per_real"] <= sorted_batches["computed_per_real"] + 0.5
+        assert served["computed_per_real"] < production["computed_per_real"]
+    assert throughput["mixes"]["uniform"]["median_tokens"] == pytest.approx(SPEC.max_length // 2, abs=2)
