@@ -13,6 +13,8 @@ id under it) and run in pieces of at most ``max_batch_tokens`` tokens.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,22 @@ import triton_python_backend_utils as pb_utils
 
 def _invalid(message: str) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+
+
+def _cpu_allowance() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 quota (a pod's CPU limit).
+
+    ONNX Runtime sizes its thread pool from the machine's cores; in a pod limited to 2 of 64
+    cores, 64 threads would fight over 2 and run slower than 2 threads.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def _providers(instance_kind: str, device_id: int) -> list:
@@ -39,7 +57,9 @@ class TritonPythonModel:
         filename = config.get("default_model_filename") or "model.onnx"
         path = Path(args["model_repository"]) / args["model_version"] / filename
         providers = _providers(args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0)))
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _cpu_allowance()
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
         params = {key: int(value["string_value"]) for key, value in config.get("parameters", {}).items()
