@@ -149,7 +149,69 @@ def _strip_scheme(url: str) -> tuple[str, bool]:
     return url, False
 
 
-class FilterClient:
+class Scorer:
+    """Scores many items concurrently with any ``score_item``: one server (:class:`FilterClient`)
+    or several (:class:`~filterserve.client.servers.ServerPool`)."""
+
+    def score_item(self, item: Item) -> FilterResult:
+        raise NotImplementedError
+
+    def score_iter(self, items: Iterable[Item], concurrency: int = 16) -> Iterator[FilterResult | ScoreError]:
+        """Yields results in input order while up to ``concurrency`` requests are in flight.
+
+        Items are read lazily, a window of ``WINDOW_PER_WORKER × concurrency`` at a time, and each
+        window is sent longest first: requests in flight together are then of similar length, so
+        the server's batcher finds requests of the same padded shape to join, and the longest
+        articles do not trail at the end. Once the server is found unreachable, the items not
+        yet sent fail at once instead of each waiting out the retries.
+        """
+        if concurrency < 1:
+            raise ClientError(f"concurrency must be at least 1, got {concurrency}")
+        down: list[str] = []
+
+        def one(index: int, item: Item) -> FilterResult | ScoreError:
+            if down:
+                return ScoreError(index, f"not sent: {down[0]}")
+            try:
+                return self.score_item(item)
+            except ServerUnavailable as exc:
+                down.append(str(exc))
+                return ScoreError(index, str(exc))
+            except ClientError as exc:
+                return ScoreError(index, str(exc))
+            except Exception as exc:  # an unforeseen failure of one item must not abort the others
+                return ScoreError(index, f"{type(exc).__name__}: {exc}")
+
+        window = WINDOW_PER_WORKER * concurrency
+        numbered = enumerate(items)
+        pending: dict[int, Future[FilterResult | ScoreError]] = {}
+        next_index, exhausted = 0, False
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="filterserve-score") as pool:
+            while True:
+                if not exhausted and len(pending) < window:  # refill before the workers run dry
+                    batch = list(islice(numbered, window))
+                    exhausted = not batch
+                    for index, item in sorted(batch, key=lambda numbered_item: -item_length(numbered_item[1])):
+                        pending[index] = pool.submit(one, index, item)
+                if next_index not in pending:
+                    return
+                yield pending.pop(next_index).result()
+                next_index += 1
+
+    def score_many(
+        self, items: Iterable[Item], concurrency: int = 16, progress: bool = False
+    ) -> list[FilterResult | ScoreError]:
+        """All results in input order; failures are :class:`ScoreError` entries, never exceptions."""
+        total = len(items) if isinstance(items, Sequence) else None
+        with tqdm(total=total, disable=not progress, unit="item") as bar:
+            results = []
+            for result in self.score_iter(items, concurrency):
+                results.append(result)
+                bar.update()
+        return results
+
+
+class FilterClient(Scorer):
     """Scores articles with a filter served by Triton.
 
     ``tokenizer`` (a ``tokenizer.json``) tokenizes here with the filter's template and calls the
@@ -405,57 +467,3 @@ class FilterClient:
         logits, weighted = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS).values()
         decided = self._infer(self.decision_model, {SCORES: logits.astype(np.float32)}, DECISION_OUTPUTS)
         return self._result(self.tensor_model, logits, weighted, decided, ids.shape[1], truncated)
-
-    def score_iter(self, items: Iterable[Item], concurrency: int = 16) -> Iterator[FilterResult | ScoreError]:
-        """Yields results in input order while up to ``concurrency`` requests are in flight.
-
-        Items are read lazily, a window of ``WINDOW_PER_WORKER × concurrency`` at a time, and each
-        window is sent longest first: requests in flight together are then of similar length, so
-        the server's batcher finds requests of the same padded shape to join, and the longest
-        articles do not trail at the end. Once the server is found unreachable, the items not
-        yet sent fail at once instead of each waiting out the retries.
-        """
-        if concurrency < 1:
-            raise ClientError(f"concurrency must be at least 1, got {concurrency}")
-        down: list[str] = []
-
-        def one(index: int, item: Item) -> FilterResult | ScoreError:
-            if down:
-                return ScoreError(index, f"not sent: {down[0]}")
-            try:
-                return self.score_item(item)
-            except ServerUnavailable as exc:
-                down.append(str(exc))
-                return ScoreError(index, str(exc))
-            except ClientError as exc:
-                return ScoreError(index, str(exc))
-            except Exception as exc:  # an unforeseen failure of one item must not abort the others
-                return ScoreError(index, f"{type(exc).__name__}: {exc}")
-
-        window = WINDOW_PER_WORKER * concurrency
-        numbered = enumerate(items)
-        pending: dict[int, Future[FilterResult | ScoreError]] = {}
-        next_index, exhausted = 0, False
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="filterserve-score") as pool:
-            while True:
-                if not exhausted and len(pending) < window:  # refill before the workers run dry
-                    batch = list(islice(numbered, window))
-                    exhausted = not batch
-                    for index, item in sorted(batch, key=lambda numbered_item: -item_length(numbered_item[1])):
-                        pending[index] = pool.submit(one, index, item)
-                if next_index not in pending:
-                    return
-                yield pending.pop(next_index).result()
-                next_index += 1
-
-    def score_many(
-        self, items: Iterable[Item], concurrency: int = 16, progress: bool = False
-    ) -> list[FilterResult | ScoreError]:
-        """All results in input order; failures are :class:`ScoreError` entries, never exceptions."""
-        total = len(items) if isinstance(items, Sequence) else None
-        with tqdm(total=total, disable=not progress, unit="item") as bar:
-            results = []
-            for result in self.score_iter(items, concurrency):
-                results.append(result)
-                bar.update()
-        return results
