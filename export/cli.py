@@ -7,6 +7,7 @@ import json
 import sys
 
 from filterserve.contract import GATE_TOLERANCE
+from filterserve.errors import FilterServeError
 from filterserve.filters import load_filter
 from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
 
@@ -84,15 +85,31 @@ def add_standin_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny (seconds) or the real Qwen2.5-1.5B dimensions (random weights, ~6 GB)")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, help="number of decoder layers (default: the shape's)")
+    parser.add_argument("--tokenizer", help="a real tokenizer.json (e.g. Qwen2.5's) instead of the tiny trained one: "
+                        "the real token lengths of articles; the vocabulary grows to Qwen2.5's if smaller")
 
 
 def standin_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
-    from filterserve.export.standin import StandinShape, build_standin
+    from filterserve.export.standin import QWEN25_VOCAB_SIZE, StandinShape, build_standin
 
     shape = StandinShape.qwen25_1_5b() if args.shape == "qwen2.5-1.5b" else StandinShape()
-    print(f"building a random-weight stand-in ({args.shape}); its scores mean nothing", file=sys.stderr)
-    made = build_standin(Path(args.out), load_filter(args.filter), shape=shape, seed=args.seed)
+    if args.layers is not None:
+        if args.layers < 1:
+            raise FilterServeError(f"--layers must be at least 1, got {args.layers}")
+        shape = replace(shape, num_hidden_layers=args.layers)
+    if args.tokenizer:
+        shape = replace(shape, vocab_size=max(shape.vocab_size, QWEN25_VOCAB_SIZE))
+    print(f"building a random-weight stand-in ({shape}); its scores mean nothing", file=sys.stderr)
+    made = build_standin(
+        Path(args.out),
+        load_filter(args.filter),
+        shape=shape,
+        seed=args.seed,
+        tokenizer_file=Path(args.tokenizer) if args.tokenizer else None,
+    )
     print(json.dumps({"base": str(made.base_dir), "adapter": str(made.adapter_dir)}))
     return 0

@@ -6,6 +6,11 @@ export must be exercised on the real on-disk layout: a base checkpoint saved as
 head, exactly as the hub checkpoint does) and an adapter folder holding
 ``adapter_model.safetensors``, ``adapter_config.json`` and the tokenizer files. Its scores mean
 nothing.
+
+By default the tokenizer is a tiny BPE trained on the sample articles, so nothing needs to be
+fetched. Given a real ``tokenizer.json`` (Qwen's), the stand-in has the real vocabulary and the
+real token lengths of articles, which is what speed measurements need: the cost of an article is
+its number of tokens, and the embedding table is a real share of the model at small depths.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 
 PAD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", "<|im_end|>"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Qwen2.5's embedding rows: its tokenizer's 151665 ids, padded by the model authors to 151936.
+QWEN25_VOCAB_SIZE = 151936
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,7 @@ class StandinShape:
 
     @classmethod
     def qwen25_1_5b(cls) -> "StandinShape":
-        return cls(1536, 28, 12, 2, 8960, 151936, 32768)
+        return cls(1536, 28, 12, 2, 8960, QWEN25_VOCAB_SIZE, 32768)
 
 
 @dataclass(frozen=True)
@@ -77,14 +85,39 @@ def build_tokenizer(vocab_size: int, spec: FilterSpec):
     )
 
 
+def tokenizer_from_file(tokenizer_file: Path):
+    """A given ``tokenizer.json`` as the adapter folder would hold it: pad = ``<|endoftext|>``.
+
+    Refused when the file has no ``<|endoftext|>``: the stand-in's pooling, like Qwen's, finds
+    the last non-pad token through that id.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_file = Path(tokenizer_file)
+    if not tokenizer_file.is_file():
+        raise FilterServeError(f"tokenizer file not found: {tokenizer_file}")
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises plain Exception subclasses for malformed files
+        raise FilterServeError(f"cannot read {tokenizer_file} as a tokenizer.json: {exc}") from None
+    if tok.token_to_id(PAD_TOKEN) is None:
+        raise FilterServeError(f"{tokenizer_file} has no {PAD_TOKEN} token: the stand-in pads and pools with it")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=PAD_TOKEN, pad_token=PAD_TOKEN, padding_side="right")
+
+
 def build_standin(
     root: Path,
     spec: FilterSpec,
     shape: StandinShape = StandinShape(),
     seed: int = 0,
     with_tokenizer_pad: bool = True,
+    tokenizer_file: Path | None = None,
 ) -> Standin:
-    """Write ``root/base`` and ``root/adapter`` in the real layout; random, non-zero LoRA and head."""
+    """Write ``root/base`` and ``root/adapter`` in the real layout; random, non-zero LoRA and head.
+
+    ``tokenizer_file``: a real ``tokenizer.json`` to use instead of the tiny trained one; the
+    shape's ``vocab_size`` must hold all of its ids (Qwen's needs :data:`QWEN25_VOCAB_SIZE`).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
@@ -92,7 +125,14 @@ def build_standin(
 
     quiet_libraries()
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(min(shape.vocab_size, 4096), spec)
+    if tokenizer_file is None:
+        tokenizer = build_tokenizer(min(shape.vocab_size, 4096), spec)
+    else:
+        tokenizer = tokenizer_from_file(tokenizer_file)
+        if len(tokenizer) > shape.vocab_size:
+            raise FilterServeError(
+                f"{tokenizer_file} has {len(tokenizer)} ids but the stand-in's vocab_size is {shape.vocab_size}"
+            )
     config = Qwen2Config(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
