@@ -16,7 +16,8 @@ from typing import Any, BinaryIO, TextIO
 
 from tqdm import tqdm
 
-from filterserve.client.client import FilterClient, ScoreError
+from filterserve.client.client import ScoreError
+from filterserve.client.servers import connect
 from filterserve.errors import FilterServeError
 
 STDIN_ERRORS = "score-errors.jsonl"
@@ -24,7 +25,8 @@ STDIN_ERRORS = "score-errors.jsonl"
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", default="-", help="JSONL file with title and content per line; - for stdin")
-    parser.add_argument("--url", required=True, help="server address, HOST:PORT")
+    parser.add_argument("--url", required=True, help="server address HOST:PORT, or several comma-separated "
+                        "(each article goes to the least busy one; a server that dies is failed over)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: grpc")
     parser.add_argument("--model", help="ensemble to use; default: the only filter the server has")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default: 16)")
@@ -90,7 +92,7 @@ def score_command(args: argparse.Namespace) -> int:
         raise FilterServeError(f"input file not found: {args.input}")
     errors_path = Path(args.errors or (STDIN_ERRORS if from_stdin else f"{args.input}.errors.jsonl"))
 
-    with FilterClient(args.url, args.protocol, args.model, timeout_s=args.timeout, retries=args.retries) as client:
+    with connect(args.url, args.protocol, args.model, timeout_s=args.timeout, retries=args.retries) as client:
         with (
             (sys.stdin.buffer if from_stdin else open(args.input, "rb")) as stream,
             open(errors_path, "w", encoding="utf-8") as errors,

@@ -39,6 +39,14 @@ def parse_urls(urls: str | Sequence[str]) -> list[str]:
     return found
 
 
+def connect(urls: str | Sequence[str], protocol: Protocol = "grpc", model: str | None = None, **options: Any) -> Scorer:
+    """One server: a :class:`FilterClient`; several (``"a:8001,b:8001"``): a :class:`ServerPool`."""
+    found = parse_urls(urls)
+    if len(found) == 1:
+        return FilterClient(found[0], protocol, model, **options)
+    return ServerPool(found, protocol, model, **options)
+
+
 class _Server:
     """One URL: its client once connected, its outstanding requests, and when it may be tried again."""
 
