@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from filterserve.contract import TENSOR_OUTPUTS, TOKEN_INPUTS
 from filterserve.errors import FilterServeError
 
 OPSET = 18
-INPUT_NAMES = ["input_ids", "attention_mask"]
-OUTPUT_NAMES = ["logits", "weighted_score"]
 
 
 class ScoringGraph(torch.nn.Module):
@@ -53,7 +52,7 @@ def export_onnx(
     graph = ScoringGraph(model, weights).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=1 << 16)
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    dynamic = {name: {0: batch, 1: seq} for name in TOKEN_INPUTS}
     args = (torch.from_numpy(ids), torch.from_numpy(mask))
     log = io.StringIO()
     try:
@@ -63,8 +62,8 @@ def export_onnx(
                 args,
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
+                input_names=list(TOKEN_INPUTS),
+                output_names=list(TENSOR_OUTPUTS),
                 dynamic_shapes=dynamic,
                 optimize=True,
                 verbose=False,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from filterserve.contract import TENSOR_OUTPUTS, TOKEN_INPUTS
 from filterserve.errors import ParityError
 
 from filterserve.filters import FilterSpec
@@ -98,7 +99,7 @@ def ort_session(onnx_path: Path, providers: list[str] | None = None):
 
 def ort_scores(session, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``logits`` and ``weighted_score`` from an exported model."""
-    logits, weighted = session.run(["logits", "weighted_score"], {"input_ids": ids, "attention_mask": mask})
+    logits, weighted = session.run(list(TENSOR_OUTPUTS), dict(zip(TOKEN_INPUTS, (ids, mask))))
     return logits, weighted
 
 

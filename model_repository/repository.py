@@ -168,11 +168,10 @@ def tensor_model_config(
     _dynamic_batching(config, max_batch_size, TENSOR_QUEUE_DELAY_US)
     warmup = config.model_warmup.add(name="zeros_and_ones", batch_size=min(WARMUP_BATCH, max_batch_size))
     # Token id 0 is in every vocabulary; the mask comes from a file because Triton has no "ones_data".
-    warmup.inputs["input_ids"].CopyFrom(
-        mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], zero_data=True)
-    )
-    warmup.inputs["attention_mask"].CopyFrom(
-        mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], input_data_file="attention_mask")
+    ids_name, mask_name = contract.TOKEN_INPUTS
+    warmup.inputs[ids_name].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], zero_data=True))
+    warmup.inputs[mask_name].CopyFrom(
+        mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], input_data_file=mask_name)
     )
     if tensorrt_fp16 and precision != "int8":  # TensorRT cannot take ONNX Runtime's dynamic int8 ops
         _tensorrt_fp16(config, max_batch_size, spec.max_length)
