@@ -90,8 +90,9 @@ def serving_profile(max_batch_size: int, max_length: int, bucket: int) -> ShapeP
 def onnx_checksum(model_file: Path) -> str:
     """sha256 over the model file and every external-data file beside it, named and in order.
 
-    ONNX Runtime keys its engine cache on the graph and initializer names, not the weights: a
-    retrained adapter exported into the same graph would otherwise be served from the old engine.
+    ONNX Runtime names cached engines by the model's file name, input, initializer and node output
+    names and its versions (``TRTGenerateId``), not the weights: a retrained adapter exported into
+    the same graph would otherwise be served from the old engine.
     """
     digest = hashlib.sha256()
     for path in sorted(p for p in model_file.parent.iterdir() if p.is_file()):
