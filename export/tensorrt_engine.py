@@ -21,7 +21,7 @@ import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf import text_format
@@ -29,12 +29,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
-from filterserve.export.graph import Fp32Selection
 from filterserve.export.manifest import read_manifest, write_manifest
 from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
 from filterserve.model_repository.gpu import ShapeProfile, padded_length, serving_profile
 from filterserve.model_repository.repository import DEFAULT_BUCKET, tensor_model_config, write_tensor_model
+
+if TYPE_CHECKING:  # the graph module needs onnx, which every `filterserve` command would otherwise import
+    from filterserve.export.graph import Fp32Selection
 
 ENGINE_PRECISION = "trt-fp16"
 PLAN_FILE = "model.plan"
@@ -221,11 +223,11 @@ def check_profile(profile: ShapeProfile, serving: ShapeProfile, bucket: int, max
     Its batch may be smaller than the ensemble's only when it is not the ensemble's tensor model
     (Triton refuses an ensemble whose composing model takes smaller batches).
     """
-    needed = serving if make_default else ShapeProfile(serving.min, serving.opt, (1, serving.max[1]))
-    if not profile.covers(needed):
+    high = serving.max if make_default else (1, serving.max[1])
+    if not profile.covers(serving.min, high):
         raise FilterServeError(
-            f"profile {profile.describe()} does not cover what the server sends ({needed.min[0]}x{needed.min[1]} "
-            f"to {needed.max[0]}x{needed.max[1]}: clients send unpadded ids, the longest text is {max_length} tokens"
+            f"profile {profile.describe()} does not cover what the server sends ({serving.min[0]}x{serving.min[1]} "
+            f"to {high[0]}x{high[1]}: clients send unpadded ids, the longest text is {max_length} tokens"
             + (", the ensemble joins up to max_batch_size articles)" if make_default else ")")
         )
     if profile.opt[1] != padded_length(profile.opt[1], bucket, max_length):
@@ -245,7 +247,7 @@ def engine_config(spec: FilterSpec, manifest: dict[str, Any], profile: ShapeProf
         pad_token_id=manifest["pad_token_id"],
         vocab_size=manifest["vocab_size"],
         gpu=True,
-        max_batch_tokens=manifest.get("max_batch_tokens"),
+        max_batch_tokens=manifest["max_batch_tokens"],
     )
     config.ClearField("backend")
     config.platform = "tensorrt_plan"

@@ -55,8 +55,9 @@ class ShapeProfile:
             if not 1 <= self.min[axis] <= self.opt[axis] <= self.max[axis]:
                 raise FilterServeError(f"profile needs 1 <= min <= opt <= max on every axis, got {self.describe()}")
 
-    def covers(self, other: "ShapeProfile") -> bool:
-        return all(self.min[a] <= other.min[a] and other.max[a] <= self.max[a] for a in range(2))
+    def covers(self, low: tuple[int, int], high: tuple[int, int]) -> bool:
+        """Whether every shape from ``low`` to ``high`` (per axis) is inside this profile."""
+        return all(self.min[a] <= low[a] and high[a] <= self.max[a] for a in range(2))
 
     def describe(self) -> str:
         return " / ".join(f"{name} {b}x{s}" for name, (b, s) in (("min", self.min), ("opt", self.opt), ("max", self.max)))
