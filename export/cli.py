@@ -9,6 +9,7 @@ import sys
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
 from filterserve.filters import load_filter
+from filterserve.model_repository.gpu import TRT_CACHE_ROOT
 from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
 
 
@@ -33,7 +34,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         "this many tokens; smaller wastes less, larger lets more requests share a shape (default: 16)")
     parser.add_argument("--max-text-bytes", type=int, default=DEFAULT_MAX_TEXT_BYTES,
                         help="longer TEXT, TITLE or CONTENT values are refused (default: 262144)")
-    parser.add_argument("--gpu", action="store_true", help="target a GPU: GPU instance groups and ONNX Runtime's TensorRT FP16 accelerator (NVIDIA container)")
+    parser.add_argument("--gpu", action="store_true", help="target a GPU (NVIDIA's container): GPU instance groups; the fp16 "
+                        "variant, and only it, runs on ONNX Runtime's TensorRT accelerator in FP16 (export fp16 to get it)")
+    parser.add_argument("--trt-cache-dir", default=TRT_CACHE_ROOT, help="with --gpu: where the server's ONNX Runtime writes "
+                        "TensorRT engines, one folder per model checksum (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a different export already in --out")
 
 
@@ -59,6 +63,7 @@ def export_command(args: argparse.Namespace) -> int:
         max_text_bytes=args.max_text_bytes,
         force=args.force,
         gpu=args.gpu,
+        trt_cache_root=args.trt_cache_dir,
         validation=args.validation,
         gate_tolerance=args.gate_tolerance,
         default=args.default,

@@ -120,7 +120,9 @@ class ParityResult:
         return {**asdict(self), "passed": self.passed}
 
 
-def compare(variant: str, got: np.ndarray, reference: np.ndarray, tolerance: float) -> ParityResult:
+def compare(
+    variant: str, got: np.ndarray, reference: np.ndarray, tolerance: float, against: str = "the PyTorch + PEFT reference"
+) -> ParityResult:
     """Raise :class:`ParityError` naming the variant, the figures and the worst text when off."""
     finite = bool(np.isfinite(got).all())
     diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
@@ -135,7 +137,7 @@ def compare(variant: str, got: np.ndarray, reference: np.ndarray, tolerance: flo
     )
     if not result.passed:
         row, col = np.unravel_index(int(np.argmax(diff)), diff.shape)
-        what = "produces NaN/Inf" if not finite else "differs from the PyTorch + PEFT reference"
+        what = "produces NaN/Inf" if not finite else f"differs from {against}"
         raise ParityError(
             f"{variant} {what}: max |Δ| = {result.max_abs_diff:.3g} > tolerance {tolerance:g} "
             f"(worst: text {row}, output {col}; mean |Δ| = {result.mean_abs_diff:.3g})"

@@ -41,6 +41,7 @@ from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.gate import AccuracyGateRefusal, LabelledSet, build_report, read_labelled, refusals
 from filterserve import contract
 from filterserve.model_repository import tensor_model_name, write_repository
+from filterserve.model_repository.gpu import TENSORRT_PRECISION, TRT_CACHE_ROOT
 from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
 from filterserve.progress import Steps
 
@@ -121,6 +122,7 @@ def export_filter(
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     force: bool = False,
     gpu: bool = False,
+    trt_cache_root: str = TRT_CACHE_ROOT,
     validation: str | Path | None = None,
     gate_tolerance: float = contract.GATE_TOLERANCE,
     default: str = "auto",
@@ -242,7 +244,7 @@ def export_filter(
             one_ids, one_mask = ids[median_row : median_row + 1], mask[median_row : median_row + 1]
             length = int(one_mask.sum())
             latency = {p: median_latency_ms(paths[p], one_ids[:, :length], one_mask[:, :length]) for p in order}
-            default_precision = choose_default(default, admitted, latency, validated=validation is not None)
+            default_precision = choose_default(default, admitted, latency, validated=validation is not None, gpu=gpu)
             steps.say(", ".join(f"{p} {ms:.1f} ms" for p, ms in latency.items()) + f" → default {default_precision}")
 
         with steps.step("write the Triton model repository and filter.json"):
@@ -263,7 +265,7 @@ def export_filter(
                     pad_token_id=loaded.pad_token_id,
                     vocab_size=loaded.vocab_size,
                     gpu=gpu,
-                    tensorrt_fp16=gpu,
+                    trt_cache_root=trt_cache_root,
                     bucket=bucket,
                     max_text_bytes=max_text_bytes,
                     max_batch_tokens=max_batch_tokens,
@@ -308,16 +310,22 @@ def export_filter(
     return manifest
 
 
-def choose_default(default: str, admitted: list[str], latency: dict[str, float], validated: bool) -> str:
+def choose_default(default: str, admitted: list[str], latency: dict[str, float], validated: bool, gpu: bool = False) -> str:
     """An explicit choice wins; ``auto`` takes the fastest gate-admitted variant, or the first listed.
 
     Without validation data only the parity check stands behind fp16, and a 0.05 bound on a few
-    texts is no proof that the MAE did not move, so ``auto`` does not promote it.
+    texts is no proof that the MAE did not move, so ``auto`` does not promote it. For a GPU the
+    latencies measured here on the CPU say nothing: ``auto`` serves the variant that runs on
+    TensorRT when the gate admitted it, and otherwise prefers any other variant to int8, which gets no TensorRT.
     """
     if default != "auto":
         if default not in admitted:
             raise FilterServeError(f"--default {default} was refused by the accuracy gate")
         return default
+    if gpu:
+        if validated and TENSORRT_PRECISION in admitted:
+            return TENSORRT_PRECISION
+        return next((p for p in admitted if p != "int8"), admitted[0])
     if not validated:
         return admitted[0]
     return min(admitted, key=latency.__getitem__)

@@ -10,7 +10,6 @@ keeping more layers in fp32, until the gate admits it or the ladder ends.
 
 from __future__ import annotations
 
-import ast
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from filterserve.errors import FilterServeError
+from filterserve.export.graph import module_path
 
 # (what stays fp32 besides the head, which module paths it keeps), tried in order.
 EXCLUSION_LADDER: list[tuple[str, Callable[[str], bool]]] = [
@@ -29,14 +29,7 @@ EXCLUSION_LADDER: list[tuple[str, Callable[[str], bool]]] = [
 
 def module_paths(model: onnx.ModelProto) -> dict[str, str]:
     """MatMul node → the PyTorch module it came from, read from the exporter's name scopes."""
-    paths = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
-        names = ast.literal_eval(scopes)
-        paths[node.name] = names[-2] if len(names) >= 2 else node.name
-    return paths
+    return {node.name: module_path(node) or node.name for node in model.graph.node if node.op_type == "MatMul"}
 
 
 def head_nodes(model: onnx.ModelProto) -> list[str]:

@@ -1,58 +1,134 @@
 """``filterserve build-engine``: a TensorRT FP16 engine for the tensor model, built where it runs.
 
 Engines are tied to the GPU and the TensorRT version, so this step runs on the target device
-(a Jetson included, where ONNX Runtime's backend has no TensorRT) from the exported ONNX file,
-and adds a ``tensorrt_plan`` model beside the ONNX one in the same repository. The RMSNorm
-layers are pinned to FP32: Qwen2/2.5-1.5B is reported to overflow to NaN in FP16 there.
+(a Jetson included, where Triton's ONNX Runtime backend has no TensorRT) from the exported fp32
+ONNX file, and adds a ``tensorrt_plan`` model beside the ONNX ones. The engine computes in FP16
+except where FP16 overflows or rounds away the result: every RMSNorm, the attention softmax and
+the score head (:func:`filterserve.export.graph.fp32_nodes`), pinned through TensorRT 10's layer
+precision and output types. Before anything is written the engine is checked as the export
+checks a variant: the parity texts, and with ``--validation`` the accuracy gate.
+
+No GPU has run this module yet (see README, "GPU runbook"): what a CPU can check is tested.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
+from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.export.manifest import read_manifest, write_manifest
 from filterserve.filters import FilterSpec
-from filterserve.model_repository.repository import tensor_model_config, write_tensor_model
+from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
+from filterserve.model_repository.gpu import ShapeProfile, padded_length, serving_profile
+from filterserve.model_repository.repository import DEFAULT_BUCKET, tensor_model_config, write_tensor_model
 
-# Layers whose FP16 overflow turns scores into NaN: normalisation (pow, mean, sqrt) and the head.
-FP32_LAYER_HINTS = ("norm", "pow", "reducemean", "sqrt", "score", "matmul_head")
+if TYPE_CHECKING:  # the graph module needs onnx, which every `filterserve` command would otherwise import
+    from filterserve.export.graph import Fp32Selection
 
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """TensorRT optimisation profile over (batch, sequence) for both inputs."""
-
-    min: tuple[int, int]
-    opt: tuple[int, int]
-    max: tuple[int, int]
-
-    @classmethod
-    def parse(cls, text: str) -> tuple[int, int]:
-        try:
-            batch, seq = (int(x) for x in text.lower().split("x"))
-        except ValueError:
-            raise FilterServeError(f"shape {text!r} must be BATCHxSEQ, e.g. 8x256") from None
-        return batch, seq
-
-    def check(self) -> None:
-        for axis in range(2):
-            if not 1 <= self.min[axis] <= self.opt[axis] <= self.max[axis]:
-                raise FilterServeError(f"profile needs 1 <= min <= opt <= max on every axis, got {self}")
+ENGINE_PRECISION = "trt-fp16"
+PLAN_FILE = "model.plan"
+GATE_BATCH = 16
+# What the checks compare the engine with: the exported fp32 model, which matched the card's
+# recipe within 1e-4 when it was exported (the device has no PyTorch + PEFT reference).
+REFERENCE = "onnx_fp32"
+# TensorRT's ONNX parser (onnx-tensorrt, since TensorRT 8.6) records the ONNX node in each layer's metadata.
+ONNX_LAYER_METADATA = re.compile(r"\[ONNX Layer: (.+?)(?: \| .*)?\]")
+NUMBERED = re.compile(r"^(.+)_\d+$")
 
 
-def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, fp16: bool = True, workspace_gb: int = 4) -> Path:
+def engine_model(spec: FilterSpec) -> str:
+    return f"{spec.name}_trt"
+
+
+def import_tensorrt() -> Any:
+    """TensorRT 10.x, or a one-line reason why not (checked before any work is done)."""
     try:
         import tensorrt as trt
     except ImportError:
-        raise FilterServeError("TensorRT is not installed: build the engine on the target GPU (pip install tensorrt, or JetPack)") from None
-    profile.check()
+        raise FilterServeError(
+            "TensorRT is not installed: build the engine on the target GPU with TensorRT 10.x "
+            "(pip install 'tensorrt-cu12>=10,<11' on a desktop GPU; JetPack 6.1+ ships it on a Jetson)"
+        ) from None
+    check_tensorrt_version(trt.__version__)
+    return trt
+
+
+def check_tensorrt_version(version: str) -> None:
+    """TensorRT 10 only: the FP32 pins are weakly-typed precision constraints, which TensorRT 11
+    removed, and the token ids are INT64, which TensorRT 8 binds as INT32."""
+    major = int(version.split(".")[0])
+    if major != 10:
+        raise FilterServeError(
+            f"build-engine needs TensorRT 10.x, found {version}: "
+            + ("TensorRT 11 removed per-layer precision, which pins the norms to FP32" if major > 10
+               else "TensorRT 8 cannot take the INT64 token ids the tensor model is served with")
+        )
+
+
+def onnx_node_of_layer(layer_name: str, metadata: str, node_names: Collection[str]) -> str | None:
+    """The ONNX node a TensorRT layer was made for, or None for the parser's own helper layers.
+
+    TensorRT's ONNX parser names each layer after the ONNX node it implements (its
+    ``registerLayer``); when a node needs several layers, or the name is taken, it appends
+    ``_<counter>`` (``generateUniqueName``). So a layer name can be the node's name or the node's
+    name plus one numeric suffix, and a node named ``node_mul`` could be taken for the helper of
+    one named ``node_mul_8``. The parser also records ``[ONNX Layer: <node name> | ...]`` in the
+    layer's metadata, which is exact: it is read first, and the name only when metadata is absent.
+    """
+    found = ONNX_LAYER_METADATA.fullmatch(metadata or "")
+    if found:
+        return found.group(1) if found.group(1) in node_names else None
+    if layer_name in node_names:
+        return layer_name
+    numbered = NUMBERED.match(layer_name)
+    return numbered.group(1) if numbered and numbered.group(1) in node_names else None
+
+
+def pin_fp32(network: Any, trt: Any, selected: Collection[str], node_names: Collection[str]) -> int:
+    """Pin every layer made for a selected node to FP32, its computation and its outputs.
+
+    ``precision`` alone lets TensorRT hand an FP16 tensor to the next layer: x² would still be
+    stored in FP16 and overflow past 65504. With OBEY_PRECISION_CONSTRAINTS the build fails
+    rather than ignore a pin. Layers whose outputs are not floating point (shape arithmetic the
+    parser adds) have no precision to pin. ``node_names`` holds every node of the graph, so a
+    layer named after an unselected node is never taken for a selected one's helper. Returns the
+    number of layers pinned; a selected node that got no layer is an error, since its FP16
+    arithmetic would go unnoticed.
+    """
+    pinned, covered = 0, set()
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        node = onnx_node_of_layer(layer.name, getattr(layer, "metadata", ""), node_names)
+        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+        if node not in selected or not all(out.dtype == trt.float32 for out in outputs):
+            continue
+        layer.precision = trt.float32
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, trt.float32)
+        pinned += 1
+        covered.add(node)
+    missing = sorted(set(selected) - covered)
+    if missing:
+        raise FilterServeError(f"TensorRT's parser made no float layer for {len(missing)} FP32 nodes ({', '.join(missing[:5])}): cannot pin them")
+    return pinned
+
+
+def build_engine(onnx_path: Path, profile: ShapeProfile, selection: Fp32Selection, workspace_gb: int) -> tuple[bytes, int]:
+    """The serialized engine (FP16, the selected nodes in FP32) and how many layers were pinned."""
+    trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -62,90 +138,236 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, fp16: 
         raise FilterServeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_gb << 30)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for index in range(network.num_layers):
-            layer = network.get_layer(index)
-            if any(hint in layer.name.lower() for hint in FP32_LAYER_HINTS):
-                layer.precision = trt.float32
+    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    pinned = pin_fp32(network, trt, selection.nodes, selection.graph_nodes)
     shapes = builder.create_optimization_profile()
-    for name in ("input_ids", "attention_mask"):
+    for name in contract.TOKEN_INPUTS:
         shapes.set_shape(name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(shapes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise FilterServeError("TensorRT failed to build the engine (see its log above)")
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_bytes(bytes(serialized))
-    return plan_path
+    return bytes(serialized), pinned
 
 
-def run_engine(plan_path: Path, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run a built engine on one batch (for the parity check), with torch's CUDA buffers."""
-    import tensorrt as trt
-    import torch
+class EngineRunner:
+    """A built engine on the GPU, fed and read through torch's CUDA tensors (no pycuda needed)."""
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-    context = engine.create_execution_context()
-    feeds = {"input_ids": torch.from_numpy(ids).cuda(), "attention_mask": torch.from_numpy(mask).cuda()}
-    outputs = {}
-    for name, tensor in feeds.items():
-        context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
-    for name in ("logits", "weighted_score"):
-        outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(name, outputs[name].data_ptr())
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise FilterServeError("TensorRT execution failed")
-    stream.synchronize()
-    return outputs["logits"].cpu().numpy(), outputs["weighted_score"].cpu().numpy()
+    def __init__(self, plan: bytes) -> None:
+        import torch
+
+        trt = import_tensorrt()
+        self._torch = torch
+        self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        if self._engine is None:
+            raise FilterServeError("TensorRT could not load the engine it built")
+        self._context = self._engine.create_execution_context()
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        feeds = {"input_ids": torch.from_numpy(ids).cuda(), "attention_mask": torch.from_numpy(mask).cuda()}
+        for name, tensor in feeds.items():
+            self._context.set_input_shape(name, tuple(tensor.shape))
+            self._context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in contract.TENSOR_OUTPUTS:
+            shape = tuple(self._context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self._context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.Stream()
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise FilterServeError("TensorRT execution failed")
+        stream.synchronize()
+        return outputs[contract.LOGITS].cpu().numpy(), outputs[contract.WEIGHTED_SCORE].cpu().numpy()
 
 
-def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", required=True, help="a repository written by filterserve export")
-    parser.add_argument("--min-shape", default="1x1", help="BATCHxSEQ")
-    parser.add_argument("--opt-shape", default="8x256", help="BATCHxSEQ")
-    parser.add_argument("--max-shape", help="BATCHxSEQ (default: max_batch_size x max_length)")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="max |Δ| against the fp32 ONNX model")
+@dataclass(frozen=True)
+class EnginePlan:
+    """What build-engine will build and check, settled (and refused if wrong) before TensorRT is touched."""
+
+    repo: Path
+    manifest: dict[str, Any]
+    spec: FilterSpec
+    onnx_path: Path
+    profile: ShapeProfile
+    validation: Path | None
 
 
-def build_engine_command(args: argparse.Namespace) -> int:
-    """Build ``<name>_trt`` from the fp32 ONNX model and check it against ONNX Runtime fp32."""
-    from filterserve.export.parity import compare, ort_scores, ort_session
-
+def plan_engine(args: argparse.Namespace) -> EnginePlan:
+    """Reads the repository and the arguments; a profile the server could send past is refused."""
     repo = Path(args.model_repository)
     manifest = read_manifest(repo)
     spec = FilterSpec.from_dict(manifest["filter"])
     if "fp32" not in manifest["tensor_models"]:
-        raise FilterServeError("build-engine needs the fp32 ONNX model: export with --precision fp32")
+        raise FilterServeError("build-engine needs the fp32 ONNX model: export with --precision fp32 (fp16 and int8 may be added)")
     onnx_path = repo / manifest["tensor_models"]["fp32"] / "1" / "model.onnx"
+    validation = Path(args.validation) if args.validation else None
+    if validation is not None and not validation.is_file():
+        raise FilterServeError(f"validation data not found: {validation}")
+    max_batch_size, bucket = manifest["max_batch_size"], manifest.get("bucket", DEFAULT_BUCKET)
+    serving = serving_profile(max_batch_size, spec.max_length, bucket)
     profile = ShapeProfile(
-        min=ShapeProfile.parse(args.min_shape),
-        opt=ShapeProfile.parse(args.opt_shape),
-        max=ShapeProfile.parse(args.max_shape) if args.max_shape else (manifest["max_batch_size"], manifest["max_length"]),
+        min=ShapeProfile.parse(args.min_shape) if args.min_shape else serving.min,
+        opt=ShapeProfile.parse(args.opt_shape) if args.opt_shape else serving.opt,
+        max=ShapeProfile.parse(args.max_shape) if args.max_shape else serving.max,
     )
-    name = f"{spec.name}_trt"
-    plan = build_engine(onnx_path, repo / name / "1" / "model.plan", profile)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, manifest["vocab_size"], size=(min(4, profile.max[0]), min(64, profile.max[1])), dtype=np.int64)
-    mask = np.ones_like(ids)
-    reference, _ = ort_scores(ort_session(onnx_path), ids, mask)
-    result = compare("TensorRT fp16", run_engine(plan, ids, mask)[0], reference, args.tolerance)
+    profile.check()
+    check_profile(profile, serving, bucket, spec.max_length, args.make_default)
+    return EnginePlan(repo, manifest, spec, onnx_path, profile, validation)
+
+
+def check_profile(profile: ShapeProfile, serving: ShapeProfile, bucket: int, max_length: int, make_default: bool) -> None:
+    """The engine must take every shape the server can send it, and be tuned at one it does send.
+
+    Its batch may be smaller than the ensemble's only when it is not the ensemble's tensor model
+    (Triton refuses an ensemble whose composing model takes smaller batches).
+    """
+    high = serving.max if make_default else (1, serving.max[1])
+    if not profile.covers(serving.min, high):
+        raise FilterServeError(
+            f"profile {profile.describe()} does not cover what the server sends ({serving.min[0]}x{serving.min[1]} "
+            f"to {high[0]}x{high[1]}: clients send unpadded ids, the longest text is {max_length} tokens"
+            + (", the ensemble joins up to max_batch_size articles)" if make_default else ")")
+        )
+    if profile.opt[1] != padded_length(profile.opt[1], bucket, max_length):
+        raise FilterServeError(
+            f"opt length {profile.opt[1]} is never sent: the tokenizer step pads to multiples of {bucket} tokens "
+            f"(up to {max_length}); choose e.g. {padded_length(profile.opt[1], bucket, max_length)}"
+        )
+
+
+def engine_config(spec: FilterSpec, manifest: dict[str, Any], profile: ShapeProfile) -> mc.ModelConfig:
+    """The tensor model's config (same tensors, batcher and warm-up), served by Triton's TensorRT backend."""
     config = tensor_model_config(
-        spec, name, precision="trt-fp16", max_batch_size=profile.max[0], pad_token_id=manifest["pad_token_id"],
-        vocab_size=manifest["vocab_size"], gpu=True, tensorrt_fp16=False,
+        spec,
+        engine_model(spec),
+        precision=ENGINE_PRECISION,
+        max_batch_size=profile.max[0],
+        pad_token_id=manifest["pad_token_id"],
+        vocab_size=manifest["vocab_size"],
+        gpu=True,
+        max_batch_tokens=manifest["max_batch_tokens"],
     )
     config.ClearField("backend")
     config.platform = "tensorrt_plan"
-    config.default_model_filename = "model.plan"
-    write_tensor_model(repo / name, config)
-    manifest["tensor_models"]["trt-fp16"] = name
-    manifest["models"].append(name)
-    manifest["parity"]["trt-fp16"] = result.to_dict() | {"against": "onnx fp32", "profile": vars(profile)}
-    write_manifest(repo, {k: v for k, v in manifest.items() if k != "format"})
-    print(json.dumps({"engine": str(plan), "parity": manifest["parity"]["trt-fp16"]}, indent=2))
-    print(f"call {name} directly, or re-point the ensemble {spec.name} at it", file=sys.stderr)
+    config.default_model_filename = PLAN_FILE
+    return config
+
+
+def point_ensemble_at(repo: Path, spec: FilterSpec, tensor_model: str) -> None:
+    """Make ``tensor_model`` the ensemble's tensor model: the step fed token ids, as clients find it.
+
+    The tokenizer step names the tensor model too (the label of its token counters).
+    """
+    ensemble_path = repo / spec.name / "config.pbtxt"
+    ensemble = text_format.Parse(ensemble_path.read_text(encoding="utf-8"), mc.ModelConfig())
+    steps = [s for s in ensemble.ensemble_scheduling.step if contract.TOKEN_INPUTS[0] in s.input_map]
+    if len(steps) != 1:
+        raise FilterServeError(f"{ensemble_path}: expected one step fed {contract.TOKEN_INPUTS[0]}, found {len(steps)}")
+    steps[0].model_name = tensor_model
+    ensemble_path.write_text(text_format.MessageToString(ensemble), encoding="utf-8")
+    tokenizer_path = repo / contract.tokenizer_model(spec.name) / "config.pbtxt"
+    tokenizer = text_format.Parse(tokenizer_path.read_text(encoding="utf-8"), mc.ModelConfig())
+    if "tensor_model" in tokenizer.parameters:
+        tokenizer.parameters["tensor_model"].string_value = tensor_model
+        tokenizer_path.write_text(text_format.MessageToString(tokenizer), encoding="utf-8")
+
+
+def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", required=True, help="a repository written by filterserve export (with fp32)")
+    parser.add_argument("--min-shape", help="BATCHxSEQ (default 1x1: clients may send unpadded ids)")
+    parser.add_argument("--opt-shape", help="BATCHxSEQ the kernels are tuned for (default: 8 x a typical article, padded to a bucket)")
+    parser.add_argument("--max-shape", help="BATCHxSEQ (default: max_batch_size x max_length)")
+    parser.add_argument("--tolerance", type=float, default=contract.PARITY_TOLERANCES["fp16"],
+                        help="max |Δ| against the fp32 ONNX model on the parity texts (default: the fp16 variant's)")
+    parser.add_argument("--validation", help="labelled JSONL (title, content, one field per dimension): the engine "
+                        "must keep the validation MAE within --gate-tolerance of the fp32 ONNX model's")
+    parser.add_argument("--gate-tolerance", type=float, default=contract.GATE_TOLERANCE, help="max MAE increase, overall and per dimension")
+    parser.add_argument("--make-default", action="store_true", help="serve the engine as the ensemble's tensor model once it passed")
+    parser.add_argument("--workspace-gb", type=int, default=4, help="TensorRT's build workspace")
+
+
+def build_engine_command(args: argparse.Namespace) -> int:
+    """Build ``<name>_trt`` from the fp32 ONNX model; write it only if it passes parity (and the gate).
+
+    The fp32 references are scored before the engine is built and their session released, so the
+    ONNX Runtime copy of the weights and TensorRT's never share a Jetson's memory.
+    """
+    import onnx
+    import torch
+
+    from filterserve.export.graph import fp32_nodes
+    from filterserve.export.load import load_tokenizer
+    from filterserve.export.parity import compare, ort_scores, ort_session, parity_texts, score_in_batches
+    from filterserve.progress import Steps
+
+    plan = plan_engine(args)
+    trt = import_tensorrt()
+    spec, profile, manifest = plan.spec, plan.profile, plan.manifest
+    tokenizer = load_tokenizer(plan.repo / contract.tokenizer_model(spec.name) / "1" / "tokenizer")
+    texts = parity_texts(tokenizer, spec)
+    labelled = read_labelled(plan.validation, spec) if plan.validation else None
+    gate_batch = min(GATE_BATCH, profile.max[0])
+    steps = Steps(total=5 + (labelled is not None))
+
+    def both(score):  # logits and weighted_score side by side, so one pass checks both
+        return lambda ids, mask: np.hstack(score(ids, mask))
+
+    with steps.step(f"fp32 ONNX references: {len(texts)} parity texts one at a time"
+                    + (f", {len(labelled.texts)} validation articles" if labelled else "")):
+        session = ort_session(plan.onnx_path)
+        reference = score_in_batches(both(lambda i, m: ort_scores(session, i, m)), tokenizer, texts, spec.max_length, 1)
+        held_out = None if labelled is None else score_in_batches(
+            lambda i, m: ort_scores(session, i, m)[0], tokenizer, labelled.texts, spec.max_length, gate_batch
+        )
+        del session
+    with steps.step(f"find the FP32 layers in {plan.onnx_path}"):
+        selection = fp32_nodes(onnx.load(str(plan.onnx_path), load_external_data=False))
+        steps.say(json.dumps(selection.summary()))
+    with steps.step(f"build the TensorRT {trt.__version__} FP16 engine, profile {profile.describe()}"):
+        engine, pinned = build_engine(plan.onnx_path, profile, selection, args.workspace_gb)
+        steps.say(f"{pinned} TensorRT layers pinned to FP32; {len(engine) / 2**30:.2f} GiB")
+    runner = EngineRunner(engine)
+    n = spec.num_labels
+    with steps.step("parity: the engine on right-padded batches vs fp32 ONNX one text at a time"):
+        got = score_in_batches(both(runner), tokenizer, texts, spec.max_length, profile.max[0])
+        parity = compare("TensorRT fp16", got[:, :n], reference[:, :n], args.tolerance, against="the fp32 ONNX model")
+        compare("TensorRT fp16 weighted_score", got[:, n:], reference[:, n:], args.tolerance, against="the fp32 ONNX model")
+        steps.say(f"max |Δ| = {parity.max_abs_diff:.2e} over {len(texts)} texts (tolerance {args.tolerance:g})")
+    gate = None
+    if labelled is not None:
+        with steps.step(f"accuracy gate on {plan.validation} (MAE change ≤ {args.gate_tolerance:g}, overall and per dimension)"):
+            scored = score_in_batches(lambda i, m: runner(i, m)[0], tokenizer, labelled.texts, spec.max_length, gate_batch)
+            report = build_report(spec, labelled.truth, held_out, {ENGINE_PRECISION: scored}, reference_name=REFERENCE)
+            refused = refusals(report, args.gate_tolerance)
+            if refused:
+                raise AccuracyGateRefusal(refused)
+            gate = {"tolerance": args.gate_tolerance, "data": str(plan.validation), "report": report}
+
+    name = engine_model(spec)
+    with steps.step(f"write {name}" + (f" and serve it from the ensemble {spec.name}" if args.make_default else "")):
+        shutil.rmtree(plan.repo / name, ignore_errors=True)
+        (plan.repo / name / "1").mkdir(parents=True)
+        (plan.repo / name / "1" / PLAN_FILE).write_bytes(engine)
+        write_tensor_model(plan.repo / name, engine_config(spec, manifest, profile))
+        if args.make_default:
+            point_ensemble_at(plan.repo, spec, name)
+        manifest.setdefault("engines", {})[ENGINE_PRECISION] = {
+            "model": name,
+            "ensemble_default": args.make_default,
+            "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
+            "fp32_layers": selection.summary() | {"tensorrt_layers": pinned},
+            "parity": parity.to_dict() | {"against": REFERENCE},
+            "accuracy_gate": gate,
+            "tensorrt": trt.__version__,
+            "device": torch.cuda.get_device_name(),
+        }
+        if name not in manifest["models"]:
+            manifest["models"].append(name)
+        write_manifest(plan.repo, {k: v for k, v in manifest.items() if k != "format"})
+    print(json.dumps({"engine": name, "parity_max_abs_diff": parity.max_abs_diff,
+                      "validation_mae_change": gate and gate["report"]["variants"][ENGINE_PRECISION]["mae_delta"]}, indent=2))
+    if not args.make_default:
+        print(f"call {name} directly, or rerun with --make-default to serve it from the ensemble {spec.name}", file=sys.stderr)
     return 0

@@ -121,14 +121,20 @@ def variant_metrics(scores: np.ndarray, truth: np.ndarray, reference: np.ndarray
     }
 
 
-def build_report(spec: FilterSpec, truth: np.ndarray, reference: np.ndarray, variants: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The reference first (its deltas are zero by construction), then every variant."""
-    scored = {REFERENCE: reference, **variants}
+def build_report(
+    spec: FilterSpec, truth: np.ndarray, reference: np.ndarray, variants: dict[str, np.ndarray], reference_name: str = REFERENCE
+) -> dict[str, Any]:
+    """The reference first (its deltas are zero by construction), then every variant.
+
+    ``reference_name`` says what the reference scores came from: the card's recipe at export time,
+    the fp32 ONNX model on a device that has no PyTorch + PEFT reference (``build-engine``).
+    """
+    scored = {reference_name: reference, **variants}
     return {
         "filter": spec.name,
         "dimensions": list(spec.dimensions),
         "n_articles": int(truth.shape[0]),
-        "reference": REFERENCE,
+        "reference": reference_name,
         "variants": {name: variant_metrics(s, truth, reference, spec) for name, s in scored.items()},
     }
 

@@ -14,6 +14,14 @@ from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 from filterserve.model_repository.decision import write_decision_model
+from filterserve.model_repository.gpu import (
+    TENSORRT_PRECISION,
+    TRT_CACHE_ROOT,
+    TensorRTAccelerator,
+    engine_cache_dir,
+    onnx_checksum,
+    serving_profile,
+)
 
 _HERE = Path(__file__).resolve().parent
 TOKENIZER_TEMPLATE = _HERE / "templates" / "tokenizer_model.py"
@@ -40,7 +48,6 @@ DEFAULT_BUCKET = 16
 # first max_length tokens are read), but a text with no word boundary cannot be cut provably and
 # is tokenized whole: 256 KiB of one "word" holds the tokenizer step for about a second here.
 DEFAULT_MAX_TEXT_BYTES = 1 << 18
-TRT_CACHE_ROOT = "/tmp/filterserve_trt_cache"
 
 
 def tensor_model_name(name: str, precision: str, default_precision: str) -> str:
@@ -118,28 +125,6 @@ def decision_config(spec: FilterSpec, *, max_batch_size: int) -> mc.ModelConfig:
     return config
 
 
-def _tensorrt_fp16(config: mc.ModelConfig, max_batch_size: int, max_length: int) -> None:
-    """ONNX Runtime's TensorRT accelerator in NVIDIA's container; engines are cached per model."""
-    opt_batch = min(8, max_batch_size)
-    opt_len = min(128, max_length)
-
-    def shapes(batch: int, seq: int) -> str:
-        return f"input_ids:{batch}x{seq},attention_mask:{batch}x{seq}"
-
-    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-    accelerator.parameters.update(
-        {
-            "precision_mode": "FP16",
-            "max_workspace_size_bytes": str(4 << 30),
-            "trt_engine_cache_enable": "true",
-            "trt_engine_cache_path": f"{TRT_CACHE_ROOT}/{config.name}",
-            "trt_profile_min_shapes": shapes(1, 1),
-            "trt_profile_opt_shapes": shapes(opt_batch, opt_len),
-            "trt_profile_max_shapes": shapes(max_batch_size, max_length),
-        }
-    )
-
-
 def tensor_model_config(
     spec: FilterSpec,
     model_name: str,
@@ -149,10 +134,13 @@ def tensor_model_config(
     pad_token_id: int,
     vocab_size: int,
     gpu: bool,
-    tensorrt_fp16: bool,
+    tensorrt: TensorRTAccelerator | None = None,
     max_batch_tokens: int | None = None,
 ) -> mc.ModelConfig:
-    """``max_batch_tokens`` bounds rows × length per run (memory on small GPUs); None: no bound beyond max_batch_size."""
+    """``max_batch_tokens`` bounds rows × length per run (memory on small GPUs); None: no bound beyond max_batch_size.
+
+    ``tensorrt`` puts ONNX Runtime's TensorRT accelerator in front of this model (NVIDIA's container).
+    """
     config = mc.ModelConfig(
         name=model_name,
         backend="onnxruntime",
@@ -173,8 +161,9 @@ def tensor_model_config(
     warmup.inputs[mask_name].CopyFrom(
         mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], input_data_file=mask_name)
     )
-    if tensorrt_fp16 and precision != "int8":  # TensorRT cannot take ONNX Runtime's dynamic int8 ops
-        _tensorrt_fp16(config, max_batch_size, spec.max_length)
+    if tensorrt is not None:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters.update(tensorrt.parameters())
     _set_params(config, {
         "vocab_size": vocab_size,
         "pad_token_id": pad_token_id,
@@ -254,12 +243,13 @@ def write_repository(
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     max_batch_tokens: int | None = None,
     gpu: bool = False,
-    tensorrt_fp16: bool = False,
+    trt_cache_root: str = TRT_CACHE_ROOT,
 ) -> None:
     """Complete the repository around the ONNX files the export already wrote into ``repo``.
 
-    ``tensorrt_fp16`` adds ONNX Runtime's TensorRT FP16 accelerator block for NVIDIA's container;
-    it needs ``gpu`` because TensorRT only runs on GPU instances.
+    With ``gpu``, every tensor model runs on a GPU instance and the fp16 variant, the one whose
+    parity and gate figures describe FP16 arithmetic, gets ONNX Runtime's TensorRT accelerator,
+    its engines cached under ``trt_cache_root/<model>/<checksum of its ONNX files>``.
     """
     repo = Path(repo)
     tokenizer_dir = Path(tokenizer_dir)
@@ -277,14 +267,18 @@ def write_repository(
         )
     if not 0 <= pad_token_id < vocab_size:
         raise FilterServeError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {vocab_size})")
-    if tensorrt_fp16 and not gpu:
-        raise FilterServeError("tensorrt_fp16 needs gpu=True: TensorRT runs on GPU instances only")
 
     for precision in precisions:
         model_name = tensor_model_name(spec.name, precision, default_precision)
         model_dir = repo / model_name
         if not (model_dir / "1" / "model.onnx").is_file():
             raise FilterServeError(f"{precision} tensor model missing: expected {model_dir / '1' / 'model.onnx'}")
+        tensorrt = None
+        if gpu and precision == TENSORRT_PRECISION:
+            tensorrt = TensorRTAccelerator(
+                profile=serving_profile(max_batch_size, spec.max_length, bucket),
+                cache_dir=engine_cache_dir(trt_cache_root, model_name, onnx_checksum(model_dir / "1" / "model.onnx")),
+            )
         config = tensor_model_config(
             spec,
             model_name,
@@ -293,7 +287,7 @@ def write_repository(
             pad_token_id=pad_token_id,
             vocab_size=vocab_size,
             gpu=gpu,
-            tensorrt_fp16=tensorrt_fp16,
+            tensorrt=tensorrt,
             max_batch_tokens=max_batch_tokens,
         )
         write_tensor_model(model_dir, config)

@@ -1,6 +1,7 @@
 """GPU paths: TensorRT FP16 engine and ONNX Runtime's CUDA provider. Skipped without a CUDA GPU.
 
-Run on the target device: ``python -m pytest -m gpu tests/test_gpu.py``.
+Run on the target device: ``python -m pytest -m gpu tests/test_gpu.py``. No GPU has run them yet;
+what the CPU can check of the same code is in tests/test_gpu_path.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import shutil
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve.cli import main
 from filterserve.export.parity import encode, ort_scores, ort_session
@@ -17,21 +20,24 @@ from filterserve.export.parity import encode, ort_scores, ort_session
 pytestmark = pytest.mark.gpu
 
 
-def test_build_engine_matches_the_peft_reference(exported, reference, tmp_path):
+def test_build_engine_matches_the_peft_reference_and_becomes_the_default(exported, reference, tmp_path):
     pytest.importorskip("tensorrt")
     repo = tmp_path / "repo"
     shutil.copytree(exported[0], repo)
-    assert main(["build-engine", "--model-repository", str(repo), "--opt-shape", "4x64", "--max-shape", "8x512"]) == 0
+    assert main(["build-engine", "--model-repository", str(repo), "--make-default"]) == 0
     manifest = json.loads((repo / "filter.json").read_text())
-    assert manifest["tensor_models"]["trt-fp16"] == "uplifting_v4_trt"
+    engine = manifest["engines"]["trt-fp16"]
+    assert engine["model"] == "uplifting_v4_trt" and "uplifting_v4_trt" in manifest["models"]
+    assert engine["parity"]["passed"] and engine["parity"]["finite"] and engine["fp32_layers"]["tensorrt_layers"] > 0
     assert (repo / "uplifting_v4_trt" / "1" / "model.plan").stat().st_size > 0
-    assert manifest["parity"]["trt-fp16"]["passed"] and manifest["parity"]["trt-fp16"]["finite"]
+    ensemble = text_format.Parse((repo / "uplifting_v4" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert "uplifting_v4_trt" in [step.model_name for step in ensemble.ensemble_scheduling.step]
 
-    from filterserve.export.tensorrt_engine import run_engine
+    from filterserve.export.tensorrt_engine import EngineRunner
 
     texts = ["Volunteers rebuild the flooded library.", "A", "word " * 600]
     ids, mask = encode(reference.tokenizer, texts, 512)
-    logits, weighted = run_engine(repo / "uplifting_v4_trt" / "1" / "model.plan", ids, mask)
+    logits, _ = EngineRunner((repo / "uplifting_v4_trt" / "1" / "model.plan").read_bytes())(ids, mask)
     assert np.isfinite(logits).all()
     assert np.abs(logits - reference(texts)).max() <= 0.05
 

@@ -114,29 +114,11 @@ def test_configs_follow_the_contract(toy):
 
 
 @pytest.mark.timeout(60)
-def test_gpu_tensorrt_block_and_other_precisions(tmp_path):
-    repo = _write(tmp_path, gpu=True, tensorrt_fp16=True)
-    for model in (f"{SPEC.name}_onnx", f"{SPEC.name}_onnx_fp16"):
-        config = _config(repo, model)
-        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
-        assert accelerator.name == "tensorrt"
-        assert accelerator.parameters["precision_mode"] == "FP16"
-        assert accelerator.parameters["trt_engine_cache_enable"] == "true"
-        assert accelerator.parameters["trt_profile_max_shapes"] == (
-            f"input_ids:16x{SPEC.max_length},attention_mask:16x{SPEC.max_length}"
-        )
-    assert _config(repo, f"{SPEC.name}_onnx_fp16").parameters["precision"].string_value == "fp16"
-    assert _config(repo, SPEC.name).ensemble_scheduling.step[1].model_name == f"{SPEC.name}_onnx"
-
-
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"precisions": ["fp32", "fp16", "int8"]}, "int8 tensor model missing"),
         ({"default_precision": "int8"}, "default precision"),
-        ({"tensorrt_fp16": True}, "needs gpu=True"),
         ({"pad_token_id": 10**6}, "outside the vocabulary"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_batch_tokens": 10}, "one full-length article must fit"),
