@@ -9,11 +9,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
+
+from conftest import MIXED_ARTICLES
 
 RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied", "n_tokens", "truncated"]
 
@@ -62,6 +65,21 @@ def test_file_round_trip_reports_bad_lines_and_keeps_the_rest(server, tmp_path):
     assert "2 failed" in done.stderr
     errors = _jsonl(tmp_path / "articles.jsonl.errors.jsonl")
     assert [(e["line"], e["input"]) for e in errors] == [(3, lines[2]), (5, lines[4])]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_scores_are_the_reference_on_the_trained_input(server, tmp_path, reference, protocol):
+    """Multilingual snippets and articles far past 512 tokens: what PEFT scores on "{title}\n\n{content}"."""
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(json.dumps({"title": t, "content": c}, ensure_ascii=False) + "\n" for t, c in MIXED_ARTICLES),
+                      encoding="utf-8")
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    done = _score(str(source), "--url", url, "--protocol", protocol, "--concurrency", "4")
+    assert done.returncode == 0, done.stderr
+    got = np.array([list(json.loads(line)[UPLIFTING_V4.name]["scores"].values()) for line in done.stdout.splitlines()])
+    expected = reference([UPLIFTING_V4.input_text(t, c) for t, c in MIXED_ARTICLES])
+    assert np.abs(got - expected).max() <= 1e-3
 
 
 @pytest.mark.timeout(120)
