@@ -339,6 +339,7 @@ def test_serve_gives_up_with_its_own_exit_code_when_tritonserver_keeps_dying(rep
     try:
         first = _tritonserver_of(cli)
         first.kill()
+        first.wait(10)  # reaped by serve: from here on its readiness says 503 until the restart is up
         _wait_until(lambda: _ready(f"127.0.0.1:{ports[3]}"), 60, "the first restart")
         second = _tritonserver_of(cli)
         assert second.pid != first.pid
@@ -394,6 +395,7 @@ def test_server_outlives_the_thread_that_started_it_and_dies_with_its_process(re
         server = psutil.Process(server_pid)
         options = dict(a.split("=", 1) for a in server.cmdline()[1:] if "=" in a)
         workdir = Path(options["--backend-directory"]).parent
+        prefix = options["--backend-config"].split("shm-region-prefix-name=")[1]
         time.sleep(1.0)  # the starting thread is long gone
         assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
         parent.kill()
@@ -402,6 +404,7 @@ def test_server_outlives_the_thread_that_started_it_and_dies_with_its_process(re
         assert workdir.exists()  # nobody was left to remove it ...
         with TritonServer(repo):
             assert not workdir.exists()  # ... until the next start
+            assert not list(Path("/dev/shm").glob(prefix + "*"))
     finally:
         if psutil.pid_exists(server_pid):
             os.killpg(server_pid, signal.SIGKILL)
