@@ -35,6 +35,7 @@ from toy_onnx import TOY_SPEC, build_toy_export
 
 DELAY_S = 0.1  # per request of the slow model: N queued requests take N × 0.1 s
 PROBE_S = 0.5  # the supervisor's probe deadline and interval in these tests
+DRAIN_REQUESTS = 16  # in flight at SIGTERM: 1.6 s of work, half over HTTP, half over gRPC
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
 REFUSED = {"http": "403", "grpc": "StatusCode.UNAVAILABLE"}
 
@@ -285,6 +286,16 @@ def _end(cli: subprocess.Popen) -> None:
     cli.wait()
 
 
+def _sleep_model_counts(metrics_port: int) -> tuple[int, int]:
+    """(queued, answered) requests of the sleeping model, from Triton's metrics port."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if f'model="{SLEEP_MODEL}"' in line and not line.startswith("#"):
+            counts[line.split("{")[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return counts["nv_inference_pending_request_count"], counts["nv_inference_request_success"]
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_drains_requests_in_flight_and_a_restart_on_the_same_ports_works(repo):
     ports = _free_ports(4)
@@ -305,10 +316,12 @@ def test_sigterm_drains_requests_in_flight_and_a_restart_on_the_same_ports_works
             except InferenceServerException as exc:
                 outcomes[i] = exc
 
-        senders = [threading.Thread(target=send, args=(i,)) for i in range(12)]  # 1.2 s of work
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(DRAIN_REQUESTS)]
         for sender in senders:
             sender.start()
-        time.sleep(0.4)
+        # SIGTERM once every request has reached the server (new connections are refused after it).
+        _wait_until(lambda: sum(_sleep_model_counts(ports[2])) >= DRAIN_REQUESTS - 1, 20, "all requests queued")
+        in_flight = DRAIN_REQUESTS - _sleep_model_counts(ports[2])[1]
         stopped_at = time.monotonic()
         cli.send_signal(signal.SIGTERM)
         for sender in senders:
@@ -316,11 +329,12 @@ def test_sigterm_drains_requests_in_flight_and_a_restart_on_the_same_ports_works
         assert cli.wait(40) == 0
         took = time.monotonic() - stopped_at
         output = cli.stdout.read()
-        assert outcomes == {i: len(b"Volunteers rebuilt the school.") for i in range(12)}
+        assert outcomes == {i: len(b"Volunteers rebuilt the school.") for i in range(DRAIN_REQUESTS)}
+        assert in_flight >= DRAIN_REQUESTS // 2
         assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
         assert not workdir.exists() and not list(Path("/dev/shm").glob(prefix + "*"))
         assert log.is_file() and f"log stays at {log}" in output and "Traceback" not in output
-        print(f"SIGTERM with 12 requests in flight: all answered, serve exited after {took:.2f} s")
+        print(f"SIGTERM with {in_flight} requests in flight: all answered, serve exited after {took:.2f} s")
     finally:
         _end(cli)
     again, _ = _start_cli(repo, ports)  # at once, same ports: TIME_WAIT connections must not block it
