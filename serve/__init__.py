@@ -1,5 +1,11 @@
-"""Serving a filterserve model repository with the tritonserver binary from nvidia-pytriton."""
+"""Serving a filterserve model repository with the tritonserver binary from nvidia-pytriton.
 
-from filterserve.serve.server import TritonServer, prepare_backends, read_configs, server_env
+Three parts: ``assembly`` (binary, environment, backend directory, the repository's configs),
+``process`` (the process life: ports, admin key, start, restart, drain, clean-up) and ``health``
+(supervision that tells busy from broken); ``server.TritonServer`` puts them together.
+"""
 
-__all__ = ["TritonServer", "prepare_backends", "read_configs", "server_env"]
+from filterserve.serve.health import EXIT_GAVE_UP, ServerGaveUp
+from filterserve.serve.server import TritonServer
+
+__all__ = ["EXIT_GAVE_UP", "ServerGaveUp", "TritonServer"]
