@@ -376,13 +376,17 @@ class FilterClient(Scorer):
             return answer.get("config", {})
         return self._call(lambda c: c.get_model_config(model), "model config")
 
-    def _find_filter_model(self) -> str:
+    def _loaded_models(self) -> list[str]:
+        """Every loaded model, from the statistics API: ``filterserve serve`` locks the repository
+        index (it belongs to the API that loads code), while statistics stay open to every caller."""
         if self.protocol == "grpc":
-            index = self._call(lambda c: c.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), "model index")
-            entries = index.get("models", [])
+            stats = self._call(lambda c: c.get_inference_statistics(as_json=True, client_timeout=self.timeout_s), "model list")
         else:
-            entries = self._call(lambda c: c.get_model_repository_index(), "model index")
-        names = sorted({entry["name"] for entry in entries if entry.get("state") == "READY"})
+            stats = self._call(lambda c: c.get_inference_statistics(), "model list")
+        return sorted({entry["name"] for entry in stats.get("model_stats", [])})
+
+    def _find_filter_model(self) -> str:
+        names = self._loaded_models()
         candidates = []
         for name in names:
             config = self._config(name)

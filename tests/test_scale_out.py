@@ -47,7 +47,7 @@ def test_pool_fails_over_when_a_server_dies_mid_run(exported, expected, protocol
             def kill_second_after_some() -> None:
                 while len(results) < 60:
                     time.sleep(0.01)
-                second.stop(timeout_s=0)  # no grace: the server vanishes like a crash
+                second.stop(grace_s=0)  # no grace: the server vanishes like a crash
 
             killer = threading.Thread(target=kill_second_after_some)
             killer.start()

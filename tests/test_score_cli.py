@@ -136,7 +136,7 @@ def test_server_stopped_mid_run_loses_no_line(exported, tmp_path):
         def stop_after_a_few_lines() -> None:
             while process.poll() is None and len(out_path.read_text(encoding="utf-8").splitlines()) < 10:
                 time.sleep(0.01)
-            dedicated.stop(timeout_s=0)  # no grace period: the server vanishes like a crash
+            dedicated.stop(grace_s=0)  # no grace period: the server vanishes like a crash
 
         watcher = threading.Thread(target=stop_after_a_few_lines)
         watcher.start()
