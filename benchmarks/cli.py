@@ -13,8 +13,9 @@ from filterserve.filters import load_filter
 
 def _repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", required=True, help="folder written by `filterserve export`")
-    parser.add_argument("--base", help="base model (default: the path recorded in filter.json)")
-    parser.add_argument("--adapter", help="adapter folder (default: the path recorded in filter.json)")
+    parser.add_argument("--name", help="which filter of the repository (default: its only one)")
+    parser.add_argument("--base", help="base model (default: the path in the filter's record)")
+    parser.add_argument("--adapter", help="adapter folder (default: the path in the filter's record)")
     parser.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
 
 
@@ -75,16 +76,18 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.bench == "accuracy":
         from filterserve.benchmarks.accuracy import run_accuracy
 
-        report = run_accuracy(args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out)
+        report = run_accuracy(
+            args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out, args.name
+        )
         print(json.dumps({n: {"mae": v["mae"], "mae_delta": v["mae_delta"]} for n, v in report["variants"].items()}, indent=2))
         return 0
     from filterserve.benchmarks.speed import run_latency, run_throughput
 
     if args.bench == "latency":
-        report = run_latency(args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.out)
+        report = run_latency(args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.out, args.name)
     else:
         report = run_throughput(
-            args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.concurrency, args.out
+            args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.concurrency, args.out, args.name
         )
     print(f"wrote {args.out}/{args.bench}.md, .json and .png", file=sys.stderr)
     print(json.dumps(report["summary"], indent=2))

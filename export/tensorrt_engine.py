@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from filterserve.errors import FilterServeError
-from filterserve.export.manifest import read_manifest, write_manifest
 from filterserve.filters import FilterSpec
+from filterserve.manifest import read_filter_record, write_filter_record
 from filterserve.model_repository.repository import tensor_model_config, write_tensor_model
 
 # Layers whose FP16 overflow turns scores into NaN: normalisation (pow, mean, sqrt) and the head.
@@ -106,6 +106,7 @@ def run_engine(plan_path: Path, ids: np.ndarray, mask: np.ndarray) -> tuple[np.n
 
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", required=True, help="a repository written by filterserve export")
+    parser.add_argument("--name", help="which filter of the repository (default: its only one)")
     parser.add_argument("--min-shape", default="1x1", help="BATCHxSEQ")
     parser.add_argument("--opt-shape", default="8x256", help="BATCHxSEQ")
     parser.add_argument("--max-shape", help="BATCHxSEQ (default: max_batch_size x max_length)")
@@ -117,7 +118,7 @@ def build_engine_command(args: argparse.Namespace) -> int:
     from filterserve.export.parity import compare, ort_scores, ort_session
 
     repo = Path(args.model_repository)
-    manifest = read_manifest(repo)
+    manifest = read_filter_record(repo, args.name)
     spec = FilterSpec.from_dict(manifest["filter"])
     if "fp32" not in manifest["tensor_models"]:
         raise FilterServeError("build-engine needs the fp32 ONNX model: export with --precision fp32")
@@ -145,7 +146,7 @@ def build_engine_command(args: argparse.Namespace) -> int:
     manifest["tensor_models"]["trt-fp16"] = name
     manifest["models"].append(name)
     manifest["parity"]["trt-fp16"] = result.to_dict() | {"against": "onnx fp32", "profile": vars(profile)}
-    write_manifest(repo, {k: v for k, v in manifest.items() if k != "format"})
+    write_filter_record(repo, manifest)
     print(json.dumps({"engine": str(plan), "parity": manifest["parity"]["trt-fp16"]}, indent=2))
     print(f"call {name} directly, or re-point the ensemble {spec.name} at it", file=sys.stderr)
     return 0

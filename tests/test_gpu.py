@@ -22,7 +22,7 @@ def test_build_engine_matches_the_peft_reference(exported, reference, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(exported[0], repo)
     assert main(["build-engine", "--model-repository", str(repo), "--opt-shape", "4x64", "--max-shape", "8x512"]) == 0
-    manifest = json.loads((repo / "filter.json").read_text())
+    manifest = json.loads((repo / "uplifting_v4.filter.json").read_text())
     assert manifest["tensor_models"]["trt-fp16"] == "uplifting_v4_trt"
     assert (repo / "uplifting_v4_trt" / "1" / "model.plan").stat().st_size > 0
     assert manifest["parity"]["trt-fp16"]["passed"] and manifest["parity"]["trt-fp16"]["finite"]
