@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from filterserve.demo import INVESTMENT_RISK_V2
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 
-FIVE_DIMS = FilterSpec(
-    name="investment_risk_v2",
-    dimensions=("macro_risk", "credit_stress", "sentiment", "volatility", "evidence"),
-    weights=(0.3, 0.25, 0.2, 0.15, 0.1),
-    max_length=256,
-)
+FIVE_DIMS = replace(INVESTMENT_RISK_V2, max_length=256)  # a shorter max_length than uplifting's, on purpose
 
 
 _LONG_BODY = " ".join(
