@@ -53,6 +53,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     _served_arguments(accuracy, started_here=False)
     accuracy.add_argument("--tolerance", type=float, default=GATE_TOLERANCE, help="largest MAE increase admitted vs the reference")
 
+    memory = sub.add_parser("memory", help="served RAM per model (after loading, after a batch) and the tokenizer step's time")
+    memory.add_argument("--model-repository", required=True, help="folder written by `filterserve export`")
+    memory.add_argument("--batch", type=int, default=8, help="rows of the batch run on every tensor model")
+    memory.add_argument("--tokens", type=int, default=512, help="tokens per row (capped at the filter's max_length)")
+    memory.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
+
     for name, help_text in (
         ("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side"),
         ("throughput", "articles/s and tokens/s against concurrency, every engine side by side"),
@@ -80,6 +86,12 @@ def bench_command(args: argparse.Namespace) -> int:
             args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out, args.name
         )
         print(json.dumps({n: {"mae": v["mae"], "mae_delta": v["mae_delta"]} for n, v in report["variants"].items()}, indent=2))
+        return 0
+    if args.bench == "memory":
+        from filterserve.benchmarks.memory import run_memory
+
+        report = run_memory(args.model_repository, args.out, args.batch, args.tokens)
+        print(json.dumps({m: v.get("after_batch", v.get("loaded")) for m, v in report["models"].items()}, indent=2))
         return 0
     from filterserve.benchmarks.speed import run_latency, run_throughput
 
