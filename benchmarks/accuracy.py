@@ -75,6 +75,7 @@ def run_accuracy(
     protocol: str = "grpc",
     tolerance: float = GATE_TOLERANCE,
     out: str | Path = "bench-report",
+    filter_name: str | None = None,
 ) -> dict[str, Any]:
     """Score the labelled set with every variant, write the reports, then raise if the gate fails.
 
@@ -84,7 +85,7 @@ def run_accuracy(
     from filterserve.export.load import load_reference
     from filterserve.export.parity import reference_scores
 
-    repo = open_repository(repository, base, adapter)
+    repo = open_repository(repository, base, adapter, filter_name)
     spec = repo.spec
     labelled = read_labelled(Path(data), spec)
     truth, texts = labelled.truth, labelled.texts

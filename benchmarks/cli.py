@@ -13,8 +13,9 @@ from filterserve.filters import load_filter
 
 def _repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", required=True, help="folder written by `filterserve export`")
-    parser.add_argument("--base", help="base model (default: the path recorded in filter.json)")
-    parser.add_argument("--adapter", help="adapter folder (default: the path recorded in filter.json)")
+    parser.add_argument("--name", help="which filter of the repository (default: its only one)")
+    parser.add_argument("--base", help="base model (default: the path in the filter's record)")
+    parser.add_argument("--adapter", help="adapter folder (default: the path in the filter's record)")
     parser.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
 
 
@@ -60,6 +61,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     _served_arguments(accuracy, started_here=False)
     accuracy.add_argument("--tolerance", type=float, default=GATE_TOLERANCE, help="largest MAE increase admitted vs the reference")
 
+    memory = sub.add_parser("memory", help="served RAM per model (after loading, after a batch) and the tokenizer step's time")
+    memory.add_argument("--model-repository", required=True, help="folder written by `filterserve export`")
+    memory.add_argument("--batch", type=int, default=8, help="rows of the batch run on every tensor model")
+    memory.add_argument("--tokens", type=int, default=512, help="tokens per row (capped at the filter's max_length)")
+    memory.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
+
     for name, help_text in (
         ("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side"),
         ("throughput", "articles/s and tokens/s against concurrency, every engine side by side"),
@@ -85,17 +92,25 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.bench == "accuracy":
         from filterserve.benchmarks.accuracy import run_accuracy
 
-        report = run_accuracy(args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out)
+        report = run_accuracy(
+            args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out, args.name
+        )
         print(json.dumps({n: {"mae": v["mae"], "mae_delta": v["mae_delta"]} for n, v in report["variants"].items()}, indent=2))
+        return 0
+    if args.bench == "memory":
+        from filterserve.benchmarks.memory import run_memory
+
+        report = run_memory(args.model_repository, args.out, args.batch, args.tokens)
+        print(json.dumps({m: v.get("after_batch", v.get("loaded")) for m, v in report["models"].items()}, indent=2))
         return 0
     from filterserve.benchmarks.speed import run_latency, run_throughput
 
     if args.bench == "latency":
-        report = run_latency(args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.out)
+        report = run_latency(args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.out, args.name)
     else:
         report = run_throughput(
             args.model_repository, args.base, args.adapter, args.url, args.protocol, args.requests, args.concurrency,
-            args.mix, args.out,
+            args.mix, args.out, args.name,
         )
     print(f"wrote {args.out}/{args.bench}.md, .json and .png", file=sys.stderr)
     print(json.dumps(report["summary"], indent=2))

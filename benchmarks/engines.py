@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from filterserve.errors import FilterServeError
-from filterserve.export.manifest import read_manifest
+from filterserve.manifest import read_filter_record
 from filterserve.filters import FilterSpec
 
 # In-process engines score at most this many texts in one padded batch when not told otherwise.
@@ -23,7 +23,7 @@ ACCURACY_BATCH = 16
 
 @dataclass(frozen=True)
 class Repository:
-    """A model repository and the sources its export came from (or the ones the user named)."""
+    """One filter of a model repository and the sources its export came from (or the ones the user named)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -37,16 +37,21 @@ class Repository:
         return {p: self.path / folder / "1" / "model.onnx" for p, folder in self.manifest.get("tensor_models", {}).items()}
 
 
-def open_repository(path: str | Path, base: str | None = None, adapter: str | Path | None = None) -> Repository:
-    """Defaults to the base and adapter recorded in ``filter.json``, so a plain repository path suffices."""
+def open_repository(
+    path: str | Path, base: str | None = None, adapter: str | Path | None = None, filter_name: str | None = None
+) -> Repository:
+    """One filter of a repository (the only one, or ``filter_name``), with the base and adapter its
+    record names unless given, so a plain repository path suffices."""
     repo = Path(path).expanduser()
-    manifest = read_manifest(repo)
-    sources = manifest.get("sources", {})
+    record = read_filter_record(repo, filter_name)
+    name = record["filter"]["name"]
+    sources = record.get("sources", {})
     base = base or sources.get("base", {}).get("path") or sources.get("base", {}).get("hub_id")
     adapter = adapter or sources.get("adapter", {}).get("path")
     if not base or not adapter:
-        raise FilterServeError(f"{repo}/filter.json records no base or adapter path; pass --base and --adapter")
-    return Repository(repo, manifest, FilterSpec.from_dict(manifest["filter"], f"{repo}/filter.json"), str(base), Path(adapter))
+        raise FilterServeError(f"the record of filter {name!r} in {repo} names no base or adapter path; pass --base and --adapter")
+    spec = FilterSpec.from_dict(record["filter"], f"the record of filter {name!r} in {repo}")
+    return Repository(repo, record, spec, str(base), Path(adapter))
 
 
 @dataclass

@@ -77,27 +77,24 @@ def _n_engines(repo: Repository, url: str | None) -> int:
 
 def _speed_run(
     kind: str,
-    repository: str | Path,
-    base: str | None,
-    adapter: str | Path | None,
+    repo: Repository,
     url: str | None,
     protocol: str,
     units_per_engine: int,
     measure: Callable[[Engine, dict[str, Any], tqdm], dict[str, Any]],
-) -> tuple[Repository, dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Peak first (on an idle process), then each engine in turn under one progress bar.
 
     FLOP/s are derived afterwards: the parameter count comes from the merged model, which
     exists only once the card's recipe has been measured.
     """
-    repo = open_repository(repository, base, adapter)
     context: dict[str, Any] = {"peak_flops": matmul_peak_flops()}
     results: dict[str, Any] = {}
     with tqdm(total=_n_engines(repo, url) * units_per_engine, desc=kind, unit="req") as bar:
         for engine in _engines(repo, url, protocol, context):
             bar.set_postfix_str(engine.name)
             results[engine.name] = measure(engine, context, bar)
-    return repo, context, results
+    return context, results
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -114,9 +111,11 @@ def run_latency(
     protocol: str = "grpc",
     requests: int = 20,
     out: str | Path = "bench-report",
+    filter_name: str | None = None,
 ) -> dict[str, Any]:
     """Batch-1 latency at a short text, half of max_length (standing in for a median article) and max_length."""
-    probe = open_repository(repository, base, adapter).spec.max_length
+    repo = open_repository(repository, base, adapter, filter_name)
+    probe = repo.spec.max_length
     lengths = {"short": min(SHORT_TOKENS, probe), "median": max(probe // 2, 1), "max_length": probe}
 
     def measure(engine: Engine, context: dict[str, Any], bar: tqdm) -> dict[str, Any]:
@@ -132,9 +131,7 @@ def run_latency(
             row[label] = _percentiles(times)
         return row
 
-    repo, context, results = _speed_run(
-        "latency", repository, base, adapter, url, protocol, len(lengths) * (WARMUP + requests), measure
-    )
+    context, results = _speed_run("latency", repo, url, protocol, len(lengths) * (WARMUP + requests), measure)
     for row in results.values():
         for label, stats in row.items():
             stats["speedup_p50_vs_card"] = results[CARD][label]["p50_ms"] / stats["p50_ms"]
@@ -174,6 +171,7 @@ def run_throughput(
     concurrency: Sequence[int] = (1, 4, 16, 64),
     mixes: Sequence[str] = MIXES,
     out: str | Path = "bench-report",
+    filter_name: str | None = None,
 ) -> dict[str, Any]:
     """Articles/s and computed/real tokens at each concurrency, on uniform and realistic article lengths.
 
@@ -181,7 +179,7 @@ def run_throughput(
     (the server's dynamic batcher joins them). The production scorer pads every batch of 16 to
     max_length whatever the concurrency, so it runs once per mix and is the baseline of every ratio.
     """
-    repo = open_repository(repository, base, adapter)
+    repo = open_repository(repository, base, adapter, filter_name)
     spec = repo.spec
     context: dict[str, Any] = {}
     results: dict[str, dict[str, dict[str, Any]]] = {mix: {} for mix in mixes}

@@ -10,7 +10,7 @@ noise, and a tiny Qwen2 + LoRA regression filter (the stand-in's layout, trained
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +67,38 @@ def cue_words(spec: FilterSpec) -> dict[str, list[str]]:
     }
 
 
-def generate_articles(spec: FilterSpec, n: int, seed: int) -> list[dict]:
-    """Articles whose labels follow from their words: clipped weighted cue counts plus noise, on 0–10."""
+def generate_articles(
+    spec: FilterSpec,
+    n: int,
+    seed: int,
+    cues: dict[str, Sequence[str]] | None = None,
+    backgrounds: Sequence[Sequence[str]] | None = None,
+) -> list[dict]:
+    """Articles whose labels follow from their words: clipped weighted cue counts plus noise, on 0–10.
+
+    By default an article is a bag of :data:`FILLER` words and :func:`cue_words`. ``cues``
+    (dimension → words) and ``backgrounds`` (texts as word lists, with no cue word in them) let a
+    caller train on its own articles instead: each generated article is then one background, in
+    its order, with the cue words dropped in at random places, so the model learns the cues in
+    the very sentences it will score (the demo does this with its sample articles).
+    """
     rng = random.Random(seed)
-    cues = cue_words(spec)
+    cues = cues or cue_words(spec)
+    if set(cues) != set(spec.dimensions) or not all(cues.values()):
+        raise FilterServeError(f"cue words must name every dimension of {spec.name!r} with at least one word")
     articles = []
     for i in range(n):
         counts = {dim: rng.choice((0, 0, 1, 2, 3)) for dim in spec.dimensions}
-        words = [rng.choice(FILLER) for _ in range(rng.randint(20, 40))]
-        for dim, count in counts.items():
-            words += [rng.choice(cues[dim]) for _ in range(count)]
-        rng.shuffle(words)
+        if backgrounds:
+            words = list(rng.choice(backgrounds))
+            for dim, count in counts.items():
+                for _ in range(count):
+                    words.insert(rng.randint(0, len(words)), rng.choice(cues[dim]))
+        else:
+            words = [rng.choice(FILLER) for _ in range(rng.randint(20, 40))]
+            for dim, count in counts.items():
+                words += [rng.choice(cues[dim]) for _ in range(count)]
+            rng.shuffle(words)
         article = {"id": f"t{seed}-{i}", "title": " ".join(words[:6]).capitalize(), "content": " ".join(words[6:]) + "."}
         for dim, count in counts.items():
             article[dim] = round(min(10.0, max(0.0, BASELINE + PER_CUE * count + rng.gauss(0.0, NOISE))), 3)
@@ -104,6 +125,8 @@ def build_trained_fixture(
     n_train: int = 480,
     n_val: int = 120,
     seed: int = 42,
+    cues: dict[str, Sequence[str]] | None = None,
+    backgrounds: Sequence[Sequence[str]] | None = None,
 ) -> TrainedFixture:
     """Write ``out/base``, ``out/adapter`` (trained), ``out/train.jsonl`` and ``out/val.jsonl``.
 
@@ -124,7 +147,7 @@ def build_trained_fixture(
     progress = Steps(total=4)
     out.mkdir(parents=True, exist_ok=True)
     with progress.step("generate labelled articles and the untrained stand-in"):
-        articles = generate_articles(spec, n_train + n_val, seed)
+        articles = generate_articles(spec, n_train + n_val, seed, cues, backgrounds)
         train, val = articles[:n_train], articles[n_train:]
         write_jsonl(out / "train.jsonl", train)
         write_jsonl(out / "val.jsonl", val)

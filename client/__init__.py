@@ -4,8 +4,10 @@ from filterserve.client.client import (
     ClientError,
     FilterClient,
     FilterResult,
+    MultiFilterClient,
     ScoreError,
     ServerUnavailable,
+    TritonEndpoint,
 )
 
-__all__ = ["ClientError", "FilterClient", "FilterResult", "ScoreError", "ServerUnavailable"]
+__all__ = ["ClientError", "FilterClient", "FilterResult", "MultiFilterClient", "ScoreError", "ServerUnavailable", "TritonEndpoint"]

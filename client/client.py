@@ -7,6 +7,7 @@ numpy, tokenizers and tqdm so that the bare install stays free of torch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -44,6 +45,7 @@ from filterserve.filters import FilterSpec
 Protocol = Literal["grpc", "http"]
 Item = str | tuple[str, str] | dict[str, Any]
 T = TypeVar("T")
+E = TypeVar("E", bound="TritonEndpoint")
 
 # Only these mean "the server is not there (yet)"; retrying anything else repeats a sure failure.
 RETRYABLE_GRPC = {"StatusCode.UNAVAILABLE"}
@@ -211,11 +213,9 @@ class Scorer:
         return results
 
 
-class FilterClient(Scorer):
-    """Scores articles with a filter served by Triton.
+class TritonEndpoint:
+    """A connection to a Triton server (retries, timeouts, TLS) and the filters it serves.
 
-    ``tokenizer`` (a ``tokenizer.json``) tokenizes here with the filter's template and calls the
-    ensemble's tensor model and decision step directly, for callers who skip the tokenizer step.
     The gRPC client is shared by all threads; the HTTP client is not thread-safe (gevent), so
     each thread gets its own.
     """
@@ -224,7 +224,6 @@ class FilterClient(Scorer):
         self,
         url: str,
         protocol: Protocol = "grpc",
-        model: str | None = None,
         *,
         timeout_s: float = 30.0,
         retries: int = 3,
@@ -234,7 +233,6 @@ class FilterClient(Scorer):
         certificate_chain: str | None = None,
         ssl_options: dict[str, Any] | None = None,
         insecure: bool = False,
-        tokenizer: str | None = None,
     ) -> None:
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
@@ -259,56 +257,15 @@ class FilterClient(Scorer):
         self._opened: weakref.WeakSet[Any] = weakref.WeakSet()
         self._opened_lock = threading.Lock()
         self._grpc = grpcclient.InferenceServerClient(self.url, **self._transport_options) if protocol == "grpc" else None
-
         try:
-            self._connect(model, tokenizer)
+            if not self._call(lambda c: c.is_server_live(**self._timeout_kw()), "liveness check"):
+                raise ServerUnavailable(f"server at {self.url} answers but is not live ({self.protocol})")
         except BaseException:
             self.close()
             raise
 
-    def _connect(self, model: str | None, tokenizer: str | None) -> None:
-        """Reads the filter from the server, so a misconfigured one fails here, not mid-batch."""
-        if not self._call(lambda c: c.is_server_live(**self._timeout_kw()), "liveness check"):
-            raise ServerUnavailable(f"server at {self.url} answers but is not live ({self.protocol})")
-        self.model = model or self._find_filter_model()
-        self._require_ready(self.model)
-        config = self._config(self.model)
-        described = config.get("parameters", {}).get(FILTER_PARAMETER, {}).get("string_value")
-        if not described:
-            raise ClientError(f"model {self.model} has no '{FILTER_PARAMETER}' parameter: it is not a filterserve ensemble")
-        try:
-            self.spec = FilterSpec.from_dict(json.loads(described), source=f"the '{FILTER_PARAMETER}' parameter of {self.model}")
-        except json.JSONDecodeError as exc:
-            raise ClientError(f"model {self.model}: its '{FILTER_PARAMETER}' parameter is not JSON ({exc})") from None
-        # The composing models, as the ensemble names them: the step fed by token ids, the one fed by scores.
-        steps = config.get("ensemble_scheduling", {}).get("step", [])
-        by_input = {key: step["model_name"] for step in steps for key in step.get("input_map", {})}
-        self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(SCORES)
-
-        self._tokenizer: Tokenizer | None = None
-        if tokenizer is not None:
-            if not self.tensor_model or not self.decision_model:
-                raise ClientError(f"model {self.model} names no tensor model or decision step to call with tokens")
-            try:
-                self._tokenizer = Tokenizer.from_file(str(tokenizer))
-            except Exception as exc:  # tokenizers raises plain Exception for missing or broken files
-                raise ClientError(f"cannot load tokenizer {tokenizer}: {exc}") from None
-            # As the server's tokenizer step (and transformers): the library truncates, no padding.
-            self._tokenizer.enable_truncation(self.spec.max_length)
-            self._tokenizer.no_padding()
-            self._require_ready(self.tensor_model)
-            self._require_ready(self.decision_model)
-
-    @property
-    def dimensions(self) -> tuple[str, ...]:
-        return self.spec.dimensions
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        return self.spec.weights
-
     # --- connections -------------------------------------------------------------------------
-    def __enter__(self) -> "FilterClient":
+    def __enter__(self: E) -> E:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -376,31 +333,92 @@ class FilterClient(Scorer):
             return answer.get("config", {})
         return self._call(lambda c: c.get_model_config(model), "model config")
 
-    def _loaded_models(self) -> list[str]:
-        """Every loaded model, from the statistics API: ``filterserve serve`` locks the repository
-        index (it belongs to the API that loads code), while statistics stay open to every caller."""
+    def served_filters(self) -> list[str]:
+        """Names of the loaded filter ensembles: ensembles whose config carries the filter description.
+
+        The loaded models come from the statistics API: ``filterserve serve`` locks the repository
+        index (it belongs to the API that loads code), while statistics stay open to every caller.
+        """
         if self.protocol == "grpc":
             stats = self._call(lambda c: c.get_inference_statistics(as_json=True, client_timeout=self.timeout_s), "model list")
         else:
             stats = self._call(lambda c: c.get_inference_statistics(), "model list")
-        return sorted({entry["name"] for entry in stats.get("model_stats", [])})
-
-    def _find_filter_model(self) -> str:
-        names = self._loaded_models()
-        candidates = []
-        for name in names:
-            config = self._config(name)
-            if config.get("platform") == "ensemble" and FILTER_PARAMETER in config.get("parameters", {}):
-                candidates.append(name)
-        if len(candidates) == 1:
-            return candidates[0]
-        if not candidates:
-            raise ClientError(f"server at {self.url} serves no ready filter ensemble (models: {', '.join(names) or 'none'})")
-        raise ClientError(f"server at {self.url} serves several filters, pick one with model=: {', '.join(candidates)}")
+        names = sorted({entry["name"] for entry in stats.get("model_stats", [])})
+        return [
+            name
+            for name in names
+            if (config := self._config(name)).get("platform") == "ensemble" and FILTER_PARAMETER in config.get("parameters", {})
+        ]
 
     def _require_ready(self, model: str) -> None:
         if not self._call(lambda c: c.is_model_ready(model, **self._timeout_kw()), "readiness check"):
             raise ClientError(f"model {model} is not ready on the server at {self.url} ({self.protocol})")
+
+class FilterClient(TritonEndpoint, Scorer):
+    """Scores articles with one filter served by Triton.
+
+    ``model`` names the filter's ensemble; left out, the server must serve exactly one filter.
+    ``tokenizer`` (a ``tokenizer.json``) tokenizes here with the filter's template and calls the
+    ensemble's tensor model and decision step directly, for callers who skip the tokenizer step.
+    ``connection`` takes :class:`TritonEndpoint`'s options (timeout_s, retries, TLS).
+    """
+
+    def __init__(
+        self, url: str, protocol: Protocol = "grpc", model: str | None = None, *, tokenizer: str | None = None, **connection: Any
+    ) -> None:
+        super().__init__(url, protocol, **connection)
+        try:
+            self._connect(model, tokenizer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, model: str | None, tokenizer: str | None) -> None:
+        """Reads the filter from the server, so a misconfigured one fails here, not mid-batch."""
+        self.model = model or self._only_filter()
+        self._require_ready(self.model)
+        config = self._config(self.model)
+        described = config.get("parameters", {}).get(FILTER_PARAMETER, {}).get("string_value")
+        if not described:
+            raise ClientError(f"model {self.model} has no '{FILTER_PARAMETER}' parameter: it is not a filterserve ensemble")
+        try:
+            self.spec = FilterSpec.from_dict(json.loads(described), source=f"the '{FILTER_PARAMETER}' parameter of {self.model}")
+        except json.JSONDecodeError as exc:
+            raise ClientError(f"model {self.model}: its '{FILTER_PARAMETER}' parameter is not JSON ({exc})") from None
+        # The composing models, as the ensemble names them: the step fed by token ids, the one fed by scores.
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        by_input = {key: step["model_name"] for step in steps for key in step.get("input_map", {})}
+        self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(SCORES)
+
+        self._tokenizer: Tokenizer | None = None
+        if tokenizer is not None:
+            if not self.tensor_model or not self.decision_model:
+                raise ClientError(f"model {self.model} names no tensor model or decision step to call with tokens")
+            try:
+                self._tokenizer = Tokenizer.from_file(str(tokenizer))
+            except Exception as exc:  # tokenizers raises plain Exception for missing or broken files
+                raise ClientError(f"cannot load tokenizer {tokenizer}: {exc}") from None
+            # As the server's tokenizer step (and transformers): the library truncates, no padding.
+            self._tokenizer.enable_truncation(self.spec.max_length)
+            self._tokenizer.no_padding()
+            self._require_ready(self.tensor_model)
+            self._require_ready(self.decision_model)
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return self.spec.dimensions
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.spec.weights
+
+    def _only_filter(self) -> str:
+        candidates = self.served_filters()
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise ClientError(f"server at {self.url} serves no ready filter ensemble")
+        raise ClientError(f"server at {self.url} serves several filters, pick one with model=: {', '.join(candidates)}")
 
     # --- scoring -----------------------------------------------------------------------------
     def _module(self) -> Any:
@@ -471,3 +489,97 @@ class FilterClient(Scorer):
         logits, weighted = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS).values()
         decided = self._infer(self.decision_model, {SCORES: logits.astype(np.float32)}, DECISION_OUTPUTS)
         return self._result(self.tensor_model, logits, weighted, decided, ids.shape[1], truncated)
+
+
+class MultiFilterClient:
+    """Several served filters at once: every article goes to each filter concurrently.
+
+    ``filters`` names the filter ensembles; left out, every filter the server serves (ensembles
+    whose config carries the ``filter`` parameter). ``url`` may name several servers
+    (``"a:8001,b:8001"``): each filter then scores through a
+    :class:`~filterserve.client.servers.ServerPool`. One scorer per filter does the work, so each
+    filter's results are exactly what that filter's client returns. ``connection`` takes
+    :class:`TritonEndpoint`'s options.
+    """
+
+    def __init__(self, url: str, protocol: Protocol = "grpc", filters: Sequence[str] | None = None, **connection: Any) -> None:
+        from filterserve.client.servers import connect, parse_urls  # servers builds on this module
+
+        urls = parse_urls(url)
+        if filters is None:
+            filters = self._discover(urls, protocol, connection)
+        elif not filters or len(set(filters)) != len(filters):
+            raise ClientError(f"filters must be distinct names, got {list(filters)}")
+        # One scorer per filter: a FilterClient, or a ServerPool when several servers are given.
+        self.clients: dict[str, Scorer] = {}
+        try:
+            for name in filters:
+                self.clients[name] = connect(urls, protocol, name, **connection)
+        except BaseException:
+            self.close()
+            raise
+        self._pool = ThreadPoolExecutor(len(self.clients), thread_name_prefix="filterserve-filters")
+
+    @staticmethod
+    def _discover(urls: list[str], protocol: Protocol, connection: dict[str, Any]) -> list[str]:
+        """The filters of the first server that answers (every server of a pool serves the same ones)."""
+        reasons = []
+        for url in urls:
+            try:
+                with TritonEndpoint(url, protocol, **connection) as endpoint:
+                    found = endpoint.served_filters()
+            except ServerUnavailable as exc:
+                reasons.append(str(exc))
+                continue
+            if not found:
+                raise ClientError(f"server at {url} serves no ready filter ensemble")
+            return found
+        raise ServerUnavailable("; ".join(reasons))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.clients)
+
+    @property
+    def specs(self) -> dict[str, FilterSpec]:
+        return {name: client.spec for name, client in self.clients.items()}
+
+    def __enter__(self) -> "MultiFilterClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for client in self.clients.values():
+            client.close()
+
+    def score_item(self, item: Item) -> dict[str, FilterResult]:
+        """One article, every filter at once; a failure raises :class:`ClientError` naming the filter."""
+        futures = {name: self._pool.submit(client.score_item, item) for name, client in self.clients.items()}
+        results = {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except ClientError as exc:
+                raise type(exc)(f"{name}: {exc}") from None
+        return results
+
+    def score(self, title: str, content: str) -> dict[str, FilterResult]:
+        return self.score_item((title, content))
+
+    def score_iter(
+        self, items: Iterable[Item], concurrency: int = 16
+    ) -> Iterator[dict[str, FilterResult | ScoreError]]:
+        """Per item, in input order, ``{filter: result or ScoreError}``.
+
+        Each filter's own :meth:`FilterClient.score_iter` runs with ``concurrency`` requests in
+        flight; the input is read once and shared through ``itertools.tee``, which is safe because
+        every generator is advanced from this thread only.
+        """
+        streams = zip(self.clients.values(), itertools.tee(items, len(self.clients)))
+        for results in zip(*(client.score_iter(stream, concurrency) for client, stream in streams)):
+            yield dict(zip(self.clients, results))

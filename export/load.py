@@ -58,12 +58,15 @@ def adapter_weights_path(adapter_dir: Path) -> Path:
 
 
 def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    path = adapter_weights_path(adapter_dir)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    path = adapter_weights_path(adapter_dir)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch raise their own types for a truncated or corrupt file
+        raise FilterServeError(f"cannot read the adapter weights {path} (truncated or corrupt?): {exc}") from None
 
 
 def check_adapter_config(adapter_dir: Path) -> dict[str, Any]:

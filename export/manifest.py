@@ -1,22 +1,19 @@
-"""``filter.json``: what the repository serves, where it came from, and the proof it scores right.
+"""A filter's record (``<name>.filter.json``): where the model came from, and the proof it scores right.
 
-Clients and benchmarks read the dimension names and weights from it; a later export into the
-same folder reads its fingerprint to refuse overwriting a different model by accident.
+Clients and benchmarks read the dimension names and weights from it; a later export of the same
+filter reads its fingerprint to refuse replacing a different model by accident.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from filterserve.errors import FilterServeError
+from filterserve.manifest import FILTER_FORMAT
 
-MANIFEST = "filter.json"
-FORMAT = "filterserve.manifest/1"
 _CHECKSUMMED = (".safetensors", ".bin", ".json", ".model", ".txt")
 
 
@@ -66,47 +63,6 @@ def fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_manifest(repo: Path) -> dict[str, Any]:
-    path = repo / MANIFEST
-    if not path.is_file():
-        raise FilterServeError(f"{repo} is not a filterserve model repository: {MANIFEST} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FilterServeError(f"{path} is not valid JSON: {exc}") from None
-
-
-def prepare_out_dir(out: Path, new: dict[str, Any], force: bool) -> None:
-    """Refuse to mix two models in one repository; clear our own earlier export otherwise.
-
-    A non-empty folder that is not a filterserve export is never cleared, ``--force`` or not:
-    a mistyped ``--out`` must not delete someone's files.
-    """
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    if not out.is_dir():
-        raise FilterServeError(f"--out {out} exists and is not a folder")
-    entries = list(out.iterdir())
-    if not entries:
-        return
-    if not (out / MANIFEST).is_file():
-        raise FilterServeError(
-            f"--out {out} is not empty and holds no filterserve export ({MANIFEST}); choose an empty or new folder"
-        )
-    old = read_manifest(out)
-    if fingerprint(old) != fingerprint(new) and not force:
-        raise FilterServeError(
-            f"--out {out} already holds a different export (filter {old.get('filter', {}).get('name')!r}, "
-            f"adapter {old.get('sources', {}).get('adapter', {}).get('path')}); pass --force to replace it"
-        )
-    for name in old.get("models", []):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / MANIFEST).unlink()
-
-
-def write_manifest(repo: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write ``filter.json`` and return exactly what was written."""
-    manifest = json.loads(json.dumps({"format": FORMAT, **manifest}))
-    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
+def new_record(fields: dict[str, Any]) -> dict[str, Any]:
+    """A filter's record as it will be written: format first, and exactly what JSON keeps."""
+    return json.loads(json.dumps({"format": FILTER_FORMAT, **fields}))

@@ -29,9 +29,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
-from filterserve.export.manifest import read_manifest, write_manifest
 from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
+from filterserve.manifest import read_filter_record, write_filter_record
 from filterserve.model_repository.gpu import ShapeProfile, padded_length, serving_profile
 from filterserve.model_repository.repository import DEFAULT_BUCKET, tensor_model_config, write_tensor_model
 
@@ -197,7 +197,7 @@ class EnginePlan:
 def plan_engine(args: argparse.Namespace) -> EnginePlan:
     """Reads the repository and the arguments; a profile the server could send past is refused."""
     repo = Path(args.model_repository)
-    manifest = read_manifest(repo)
+    manifest = read_filter_record(repo, args.name)
     spec = FilterSpec.from_dict(manifest["filter"])
     if "fp32" not in manifest["tensor_models"]:
         raise FilterServeError("build-engine needs the fp32 ONNX model: export with --precision fp32 (fp16 and int8 may be added)")
@@ -276,6 +276,7 @@ def point_ensemble_at(repo: Path, spec: FilterSpec, tensor_model: str) -> None:
 
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", required=True, help="a repository written by filterserve export (with fp32)")
+    parser.add_argument("--name", help="which filter of the repository (default: its only one)")
     parser.add_argument("--min-shape", help="BATCHxSEQ (default 1x1: clients may send unpadded ids)")
     parser.add_argument("--opt-shape", help="BATCHxSEQ the kernels are tuned for (default: 8 x a typical article, padded to a bucket)")
     parser.add_argument("--max-shape", help="BATCHxSEQ (default: max_batch_size x max_length)")
@@ -365,7 +366,7 @@ def build_engine_command(args: argparse.Namespace) -> int:
         }
         if name not in manifest["models"]:
             manifest["models"].append(name)
-        write_manifest(plan.repo, {k: v for k, v in manifest.items() if k != "format"})
+        write_filter_record(plan.repo, manifest)
     print(json.dumps({"engine": name, "parity_max_abs_diff": parity.max_abs_diff,
                       "validation_mae_change": gate and gate["report"]["variants"][ENGINE_PRECISION]["mae_delta"]}, indent=2))
     if not args.make_default:

@@ -246,14 +246,19 @@ UPLIFTING_V4 = FilterSpec(
 )
 
 
-def load_filter(path: str | Path | None) -> FilterSpec:
-    """Read a filter description from JSON; ``None`` means the default, uplifting v4."""
+def load_filter(path: str | Path | None, name: str | None = None) -> FilterSpec:
+    """A filter description: ``None`` is uplifting v4; a folder is a model repository (its filter
+    ``name``, which may be left out when it holds one); a file is a description or a filter record."""
     if path is None:
         return UPLIFTING_V4
     p = Path(path)
+    if p.is_dir():
+        from filterserve.manifest import read_filter_record
+
+        return FilterSpec.from_dict(read_filter_record(p, name)["filter"], source=f"the record of {name or 'the filter'} in {p}")
     data = _read_json(p, "filter description")
     if isinstance(data, dict) and "filter" in data and "dimensions" not in data:
-        data = data["filter"]  # a manifest (filter.json) also works as a description
+        data = data["filter"]  # a filter record (<name>.filter.json) also works as a description
     if not isinstance(data, dict):
         raise FilterServeError(f"filter description {p} must be a JSON object")
     return FilterSpec.from_dict(data, source=f"filter description {p}")

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from filterserve.demo import INVESTMENT_RISK_V2
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 
-FIVE_DIMS = FilterSpec(
-    name="investment_risk_v2",
-    dimensions=("macro_risk", "credit_stress", "sentiment", "volatility", "evidence"),
-    weights=(0.3, 0.25, 0.2, 0.15, 0.1),
-    max_length=256,
-)
+FIVE_DIMS = replace(INVESTMENT_RISK_V2, max_length=256)  # a shorter max_length than uplifting's, on purpose
 
 
 _LONG_BODY = " ".join(
@@ -69,19 +66,59 @@ def exported(standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
     return repo, manifest
 
 
-@pytest.fixture(scope="session")
-def reference(standin):
-    """The card's recipe (PyTorch + PEFT, unmerged), to score any text in tests."""
+def peft_scorer(standin, spec: FilterSpec):
+    """The card's recipe (PyTorch + PEFT, unmerged) for one stand-in: ``score(texts) → [n, dims]``."""
     from filterserve.export.load import load_reference
     from filterserve.export.parity import reference_scores
 
-    loaded = load_reference(str(standin.base_dir), standin.adapter_dir, UPLIFTING_V4)
+    loaded = load_reference(str(standin.base_dir), standin.adapter_dir, spec)
 
     def score(texts: list[str]):
-        return reference_scores(loaded.model, loaded.tokenizer, texts, UPLIFTING_V4.max_length)
+        return reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length)
 
     score.tokenizer = loaded.tokenizer  # type: ignore[attr-defined]
     return score
+
+
+@pytest.fixture(scope="session")
+def reference(standin):
+    """The card's recipe for the uplifting stand-in, to score any text in tests."""
+    return peft_scorer(standin, UPLIFTING_V4)
+
+
+@pytest.fixture(scope="session")
+def five_standin(tmp_path_factory: pytest.TempPathFactory):
+    """A 5-dimension sibling filter (investment-risk v2's shape) on the same base."""
+    from filterserve.export.standin import build_standin
+
+    return build_standin(tmp_path_factory.mktemp("five_standin"), FIVE_DIMS, seed=1)
+
+
+@pytest.fixture(scope="session")
+def five_reference(five_standin):
+    return peft_scorer(five_standin, FIVE_DIMS)
+
+
+@pytest.fixture(scope="session")
+def multi_exported(standin, five_standin, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One repository holding the 8-dimension and the 5-dimension filter, exported one after the other."""
+    from filterserve.export.pipeline import export_filter
+
+    repo = tmp_path_factory.mktemp("multi") / "repo"
+    export_filter(str(standin.base_dir), standin.adapter_dir, repo, UPLIFTING_V4, max_batch_size=16)
+    export_filter(str(five_standin.base_dir), five_standin.adapter_dir, repo, FIVE_DIMS, max_batch_size=16)
+    return repo
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under ``root`` (folders show as their files)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -98,11 +98,11 @@ def test_accuracy_report_and_gate_pass(trained: TrainedFixture, trained_repo: Pa
 def test_accuracy_gate_fails_on_a_perturbed_variant(trained: TrainedFixture, trained_repo: Path, tmp_path: Path, capsys) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(trained_repo, repo)
-    manifest = json.loads((repo / "filter.json").read_text())
+    manifest = json.loads((repo / f"{SPEC.name}.filter.json").read_text())
     fp32 = repo / manifest["tensor_models"]["fp32"] / "1" / "model.onnx"
     perturb_head(fp32, repo / "broken" / "1" / "model.onnx", column=3, factor=1.5)
     manifest["tensor_models"]["broken"] = "broken"
-    (repo / "filter.json").write_text(json.dumps(manifest))
+    (repo / f"{SPEC.name}.filter.json").write_text(json.dumps(manifest))
 
     out = tmp_path / "report"
     code = main(["bench", "accuracy", "--data", str(trained.val_path), "--model-repository", str(repo), "--out", str(out)])

@@ -2,33 +2,54 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from filterserve.data import sample_articles
+from filterserve.demo import INVESTMENT_RISK_V2, TITLE_WIDTH, UPLIFTING_SAMPLES
 from filterserve.filters import UPLIFTING_V4
 
 
+def _rows(table: str) -> tuple[list[str], list[list[str]]]:
+    """Header cells after the article column, and each row's cells after its (fixed-width) title."""
+    header, _, *rows = table.splitlines()
+    return header[TITLE_WIDTH:].split(), [row[TITLE_WIDTH:].split() for row in rows]
+
+
 @pytest.mark.timeout(300)
-def test_demo_exports_serves_scores_and_stops(tmp_path):
+def test_demo_trains_two_filters_serves_both_and_ranks_the_uplifting_samples_first(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "filterserve.cli", "demo", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "scores MEAN NOTHING" in proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    header, rows = lines[0], lines[2:]
-    assert header.split()[1:] == [*UPLIFTING_V4.dimensions, "average", "gated"]  # full names
-    assert len(rows) == len(sample_articles())
-    for row in rows:
-        *numbers, gated = row[40:].split()
-        final, average = [float(x) for x in numbers[:-1]], float(numbers[-1])
-        assert len(final) == UPLIFTING_V4.num_labels and all(0 <= x <= 10 for x in final)
-        mean = sum(w * x for w, x in zip(UPLIFTING_V4.weights, final))
-        expected = min(mean, 3.0) if gated == "yes" else mean
-        assert average == pytest.approx(expected, abs=0.02)  # 2 decimals printed
-    assert (tmp_path / "model_repository" / "filter.json").is_file()
+    assert "training uplifting_v4 (8 dimensions) and investment_risk_v2 (5 dimensions)" in proc.stderr
+    assert "MEAN NOTHING" not in proc.stderr and "random" not in proc.stderr.lower()
+    summary, *details = proc.stdout.strip().split("\n\n")
+    articles = sample_articles()
+
+    header, rows = _rows(summary)
+    assert header == ["uplifting_v4", "average", "uplifting_v4", "gated", "investment_risk_v2", "average", "investment_risk_v2", "gated"]
+    uplifting = {a["id"]: float(row[0]) for a, row in zip(articles, rows, strict=True)}
+    ranked = sorted(uplifting, key=uplifting.get, reverse=True)
+    assert set(ranked[: len(UPLIFTING_SAMPLES)]) == set(UPLIFTING_SAMPLES), uplifting
+
+    for spec, detail in zip((UPLIFTING_V4, INVESTMENT_RISK_V2), details, strict=True):
+        title, table = detail.split("\n", 1)
+        assert title.startswith(f"{spec.name}: final scores")
+        header, rows = _rows(table)
+        assert header == [*spec.dimensions, "average"]  # full names: collective_benefit is not cut
+        summary_column = 0 if spec is UPLIFTING_V4 else 2
+        for row, summary_row in zip(rows, _rows(summary)[1], strict=True):
+            final, average = [float(x) for x in row[:-1]], float(row[-1])
+            assert len(final) == spec.num_labels and all(0 <= x <= 10 for x in final)
+            mean = sum(w * x for w, x in zip(spec.weights, final)) / sum(spec.weights)
+            gated = summary_row[summary_column + 1] == "yes"
+            assert average == pytest.approx(min(mean, 3.0) if gated else mean, abs=0.02)  # 2 decimals printed
+            assert float(summary_row[summary_column]) == average
+    index = json.loads((tmp_path / "model_repository" / "filterserve.json").read_text())
+    assert sorted(index["filters"]) == ["investment_risk_v2", "uplifting_v4"]
     assert "server stopped" in proc.stderr

@@ -27,7 +27,9 @@ ARTICLE_TEXTS = [UPLIFTING_V4.input_text(a["title"], a["content"]) for a in samp
 
 def test_manifest_records_filter_sources_versions_and_parity(exported, standin, reference):
     repo, manifest = exported
-    on_disk = json.loads((repo / "filter.json").read_text())
+    assert json.loads((repo / "filterserve.json").read_text()) == {
+        "format": "filterserve.repository/1", "filters": {"uplifting_v4": "uplifting_v4.filter.json"}}
+    on_disk = json.loads((repo / "uplifting_v4.filter.json").read_text())
     assert on_disk["filter"]["dimensions"][2] == {"name": "collective_benefit", "weight": 0.38}
     assert [d["name"] for d in on_disk["filter"]["dimensions"]] == list(UPLIFTING_V4.dimensions)
     assert on_disk["max_length"] == 512
@@ -85,11 +87,11 @@ def test_parity_texts_are_articles_in_the_filters_template(reference):
 
 
 def test_template_comes_from_the_filter_description(standin, tmp_path):
-    """A filter trained on another join is exported and checked on that join, recorded in filter.json."""
+    """A filter trained on another join is exported and checked on that join, recorded in its record."""
     dashed = replace(UPLIFTING_V4, name="dashed", text_template="{title} -- {content}")
     manifest = pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "repo", dashed)
     assert manifest["filter"]["text_template"] == "{title} -- {content}"
-    assert load_filter(tmp_path / "repo" / "filter.json").text_template == "{title} -- {content}"
+    assert load_filter(tmp_path / "repo" / "dashed.filter.json").text_template == "{title} -- {content}"
     config = (tmp_path / "repo" / "dashed_tokenizer" / "config.pbtxt").read_text()
     assert '"{title} -- {content}"' in config
 
@@ -131,15 +133,15 @@ def test_five_dimension_filter_exports_the_same_way(tmp_path):
     logits, weighted = ort_scores(session, ids, mask)
     assert logits.shape == (2, 5)
     assert np.allclose(weighted[:, 0], logits @ np.array(FIVE_DIMS.weights), atol=1e-5)
-    assert load_filter(tmp_path / "repo" / "filter.json") == FIVE_DIMS
+    assert load_filter(tmp_path / "repo") == FIVE_DIMS  # a repository folder: its only filter
 
 
 def test_parity_failure_stops_the_export_and_leaves_no_models(standin, tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline.TOLERANCES, "fp16", 1e-9)
     with pytest.raises(ParityError, match=r"ONNX fp16 differs .* max \|Δ\| = .* > tolerance 1e-09"):
         pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "repo", precisions="fp32,fp16")
-    assert not list((tmp_path / "repo").glob("uplifting_v4*"))
-    assert not (tmp_path / "repo" / "filter.json").exists()
+    assert not (tmp_path / "repo").exists(), "nothing is written before every check passed"
+    assert not list(tmp_path.glob(".repo.staging-*")), "the staging folder is removed"
 
 
 # --- refusals, each with a message that names the problem --------------------------------
@@ -171,15 +173,16 @@ def test_filter_that_disagrees_with_the_head_is_refused(standin, tmp_path):
         pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "out", FIVE_DIMS)
 
 
-def test_out_dir_with_a_different_export_needs_force(exported, standin, tmp_path):
+def test_a_different_export_of_the_same_filter_needs_force(standin, tmp_path):
     repo = tmp_path / "repo"
-    five = build_standin(tmp_path / "five", FIVE_DIMS, seed=2)
-    pipeline.export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS)
-    with pytest.raises(FilterServeError, match="already holds a different export .*--force"):
-        pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, repo)
-    manifest = pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, repo, force=True)
-    assert manifest["filter"]["name"] == "uplifting_v4"
-    assert not (repo / "investment_risk_v2_onnx").exists(), "the replaced export's models must be gone"
+    pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, repo)
+    pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, repo)  # the same export again: replaced quietly
+    other = build_standin(tmp_path / "other", UPLIFTING_V4, seed=3)
+    with pytest.raises(FilterServeError, match="already holds a different export of filter 'uplifting_v4' .*--force"):
+        pipeline.export_filter(str(other.base_dir), other.adapter_dir, repo)
+    manifest = pipeline.export_filter(str(other.base_dir), other.adapter_dir, repo, force=True)
+    assert manifest["sources"]["adapter"]["path"] == str(other.adapter_dir.resolve())
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["filterserve.json", "uplifting_v4.filter.json", *manifest["models"]])
 
 
 def test_non_empty_foreign_folder_is_never_cleared(standin, tmp_path):

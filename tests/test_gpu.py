@@ -25,7 +25,7 @@ def test_build_engine_matches_the_peft_reference_and_becomes_the_default(exporte
     repo = tmp_path / "repo"
     shutil.copytree(exported[0], repo)
     assert main(["build-engine", "--model-repository", str(repo), "--make-default"]) == 0
-    manifest = json.loads((repo / "filter.json").read_text())
+    manifest = json.loads((repo / "uplifting_v4.filter.json").read_text())
     engine = manifest["engines"]["trt-fp16"]
     assert engine["model"] == "uplifting_v4_trt" and "uplifting_v4_trt" in manifest["models"]
     assert engine["parity"]["passed"] and engine["parity"]["finite"] and engine["fp32_layers"]["tensorrt_layers"] > 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -105,7 +108,7 @@ def test_stdin_over_http(server, tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [a["id"] for a in articles]
-    assert not (tmp_path / "score-errors.jsonl").exists()  # nothing failed, so no error file
+    assert not list(tmp_path.iterdir()), "stdin to stdout: no hidden errors file in the working folder"
 
 
 @pytest.mark.timeout(60)
@@ -149,3 +152,182 @@ def test_server_stopped_mid_run_loses_no_line(exported, tmp_path):
     assert scored == list(range(len(scored))) and 10 <= len(scored) < total
     assert sorted(scored + failed) == list(range(total))  # each line exactly once: scored or listed
     assert f"{len(failed)} failed" in stderr and "is not reachable (grpc)" in stderr
+
+
+# --- bulk scoring that survives anything (issue 10, item 5) -------------------------------
+
+BAD_LINES = {5: "{not json", 40: '{"title": "No content", "content": ""}', 400: "[1, 2]"}
+
+
+def _many(path: Path, total: int) -> list[int]:
+    """``total`` input lines: articles numbered ``n``, bad lines at BAD_LINES, a blank line; returns the good ``n``s."""
+    lines, good = [], []
+    for number in range(1, total + 1):
+        if number in BAD_LINES:
+            lines.append(BAD_LINES[number])
+        elif number == 77:
+            lines.append("")
+        else:
+            lines.append(json.dumps({"n": number, "title": f"Story {number}", "content": "The school reopened. " * 4}))
+            good.append(number)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return good
+
+
+def _wait_for_lines(path: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while (not path.exists() or path.read_bytes().count(b"\n") < count) and process.poll() is None:
+        assert time.monotonic() < deadline, "scoring did not start"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be stopped: make the input longer"
+
+
+def _score_background(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "filterserve.cli", "score", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_each_line_once_in_order(out_path: Path, errors_path: Path, good: list[int]) -> None:
+    scored = [record["n"] for record in _jsonl(out_path)]
+    assert scored == good, "every good line scored exactly once, in input order"
+    assert [e["line"] for e in _jsonl(errors_path)] == sorted(BAD_LINES), "every bad line listed exactly once"
+
+
+@pytest.mark.timeout(120)
+def test_output_file_puts_the_errors_beside_it_and_a_clean_run_keeps_them(server, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(sample_articles()[0]) + "\n", encoding="utf-8")
+    out = tmp_path / "scored" / "out.jsonl"
+    out.parent.mkdir()
+    errors = out.parent / "out.jsonl.errors.jsonl"
+    errors.write_text('{"line": 9, "error": "from an earlier run"}\n')
+    done = _score(str(source), "--url", server.grpc_url, "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert len(_jsonl(out)) == 1 and done.stdout == ""
+    assert errors.is_file() and errors.read_text() == "", "the run's errors file is kept, empty, never deleted"
+    assert f"({errors} is empty)" in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_unwritable_output_or_errors_fail_before_scoring_with_exit_3(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(sample_articles()[0]) + "\n", encoding="utf-8")
+    nowhere = "127.0.0.1:1"  # never contacted: the files are checked first
+    cases = {
+        "output": ["--output", str(tmp_path)],  # a folder
+        "missing folder": ["--output", str(tmp_path / "no" / "out.jsonl")],
+        "errors": ["--output", str(tmp_path / "out.jsonl"), "--errors", str(tmp_path)],
+    }
+    for case, options in cases.items():
+        done = _score(str(source), "--url", nowhere, "--retries", "0", *options)
+        assert done.returncode == 3, (case, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith("error: cannot write the "), (case, done.stderr)
+        assert "not reachable" not in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_stops_the_run_with_exit_3(server, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(sample_articles()[0]) + "\n", encoding="utf-8")
+    done = _score(str(source), "--url", server.grpc_url, "--output", "/dev/full", "--errors", str(tmp_path / "e.jsonl"))
+    assert done.returncode == 3, done.stderr
+    assert "error: cannot write /dev/full: No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _nan_decision(path: Path, n_dims: int) -> None:
+    """A decision step that answers NaN: finite raw scores, non-finite final scores."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["scores", "nan"], ["final_scores"]),
+            helper.make_node("ReduceSum", ["final_scores", "axes"], ["weighted_average"], keepdims=1),
+            helper.make_node("Greater", ["weighted_average", "zero"], ["gatekeeper_applied"]),
+        ],
+        "nan_decision",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, n_dims])],
+        [
+            helper.make_tensor_value_info("final_scores", TensorProto.FLOAT, [None, n_dims]),
+            helper.make_tensor_value_info("weighted_average", TensorProto.FLOAT, [None, 1]),
+            helper.make_tensor_value_info("gatekeeper_applied", TensorProto.BOOL, [None, 1]),
+        ],
+        [
+            helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+@pytest.mark.timeout(180)
+def test_non_finite_numbers_never_reach_the_output(exported, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(exported[0], repo)
+    _nan_decision(repo / f"{UPLIFTING_V4.name}_decision" / "1" / "model.onnx", UPLIFTING_V4.num_labels)
+    source = tmp_path / "in.jsonl"
+    article = sample_articles()[0]
+    source.write_text(json.dumps(article) + "\n" + json.dumps(article).replace("}", ', "x": NaN}') + "\n", encoding="utf-8")
+    with TritonServer(repo) as nan_server:
+        done = _score(str(source), "--url", nan_server.grpc_url, "--output", str(tmp_path / "out.jsonl"))
+    assert done.returncode == 1, done.stderr
+    assert (tmp_path / "out.jsonl").read_text() == ""
+    errors = _jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    assert [e["line"] for e in errors] == [1, 2]
+    assert errors[0]["error"].startswith("the server returned a non-finite final_scores.agency (nan)")
+    assert errors[1]["error"] == "bad JSON: NaN is not valid JSON"
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_writes_the_finished_lines_says_where_and_resume_finishes(server, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = _many(source, 3000)
+    process = _score_background(str(source), "--url", server.grpc_url, "--output", str(out), "--concurrency", "2")
+    _wait_for_lines(out, 60, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    match = re.search(r"interrupted: input lines 1–(\d+) are written", stderr)
+    assert match and f"filterserve score {source} --output {out} --resume" in stderr, stderr
+    written = [record["n"] for record in _jsonl(out)]  # every line complete JSON
+    assert written == [n for n in good if n <= int(match.group(1))] and written[-1] == int(match.group(1))
+
+    done = _score(str(source), "--url", server.grpc_url, "--output", str(out), "--resume")
+    assert done.returncode == 1, done.stderr  # the bad lines are still bad
+    assert f"resuming at input line {int(match.group(1)) + 1}" in done.stderr
+    _assert_each_line_once_in_order(out, tmp_path / "out.jsonl.errors.jsonl", good)
+
+
+@pytest.mark.timeout(240)
+def test_resume_after_the_scoring_process_is_killed_scores_each_line_exactly_once(server, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = _many(source, 3000)
+    process = _score_background(str(source), "--url", server.grpc_url, "--output", str(out), "--concurrency", "4")
+    _wait_for_lines(out, 60, process)
+    process.kill()  # SIGKILL: no handler, no flush, no goodbye
+    process.communicate(timeout=30)
+    with open(out, "a", encoding="utf-8") as torn:
+        torn.write('{"n": 99999, "title": "torn by the ki')  # as a kill in the middle of a write would leave it
+
+    done = _score(str(source), "--url", server.grpc_url, "--output", str(out), "--resume", "--concurrency", "4")
+    assert done.returncode == 1, done.stderr
+    _assert_each_line_once_in_order(out, tmp_path / "out.jsonl.errors.jsonl", good)
+    again = _score(str(source), "--url", server.grpc_url, "--output", str(out), "--resume")  # nothing left to do
+    assert again.returncode == 0 and "scored 0 lines" in again.stderr, again.stderr
+    _assert_each_line_once_in_order(out, tmp_path / "out.jsonl.errors.jsonl", good)
+
+
+@pytest.mark.timeout(120)
+def test_resume_refuses_what_it_cannot_continue(server, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _many(source, 10)
+    out.write_text(json.dumps({"n": 1, "title": "Another input", "content": "x", "uplifting_v4": {}}) + "\n")
+    done = _score(str(source), "--url", server.grpc_url, "--output", str(out), "--resume")
+    assert done.returncode == 2
+    assert "cannot resume: the last line of" in done.stderr and "is not input line 1 scored" in done.stderr
+    no_file = _score(str(source), "--url", server.grpc_url, "--resume")
+    assert no_file.returncode == 2 and "--resume continues a partial output file: give it with --output FILE" in no_file.stderr

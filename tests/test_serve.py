@@ -285,7 +285,7 @@ def _wait_dead(process: psutil.Process, timeout_s: float = 10.0) -> None:
 def test_copied_repository_serves_and_recovers_from_a_crashed_stub(repo, tmp_path):
     copy = tmp_path / "elsewhere" / "repo"
     shutil.copytree(repo, copy)
-    assert (copy / "filter.json").is_file()  # a file at the root must not break loading
+    assert (copy / "filterserve.json").is_file()  # files at the root must not break loading
     with TritonServer(copy) as server:
         client = _client(server, "grpc")
         first, _ = _score(client, "grpc", TEXTS[:1])

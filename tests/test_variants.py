@@ -51,7 +51,7 @@ def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
     assert set(latency) == {"fp32", "fp16", "int8"}
     assert _served_precision(repo) == manifest["default_precision"]
     assert manifest["parity"]["int8"]["tolerance"] is None and manifest["parity"]["int8"]["finite"]
-    assert json.loads((repo / "filter.json").read_text()) == manifest
+    assert json.loads((repo / f"{SPEC.name}.filter.json").read_text()) == manifest
 
 
 @pytest.mark.timeout(600)
@@ -71,7 +71,7 @@ def test_a_variant_that_moves_the_mae_is_refused_with_its_figures(trained, tmp_p
     message = str(refusal.value)
     assert "refused int8" in message and "the repository holds only fp32" in message
     assert f"int8 on dimension {SPEC.dimensions[2]}: MAE" in message and "> tolerance 0.01" in message
-    manifest = json.loads((repo / "filter.json").read_text())
+    manifest = json.loads((repo / f"{SPEC.name}.filter.json").read_text())
     assert manifest["tensor_models"] == {"fp32": f"{SPEC.name}_onnx"}
     assert list(manifest["refused"]) == ["int8"]
     assert manifest["int8"]["rung"] == len(EXCLUSION_LADDER) - 1, "every rung of the exclusion ladder was tried"

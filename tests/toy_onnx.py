@@ -94,14 +94,14 @@ def build_onnx(path: Path, vocab_size: int, weights: tuple[float, ...], hidden: 
 
 
 def build_toy_export(root: Path, *, max_batch_size: int = 8, bucket: int = 16) -> ToyExport:
-    """A complete repository in ``root/repo`` as the export would leave it (filter.json included)."""
+    """A complete repository in ``root/repo`` as the export would leave it (a root record included)."""
     tokenizer_dir = root / "tokenizer"
     tok = build_tokenizer(tokenizer_dir)
     vocab_size = tok.get_vocab_size()
     pad_token_id = tok.token_to_id(PAD_TOKEN)
     repo = root / "repo"
     build_onnx(repo / f"{TOY_SPEC.name}_onnx" / "1" / "model.onnx", vocab_size, TOY_SPEC.weights)
-    (repo / "filter.json").write_text('{"note": "written by the export; Triton must ignore it"}')
+    (repo / "filterserve.json").write_text('{"note": "written by the export; Triton must ignore it"}')
     write_repository(
         repo,
         TOY_SPEC,
