@@ -16,7 +16,7 @@ from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base model folder or hub id (e.g. Qwen/Qwen2.5-1.5B)")
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter + tokenizer files)")
-    parser.add_argument("--out", required=True, help="model repository folder to write")
+    parser.add_argument("--out", required=True, help="model repository to add the filter to (or replace it in); other filters stay")
     parser.add_argument("--name", help="Triton model name (default: the filter's name)")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
     parser.add_argument("--calibration", help='per-dimension isotonic breakpoints, JSON {"<dimension>": {"x": [...], "y": [...]}}: '
@@ -38,7 +38,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         "variant, and only it, runs on ONNX Runtime's TensorRT accelerator in FP16 (export fp16 to get it)")
     parser.add_argument("--trt-cache-dir", default=TRT_CACHE_ROOT, help="with --gpu: where the server's ONNX Runtime writes "
                         "TensorRT engines, one folder per model checksum (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace a different export already in --out")
+    parser.add_argument("--force", action="store_true", help="replace a different export of the same filter already in --out")
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -80,7 +80,10 @@ def export_command(args: argparse.Namespace) -> int:
         "export_seconds": manifest["export_seconds"],
         "peak_rss_mb": manifest["peak_rss_mb"],
     }, indent=2))
-    print(f"wrote {args.out}; serve it with: filterserve serve --model-repository {args.out}", file=sys.stderr)
+    name = manifest["filter"]["name"]
+    print(f"wrote filter {name} into {args.out}; serve it with: filterserve serve --model-repository {args.out}\n"
+          f"a server already running on it keeps its loaded models until told: "
+          f"POST /v2/repository/models/{name}/load", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from filterserve.errors import FilterServeError
+from filterserve.manifest import read_filter_record, read_json
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TEMPLATE_FIELDS = ("title", "content")
@@ -206,19 +207,10 @@ def _breakpoints(data: dict[str, Any], source: str) -> tuple[tuple[str, Breakpoi
 
 def read_calibration(path: Path, spec: FilterSpec) -> tuple[tuple[str, Breakpoints], ...]:
     """``{"<dimension>": {"x": [...], "y": [...]}, ...}``: the production scorer's isotonic breakpoints."""
-    data = _read_json(path, "calibration file")
+    data = read_json(path, "calibration file")
     calibration = _breakpoints(data, f"calibration file {path}")
     replace(spec, calibration=calibration)  # validates names and breakpoints against the filter
     return calibration
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise FilterServeError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FilterServeError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
 UPLIFTING_V4 = FilterSpec(
@@ -253,10 +245,8 @@ def load_filter(path: str | Path | None, name: str | None = None) -> FilterSpec:
         return UPLIFTING_V4
     p = Path(path)
     if p.is_dir():
-        from filterserve.manifest import read_filter_record
-
         return FilterSpec.from_dict(read_filter_record(p, name)["filter"], source=f"the record of {name or 'the filter'} in {p}")
-    data = _read_json(p, "filter description")
+    data = read_json(p, "filter description")
     if isinstance(data, dict) and "filter" in data and "dimensions" not in data:
         data = data["filter"]  # a filter record (<name>.filter.json) also works as a description
     if not isinstance(data, dict):

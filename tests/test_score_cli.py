@@ -174,19 +174,6 @@ def _many(path: Path, total: int) -> list[int]:
     return good
 
 
-def _wait_for_lines(path: Path, count: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while (not path.exists() or path.read_bytes().count(b"\n") < count) and process.poll() is None:
-        assert time.monotonic() < deadline, "scoring did not start"
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be stopped: make the input longer"
-
-
-def _score_background(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "filterserve.cli", "score", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _assert_each_line_once_in_order(out_path: Path, errors_path: Path, good: list[int]) -> None:
     scored = [record["n"] for record in _jsonl(out_path)]
     assert scored == good, "every good line scored exactly once, in input order"
@@ -282,15 +269,29 @@ def test_non_finite_numbers_never_reach_the_output(exported, tmp_path):
     assert errors[1]["error"] == "bad JSON: NaN is not valid JSON"
 
 
-@pytest.mark.timeout(240)
-def test_ctrl_c_writes_the_finished_lines_says_where_and_resume_finishes(server, tmp_path):
+def _stopped_mid_file(server: TritonServer, tmp_path: Path, stop_signal: int) -> tuple[Path, Path, list[int], int, str]:
+    """Scores 3,000 lines into an output file and sends ``stop_signal`` once 60 are written."""
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     good = _many(source, 3000)
-    process = _score_background(str(source), "--url", server.grpc_url, "--output", str(out), "--concurrency", "2")
-    _wait_for_lines(out, 60, process)
-    process.send_signal(signal.SIGINT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "filterserve.cli", "score", str(source), "--url", server.grpc_url, "--output", str(out),
+         "--concurrency", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.read_bytes().count(b"\n") < 60) and process.poll() is None:
+        assert time.monotonic() < deadline, "scoring did not start"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be stopped: make the input longer"
+    process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    return source, out, good, process.returncode, stderr
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_writes_the_finished_lines_says_where_and_resume_finishes(server, tmp_path):
+    source, out, good, code, stderr = _stopped_mid_file(server, tmp_path, signal.SIGINT)
+    assert code == 130, stderr
     match = re.search(r"interrupted: input lines 1–(\d+) are written", stderr)
     assert match and f"filterserve score {source} --output {out} --resume" in stderr, stderr
     written = [record["n"] for record in _jsonl(out)]  # every line complete JSON
@@ -304,12 +305,8 @@ def test_ctrl_c_writes_the_finished_lines_says_where_and_resume_finishes(server,
 
 @pytest.mark.timeout(240)
 def test_resume_after_the_scoring_process_is_killed_scores_each_line_exactly_once(server, tmp_path):
-    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    good = _many(source, 3000)
-    process = _score_background(str(source), "--url", server.grpc_url, "--output", str(out), "--concurrency", "4")
-    _wait_for_lines(out, 60, process)
-    process.kill()  # SIGKILL: no handler, no flush, no goodbye
-    process.communicate(timeout=30)
+    source, out, good, code, _ = _stopped_mid_file(server, tmp_path, signal.SIGKILL)  # no handler, no flush, no goodbye
+    assert code == -signal.SIGKILL
     with open(out, "a", encoding="utf-8") as torn:
         torn.write('{"n": 99999, "title": "torn by the ki')  # as a kill in the middle of a write would leave it
 
