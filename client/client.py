@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from gevent.exceptions import InvalidThreadUseError
 import tritonclient.http as httpclient
 from tokenizers import Tokenizer
 from tqdm import tqdm
@@ -278,7 +279,12 @@ class TritonEndpoint:
         if self._grpc is not None:
             opened.append(self._grpc)
         for transport in opened:
-            transport.close()
+            try:
+                transport.close()
+            except InvalidThreadUseError:
+                # An HTTP client made in a worker thread belongs to that thread's gevent hub and
+                # cannot be closed from here; it closes when that thread's objects are collected.
+                continue
 
     def _transport(self) -> Any:
         if self._grpc is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from filterserve.errors import FilterServeError
 from filterserve.serve.assembly import filter_ensembles, read_configs
 from filterserve.serve.health import Recovery, Supervisor, SupervisorEndpoint
+from filterserve.serve.memory import check_memory
 from filterserve.serve.process import AdminKey, TritonProcess, address
 
 WATCH_INTERVAL_S = 0.5  # stub and process checks: cheap, local, and what makes recovery take seconds
@@ -110,6 +111,7 @@ class TritonServer:
         """Start, wait until ready, and check every filter with a test inference."""
         if self._started:
             raise FilterServeError("this server is already started")
+        check_memory(self.repo)  # a clear refusal now rather than the kernel's OOM kill mid-load
         self._started = True
         atexit.register(self.stop)
         try:
