@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -93,20 +92,9 @@ def parse_line(number: int, raw_bytes: bytes) -> Line | None:
     return Line(number, raw, record)
 
 
-def non_finite(result: FilterResult) -> str | None:
-    """Names the first non-finite number of a result (JSON has no NaN or Infinity)."""
-    fields = {**{f"scores.{d}": v for d, v in result.scores.items()}, "weighted_score": result.weighted_score,
-              **{f"final_scores.{d}": v for d, v in result.final_scores.items()}, "weighted_average": result.weighted_average}
-    for field, value in fields.items():
-        if not math.isfinite(value):
-            return f"the server returned a non-finite {field} ({value}); JSON has no NaN or Infinity, so the line is not written"
-    return None
-
-
 def line_failure(results: dict[str, FilterResult | ScoreError]) -> str | None:
     """Why a line cannot be written, or None; a reason every filter shares (a bad input) is said once."""
     reasons = {name: r.message for name, r in results.items() if isinstance(r, ScoreError)}
-    reasons |= {name: m for name, r in results.items() if isinstance(r, FilterResult) and (m := non_finite(r))}
     if not reasons:
         return None
     if len(reasons) == len(results) and len(set(reasons.values())) == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 import weakref
@@ -84,6 +85,12 @@ class FilterResult:
     # Tokens the model read, and whether the article ran past max_length (it read only the start).
     n_tokens: int
     truncated: bool
+
+    def non_finite(self) -> tuple[str, float] | None:
+        """The first number that is NaN or infinite, as (field, value), or None."""
+        fields = {**{f"scores.{d}": v for d, v in self.scores.items()}, "weighted_score": self.weighted_score,
+                  **{f"final_scores.{d}": v for d, v in self.final_scores.items()}, "weighted_average": self.weighted_average}
+        return next(((field, value) for field, value in fields.items() if not math.isfinite(value)), None)
 
     def as_dict(self) -> dict[str, Any]:
         """The object ``filterserve score`` writes under the filter's name."""
@@ -449,10 +456,7 @@ class FilterClient(TritonEndpoint, Scorer):
         raw, final = raw.reshape(-1), decided[DECISION_OUTPUTS[0]].reshape(-1)
         if raw.shape[0] != len(self.dimensions) or final.shape[0] != len(self.dimensions):
             raise ClientError(f"model {model} returned {raw.shape[0]} scores for {len(self.dimensions)} dimensions")
-        numbers = (raw, weighted, final, decided[DECISION_OUTPUTS[1]])
-        if not all(np.isfinite(x).all() for x in numbers):
-            raise ClientError(f"model {model} returned non-finite scores {raw.tolist()}: refusing to report them")
-        return FilterResult(
+        result = FilterResult(
             scores=dict(zip(self.dimensions, map(float, raw))),
             weighted_score=float(weighted.reshape(-1)[0]),
             final_scores=dict(zip(self.dimensions, map(float, final))),
@@ -461,6 +465,10 @@ class FilterClient(TritonEndpoint, Scorer):
             n_tokens=n_tokens,
             truncated=truncated,
         )
+        bad = result.non_finite()
+        if bad:  # JSON has no NaN or Infinity, and a NaN score would pass every comparison silently
+            raise ClientError(f"the server returned a non-finite {bad[0]} ({bad[1]}); refusing to report this result")
+        return result
 
     def score(self, title: str, content: str) -> FilterResult:
         """One article; the server joins title and content with the filter's template."""

@@ -20,6 +20,7 @@ from filterserve.export.pipeline import export_filter
 from filterserve.export.standin import build_standin
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.serve import TritonServer
+from filterserve.serve.process import ADMIN_HEADER
 
 from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
 from test_decision import decide
@@ -131,8 +132,11 @@ def test_a_failed_re_export_leaves_both_filters_served_and_scoring_as_before(ser
 
 
 def _load(server: TritonServer, model: str) -> None:
-    """Triton's repository API (explicit model control): load, or reload if the files changed."""
+    """Triton's repository API (explicit model control): load, or reload if the files changed.
+
+    serve locks that API behind its per-server key (see test_serve_faults), so only a holder of the key may call it."""
     request = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/{model}/load", data=b"{}", method="POST")
+    request.add_header(ADMIN_HEADER, server.admin_key.value)
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.status == 200
 

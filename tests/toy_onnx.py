@@ -101,7 +101,8 @@ def build_toy_export(root: Path, *, max_batch_size: int = 8, bucket: int = 16) -
     pad_token_id = tok.token_to_id(PAD_TOKEN)
     repo = root / "repo"
     build_onnx(repo / f"{TOY_SPEC.name}_onnx" / "1" / "model.onnx", vocab_size, TOY_SPEC.weights)
-    (repo / "filterserve.json").write_text('{"note": "written by the export; Triton must ignore it"}')
+    # A repository manifest at the root, as the export leaves one (Triton must ignore it); the toy has no filter records.
+    (repo / "filterserve.json").write_text('{"format": "filterserve.repository/1", "filters": {}}')
     write_repository(
         repo,
         TOY_SPEC,
