@@ -199,6 +199,10 @@ class Supervisor:
             try:
                 self._client.infer(name, _probe_tensors(), client_timeout=self.process.startup_timeout_s)
             except InferenceServerException as exc:
+                if _is_late(exc):  # requests that arrived first queue ahead of the probe: busy, not broken
+                    self.report(f"test inference on {name} waited {self.process.startup_timeout_s:.0f} s behind "
+                                "queued requests: busy, not broken; the supervisor keeps checking it")
+                    continue
                 raise self.process.failure(f"test inference on {name} failed: {exc.message()}") from None
 
     def close(self) -> None:
