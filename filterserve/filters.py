@@ -8,7 +8,6 @@ works the same way.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
