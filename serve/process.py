@@ -33,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -394,13 +396,26 @@ class TritonProcess:
                 if self.cancel.is_set():
                     raise FilterServeError("stop requested while tritonserver was starting")
                 try:
-                    if client.is_server_ready(client_timeout=2.0):
+                    if client.is_server_ready(client_timeout=2.0) and self._http_endpoints_answer():
                         return
                 except InferenceServerException:
                     pass
         finally:
             client.close()
         raise self.failure(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s")
+
+    def _http_endpoints_answer(self) -> bool:
+        """tritonserver opens gRPC before HTTP and metrics, and exits if either port is taken: gRPC
+        alone answering is not "started". A squatter on the port accepts but never answers 200."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for what, path in (("http", "/v2/health/ready"), ("metrics", "/metrics")):
+            try:
+                with opener.open(f"http://{self.url(what)}{path}", timeout=2.0) as response:
+                    if response.status != 200:
+                        return False
+            except (OSError, urllib.error.URLError):
+                return False
+        return True
 
     def failure(self, message: str) -> FilterServeError:
         return FilterServeError(f"{message}; last lines of the tritonserver log ({self.log_path}):\n{self.log_tail()}")
