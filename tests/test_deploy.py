@@ -36,7 +36,11 @@ TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # tritonserver's d
 # KServe's ClusterServingRuntime kserve-tritonserver (config/runtimes/kserve-tritonserver.yaml):
 # --http-port=8080 --grpc-port=9000, metrics left at Triton's default.
 KSERVE_TRITON_PORTS = {"http": 8080, "grpc": 9000, "metrics": 8002}
-PROBE_PATHS = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+# (path, port) per probe. filterserve serve's start-up and readiness come from its supervisor:
+# Triton's own ready stays 200 while a crashed Python stub fails every request.
+TRITON_PROBES = {"startupProbe": ("/v2/health/ready", "http"), "readinessProbe": ("/v2/health/ready", "http"),
+                 "livenessProbe": ("/v2/health/live", "http")}
+SERVE_PROBES = {**TRITON_PROBES, "startupProbe": ("/ready", "supervisor"), "readinessProbe": ("/ready", "supervisor")}
 
 # Memory per pod, the arithmetic in deploy/cpu/deployment.yaml and deploy/gpu/deployment.yaml.
 GIB = 2**30
@@ -174,7 +178,8 @@ def server(container: dict) -> dict:
         parser = argparse.ArgumentParser(prog="filterserve serve")
         add_serve_arguments(parser)
         args = parser.parse_args(command[2:])  # an unknown or malformed option fails here
-        ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+        ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port,
+                 "supervisor": args.supervisor_port}
         return {"kind": "filterserve", "host": args.host, "ports": ports, "repository": str(args.model_repository)}
     if command[:1] == ["tritonserver"]:
         options = triton_options(command[1:])
@@ -201,17 +206,18 @@ def test_server_listens_where_the_pod_says(name: str, pod_meta: dict, pod: dict,
     if run["kind"] != "kserve":  # KServe declares the runtime's ports itself
         declared = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert declared == run["ports"], f"{name}: container ports {declared} but the server uses {run['ports']}"
-        assert run["ports"] == TRITON_PORTS, f"{name}: Triton's default ports are what clients and dashboards expect"
+        triton_ports = {what: run["ports"][what] for what in TRITON_PORTS}
+        assert triton_ports == TRITON_PORTS, f"{name}: Triton's default ports are what clients and dashboards expect"
 
 
 @pytest.mark.parametrize("name, pod_meta, pod, container", WORKLOADS, ids=WORKLOAD_IDS)
-def test_probes_hit_tritons_health_endpoints(name: str, pod_meta: dict, pod: dict, container: dict) -> None:
+def test_probes_hit_the_health_endpoints_that_tell_broken_from_busy(name: str, pod_meta: dict, pod: dict, container: dict) -> None:
     run = server(container)
-    for probe, path in PROBE_PATHS.items():
+    for probe, (path, port) in (SERVE_PROBES if run["kind"] == "filterserve" else TRITON_PROBES).items():
         assert probe in container, f"{name}: no {probe}"
         http = container[probe]["httpGet"]
         assert http["path"] == path, f"{name}: {probe} asks {http['path']}, expected {path}"
-        assert port_number(container, http["port"]) == run["ports"]["http"], f"{name}: {probe} misses the HTTP port"
+        assert port_number(container, http["port"]) == run["ports"][port], f"{name}: {probe} misses the {port} port"
 
 
 @pytest.mark.parametrize("name, pod_meta, pod, container", WORKLOADS, ids=WORKLOAD_IDS)
@@ -396,7 +402,8 @@ def test_network_policy_admits_the_served_ports() -> None:
     selected = pods_selected(policy["spec"]["podSelector"]["matchLabels"], policy["metadata"]["namespace"])
     assert set(selected) == {"filterserve-cpu", "filterserve-gpu"}
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert allowed == set(TRITON_PORTS.values())
+    served = {port for name, _, _, container in WORKLOADS if name in selected for port in server(container)["ports"].values()}
+    assert allowed == served
 
 
 # --- images ----------------------------------------------------------------------------------
