@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -173,6 +174,46 @@ def test_admin_apis_refuse_callers_without_the_key(served, protocol, tmp_path):
     assert client.get_model_config(TOY_SPEC.name)  # clients still read the filter from the config
 
 
+@pytest.mark.timeout(60)
+def test_hostile_http_bodies_never_get_other_scores_and_never_take_the_server_down(served):
+    """What tritonserver 2.51's own HTTP parser does with bodies no client library sends (README,
+    "Bounded input"): a batch dimension of 2**32 or more is cut to its low 32 bits on the way in
+    (2**32 + 1 is one row, 2**32 is read as one row too); the data must still fill the shape Triton
+    read, so the one text sent is the one scored, never more and never another. Other shapes the
+    data does not fill, negative dimensions and broken JSON are refused; the server stays up."""
+
+    def post(body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://{served.http_url}/v2/models/{TOY_SPEC.name}/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())
+
+    def one_text(shape: list[int]) -> bytes:
+        tensor = {"name": "TEXT", "shape": shape, "datatype": "BYTES", "data": ["Volunteers rebuilt the school."]}
+        return json.dumps({"inputs": [tensor]}).encode()
+
+    def scores(answer: dict) -> list[float]:
+        (out,) = [out for out in answer["outputs"] if out["name"] == "scores"]
+        return out["data"]
+
+    status, plain = post(one_text([1, 1]))
+    assert status == 200, plain
+    for shape in ([2**32 + 1, 1], [2**32, 1], [2**33, 1]):
+        status, answer = post(one_text(shape))
+        assert status == 200 and scores(answer) == scores(plain), (shape, answer)
+    for shape in ([2**32 + 2, 1], [2**31, 1], [2**32 - 1, 1], [1, 2**32 + 1]):
+        status, answer = post(one_text(shape))
+        assert status == 400 and "expected" in answer["error"], (shape, answer)
+    status, answer = post(one_text([-1, 1]))
+    assert status == 500 and "Unable to parse 'shape'" in answer["error"]
+    status, answer = post(b'{"inputs": [')
+    assert status == 500 and "failed to parse the request JSON buffer" in answer["error"]
+    assert _scores(served) and served.supervisor.ready
+
+
 # --- busy is not broken --------------------------------------------------------------------
 @pytest.mark.timeout(90)
 def test_a_queue_far_deeper_than_the_probe_deadline_fails_nothing_and_restarts_nothing(served):
@@ -186,6 +227,40 @@ def test_a_queue_far_deeper_than_the_probe_deadline_fails_nothing_and_restarts_n
     assert served.supervisor.recoveries[recoveries_before:] == []
     assert served.supervisor.late_probes[SLOW] > late_before  # the probe did wait, and was judged busy
     assert readiness.seen and all(readiness.seen)  # busy is ready
+
+
+@pytest.mark.timeout(120)
+def test_requests_queued_before_serve_is_ready_neither_fail_nor_fail_its_start(repo, monkeypatch, capsys):
+    """Clients that start sending when tritonserver answers, before serve's own start-up test
+    inference: that inference waits behind them past its deadline. Busy, not broken: start goes on,
+    every queued request is answered, nothing is restarted. (600 queued long articles once took
+    serve down this way.)"""
+    from filterserve.serve.health import Supervisor
+
+    requests = 60  # 6 s of work queued ahead of the test inference
+    burst: dict = {}
+    original = Supervisor.verify_filters
+
+    def verify_behind_a_queue(supervisor: Supervisor) -> None:
+        client = grpcclient.InferenceServerClient(supervisor.process.url("grpc"))
+        outcomes: list = []
+        burst.update(outcomes=outcomes, done=threading.Event())
+        for _ in range(requests):
+            client.async_infer(SLOW, _text("grpc"), callback=lambda result, error: (
+                outcomes.append("ok" if error is None else error),
+                len(outcomes) == requests and burst["done"].set()))
+        supervisor.process.startup_timeout_s = 2.0  # the start-up deadline, shorter than the queue
+        time.sleep(0.5)  # the queue is built before the test inference joins it
+        original(supervisor)
+
+    monkeypatch.setattr(Supervisor, "verify_filters", verify_behind_a_queue)
+    with TritonServer(repo) as server:
+        assert burst["done"].wait(60)
+        assert burst["outcomes"].count("ok") == requests, [o for o in burst["outcomes"] if o != "ok"][:3]
+        assert server.supervisor.recoveries == []
+        assert server.process.running and server.process.launches == 1
+        assert _scores(server)
+    assert f"test inference on {SLOW} waited 2 s behind queued requests: busy, not broken" in capsys.readouterr().err
 
 
 # --- broken is recovered -------------------------------------------------------------------
