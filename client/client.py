@@ -33,6 +33,7 @@ from filterserve.contract import (
     DECISION_OUTPUTS,
     ENSEMBLE_OUTPUTS,
     FILTER_PARAMETER,
+    LOGITS,
     N_TOKENS,
     SCORES,
     TENSOR_OUTPUTS,
@@ -398,10 +399,10 @@ class FilterClient(TritonEndpoint, Scorer):
             self.spec = FilterSpec.from_dict(json.loads(described), source=f"the '{FILTER_PARAMETER}' parameter of {self.model}")
         except json.JSONDecodeError as exc:
             raise ClientError(f"model {self.model}: its '{FILTER_PARAMETER}' parameter is not JSON ({exc})") from None
-        # The composing models, as the ensemble names them: the step fed by token ids, the one fed by scores.
+        # The composing models, as the ensemble names them: the step fed by token ids, the one fed by logits.
         steps = config.get("ensemble_scheduling", {}).get("step", [])
         by_input = {key: step["model_name"] for step in steps for key in step.get("input_map", {})}
-        self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(SCORES)
+        self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(LOGITS)
 
         self._tokenizer: Tokenizer | None = None
         if tokenizer is not None:
@@ -501,7 +502,7 @@ class FilterClient(TritonEndpoint, Scorer):
         truncated = truncated or len(input_ids) > self.spec.max_length
         ids = np.asarray(input_ids, dtype=np.int64)[: self.spec.max_length].reshape(1, -1)
         logits, weighted = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS).values()
-        decided = self._infer(self.decision_model, {SCORES: logits.astype(np.float32)}, DECISION_OUTPUTS)
+        decided = self._infer(self.decision_model, {LOGITS: logits.astype(np.float32)}, DECISION_OUTPUTS)
         return self._result(self.tensor_model, logits, weighted, decided, ids.shape[1], truncated)
 
 

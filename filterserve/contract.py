@@ -17,7 +17,11 @@ N_TOKENS, TRUNCATED = "n_tokens", "truncated"
 # Tensor model <name>_onnx (and every other precision, and a TensorRT plan): TOKEN_INPUTS in.
 LOGITS, WEIGHTED_SCORE = "logits", "weighted_score"
 TENSOR_OUTPUTS = (LOGITS, WEIGHTED_SCORE)
-# Decision step <name>_decision: raw scores → what the filter's consumers read.
+# Decision step <name>_decision: LOGITS in; out, the raw scores as read (SCORES) and what the
+# filter's consumers read. The ensemble's SCORES come from this step, not straight from the tensor
+# model: Triton 2.51 prunes a step whose outputs are all unrequested, and counts an ensemble output
+# that also feeds a later step twice, so a client asking for a subset of the outputs got "unexpected
+# deadlock". No ensemble output feeds another step.
 SCORES = "scores"
 FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED = "final_scores", "weighted_average", "gatekeeper_applied"
 DECISION_OUTPUTS = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED)

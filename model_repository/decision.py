@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from filterserve.contract import FINAL_SCORES, GATEKEEPER_APPLIED, SCORES, WEIGHTED_AVERAGE
+from filterserve.contract import FINAL_SCORES, GATEKEEPER_APPLIED, LOGITS, SCORES, WEIGHTED_AVERAGE
 from filterserve.filters import SCORE_RANGE, FilterSpec
 
 OPSET = 18
@@ -44,8 +44,8 @@ def _segments(spec: FilterSpec) -> dict[str, np.ndarray]:
 
 
 def decision_graph(spec: FilterSpec):
-    """``scores`` FP32 [batch, n] → ``final_scores`` [batch, n], ``weighted_average`` [batch, 1],
-    ``gatekeeper_applied`` BOOL [batch, 1]."""
+    """``logits`` FP32 [batch, n] → ``scores`` (the same, passed through for the ensemble),
+    ``final_scores`` [batch, n], ``weighted_average`` [batch, 1], ``gatekeeper_applied`` BOOL [batch, 1]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -61,7 +61,7 @@ def decision_graph(spec: FilterSpec):
         return output
 
     n = spec.num_labels
-    scores = SCORES
+    scores = node("Identity", [LOGITS], SCORES)
     if spec.calibration:
         seg = _segments(spec)
         lifted = node("Unsqueeze", [scores, const("axis_1", [1], np.int64)], "lifted")  # [B, 1, n]
@@ -70,7 +70,7 @@ def decision_graph(spec: FilterSpec):
         rises = node("Mul", [within, const("seg_slope", seg["slope"])], "rises")
         summed = node("ReduceSum", [rises, const("axis_1b", [1], np.int64)], "summed", keepdims=0)
         interpolated = node("Add", [summed, const("seg_first", seg["first"])], "interpolated")
-        scores = node("Where", [const("is_calibrated", seg["calibrated"], bool), interpolated, SCORES], "calibrated")
+        scores = node("Where", [const("is_calibrated", seg["calibrated"], bool), interpolated, LOGITS], "calibrated")
     low, high = SCORE_RANGE
     final = node("Clip", [scores, const("low", low), const("high", high)], FINAL_SCORES)
     weights = np.asarray(spec.weights, dtype=np.float64)
@@ -105,8 +105,9 @@ def decision_graph(spec: FilterSpec):
     graph = helper.make_graph(
         nodes,
         f"{spec.name}_decision",
-        [helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", n])],
         [
+            helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["batch", n]),
             helper.make_tensor_value_info(FINAL_SCORES, TensorProto.FLOAT, ["batch", n]),
             helper.make_tensor_value_info(WEIGHTED_AVERAGE, TensorProto.FLOAT, ["batch", 1]),
             helper.make_tensor_value_info(GATEKEEPER_APPLIED, TensorProto.BOOL, ["batch", 1]),

@@ -116,7 +116,8 @@ def decision_config(spec: FilterSpec, *, max_batch_size: int) -> mc.ModelConfig:
         max_batch_size=max_batch_size,
         default_model_filename="model.onnx",
     )
-    _add_tensor(config.input, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.input, contract.LOGITS, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
     _add_tensor(config.output, contract.FINAL_SCORES, mc.TYPE_FP32, [spec.num_labels])
     _add_tensor(config.output, contract.WEIGHTED_AVERAGE, mc.TYPE_FP32, [1])
     _add_tensor(config.output, contract.GATEKEEPER_APPLIED, mc.TYPE_BOOL, [1])
@@ -195,13 +196,13 @@ def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str)
         model_name=tensor_model,
         model_version=-1,
         input_map=tokens,
-        output_map={contract.LOGITS: contract.SCORES, contract.WEIGHTED_SCORE: contract.WEIGHTED_SCORE},
+        output_map={contract.LOGITS: f"_{contract.LOGITS}", contract.WEIGHTED_SCORE: contract.WEIGHTED_SCORE},
     )
-    config.ensemble_scheduling.step.add(
+    config.ensemble_scheduling.step.add(  # SCORES too: no ensemble output may feed a step (contract.py)
         model_name=contract.decision_model(spec.name),
         model_version=-1,
-        input_map={contract.SCORES: contract.SCORES},
-        output_map={name: name for name in contract.DECISION_OUTPUTS},
+        input_map={contract.LOGITS: f"_{contract.LOGITS}"},
+        output_map={name: name for name in (contract.SCORES, *contract.DECISION_OUTPUTS)},
     )
     # Clients read the filter (dimensions, weights, template, rules) from the server's config.
     _set_params(config, {contract.FILTER_PARAMETER: json.dumps(spec.to_dict(), ensure_ascii=False)})

@@ -25,7 +25,9 @@ def decide(spec: FilterSpec, rows: list[list[float]]) -> tuple[np.ndarray, np.nd
     import onnxruntime as ort
 
     session = ort.InferenceSession(decision_graph(spec).SerializeToString(), providers=["CPUExecutionProvider"])
-    final, average, applied = session.run(None, {"scores": np.asarray(rows, dtype=np.float32)})
+    raw = np.asarray(rows, dtype=np.float32)
+    scores, final, average, applied = session.run(None, {"logits": raw})
+    assert (scores == raw).all()  # passed through for the ensemble, unchanged
     return final, average[:, 0], applied[:, 0]
 
 

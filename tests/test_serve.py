@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from filterserve.contract import DECISION_OUTPUTS, ENSEMBLE_OUTPUTS, N_TOKENS, SCORES, TRUNCATED, WEIGHTED_SCORE
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.serve import TritonServer
@@ -131,6 +132,25 @@ def test_plain_tritonclient_sends_title_and_content_and_gets_the_trained_input(s
     # The old ". " join scores differently: the check above would catch a server that used it.
     dotted = reference([f"{t}. {c}" for t, c in MIXED_ARTICLES[:2]])
     assert np.abs(dotted - raw[:2]).max() > 1e-3
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_caller_naming_the_outputs_it_wants_gets_exactly_those(server, protocol):
+    """Triton clients often name their outputs: the decision alone, the raw scores alone. Each
+    output, and the usual subsets, come back alone and equal to the full answer (Triton 2.51
+    answered "unexpected deadlock" to most subsets while an ensemble output fed a step)."""
+    client, module = _client(server, protocol), CLIENTS[protocol]
+    inputs = _text_inputs(protocol, TEXTS[:2])
+    full = client.infer(SPEC.name, inputs)
+    subsets = [(name,) for name in ENSEMBLE_OUTPUTS] + [DECISION_OUTPUTS, (SCORES, WEIGHTED_SCORE), (N_TOKENS, TRUNCATED)]
+    for wanted in subsets:
+        result = client.infer(SPEC.name, inputs, outputs=[module.InferRequestedOutput(name) for name in wanted])
+        for name in ENSEMBLE_OUTPUTS:
+            if name in wanted:
+                np.testing.assert_array_equal(result.as_numpy(name), full.as_numpy(name), err_msg=f"{wanted}: {name}")
+            else:
+                assert result.as_numpy(name) is None, f"{wanted}: {name} was not asked for"
 
 
 @pytest.mark.timeout(60)
