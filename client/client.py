@@ -53,6 +53,9 @@ E = TypeVar("E", bound="TritonEndpoint")
 # Only these mean "the server is not there (yet)"; retrying anything else repeats a sure failure.
 RETRYABLE_GRPC = {"StatusCode.UNAVAILABLE"}
 RETRYABLE_HTTP = {"502", "503", "504"}
+# A server that is stopping unloads its models first: for a moment it answers, but the model has
+# "no available versions" (gRPC NOT_FOUND, HTTP 400). That is a server going away, not bad input.
+UNLOADING = "has no available versions"
 BAD_INPUT = {"StatusCode.INVALID_ARGUMENT", "400"}
 TIMED_OUT = {"StatusCode.DEADLINE_EXCEEDED"}
 # Items read ahead per worker thread, to be sent in order of length (see ``score_iter``).
@@ -315,20 +318,23 @@ class TritonEndpoint:
         return ClientError(f"{what} timed out after {self.timeout_s:g} s ({self.protocol}); raise the timeout for slow servers")
 
     def _call(self, request: Callable[[Any], T], what: str) -> T:
-        """Runs ``request`` with bounded retries on unreachable-server errors only."""
+        """Runs ``request`` with bounded retries on unreachable (or stopping) server errors only."""
         backoff = FIRST_BACKOFF_S
         for attempt in range(self.retries + 1):
             try:
                 return request(self._transport())
             except InferenceServerException as exc:
                 status, message = str(exc.status()), exc.message() or str(exc)
-                if status in BAD_INPUT:
+                if UNLOADING in message:
+                    reason = message
+                elif status in BAD_INPUT:
                     raise ClientError(f"bad input: {message}") from None
-                if status in TIMED_OUT:
+                elif status in TIMED_OUT:
                     raise self._timed_out(what) from None
-                if status not in RETRYABLE_GRPC | RETRYABLE_HTTP:
+                elif status not in RETRYABLE_GRPC | RETRYABLE_HTTP:
                     raise ClientError(f"{what} failed ({self.protocol}, {status}): {message}") from None
-                reason = message
+                else:
+                    reason = message
             except TimeoutError:
                 raise self._timed_out(what) from None
             except (OSError, HTTPException) as exc:  # how the HTTP client reports refused or dropped connections
@@ -366,7 +372,8 @@ class TritonEndpoint:
 
     def _require_ready(self, model: str) -> None:
         if not self._call(lambda c: c.is_model_ready(model, **self._timeout_kw()), "readiness check"):
-            raise ClientError(f"model {model} is not ready on the server at {self.url} ({self.protocol})")
+            # Not ready here (loading, stopping): a pool tries another server.
+            raise ServerUnavailable(f"model {model} is not ready on the server at {self.url} ({self.protocol})")
 
 class FilterClient(TritonEndpoint, Scorer):
     """Scores articles with one filter served by Triton.
@@ -431,7 +438,7 @@ class FilterClient(TritonEndpoint, Scorer):
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
-            raise ClientError(f"server at {self.url} serves no ready filter ensemble")
+            raise ServerUnavailable(f"server at {self.url} serves no ready filter ensemble")
         raise ClientError(f"server at {self.url} serves several filters, pick one with model=: {', '.join(candidates)}")
 
     # --- scoring -----------------------------------------------------------------------------

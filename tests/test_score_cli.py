@@ -229,13 +229,15 @@ def _nan_decision(path: Path, n_dims: int) -> None:
 
     graph = helper.make_graph(
         [
-            helper.make_node("Mul", ["scores", "nan"], ["final_scores"]),
+            helper.make_node("Identity", ["logits"], ["scores"]),
+            helper.make_node("Mul", ["logits", "nan"], ["final_scores"]),
             helper.make_node("ReduceSum", ["final_scores", "axes"], ["weighted_average"], keepdims=1),
             helper.make_node("Greater", ["weighted_average", "zero"], ["gatekeeper_applied"]),
         ],
         "nan_decision",
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, n_dims])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n_dims])],
         [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, n_dims]),
             helper.make_tensor_value_info("final_scores", TensorProto.FLOAT, [None, n_dims]),
             helper.make_tensor_value_info("weighted_average", TensorProto.FLOAT, [None, 1]),
             helper.make_tensor_value_info("gatekeeper_applied", TensorProto.BOOL, [None, 1]),
