@@ -11,6 +11,7 @@ keeping more layers in fp32, until the gate admits it or the ladder ends.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,4 +61,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, keep_fp32: Callable[[str], b
         )
     except Exception as exc:  # the quantizer raises bare Exceptions and ValueErrors alike
         raise FilterServeError(f"INT8 quantization of {fp32_path} failed: {type(exc).__name__}: {exc}") from exc
+    # The quantizer writes its data through a private temp file (mode 0600): a server running as
+    # another user (a container, a shared volume) could not read it. Same mode as the fp32 files.
+    for written in (int8_path, int8_path.with_name(int8_path.name + ".data")):
+        if written.exists():
+            shutil.copymode(fp32_path, written)
     return sorted(kept)

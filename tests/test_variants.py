@@ -52,6 +52,9 @@ def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
     assert _served_precision(repo) == manifest["default_precision"]
     assert manifest["parity"]["int8"]["tolerance"] is None and manifest["parity"]["int8"]["finite"]
     assert json.loads((repo / f"{SPEC.name}.filter.json").read_text()) == manifest
+    # Readable by a server running as another user, as the fp32 files are (the quantizer wrote 0600)
+    modes = {f"{f.parent.parent.name}/{f.name}": oct(f.stat().st_mode) for f in repo.glob("*/1/model.onnx*")}
+    assert len(modes) == 7 and len(set(modes.values())) == 1, modes  # 3 variants with their data, the decision
 
 
 @pytest.mark.timeout(600)
