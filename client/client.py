@@ -325,16 +325,14 @@ class TritonEndpoint:
                 return request(self._transport())
             except InferenceServerException as exc:
                 status, message = str(exc.status()), exc.message() or str(exc)
-                if UNLOADING in message:
-                    reason = message
-                elif status in BAD_INPUT:
-                    raise ClientError(f"bad input: {message}") from None
-                elif status in TIMED_OUT:
-                    raise self._timed_out(what) from None
-                elif status not in RETRYABLE_GRPC | RETRYABLE_HTTP:
-                    raise ClientError(f"{what} failed ({self.protocol}, {status}): {message}") from None
-                else:
-                    reason = message
+                if UNLOADING not in message:  # a stopping server is retried like an unreachable one
+                    if status in BAD_INPUT:
+                        raise ClientError(f"bad input: {message}") from None
+                    if status in TIMED_OUT:
+                        raise self._timed_out(what) from None
+                    if status not in RETRYABLE_GRPC | RETRYABLE_HTTP:
+                        raise ClientError(f"{what} failed ({self.protocol}, {status}): {message}") from None
+                reason = message
             except TimeoutError:
                 raise self._timed_out(what) from None
             except (OSError, HTTPException) as exc:  # how the HTTP client reports refused or dropped connections

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,7 +412,7 @@ class TritonProcess:
                 with opener.open(f"http://{self.url(what)}{path}", timeout=2.0) as response:
                     if response.status != 200:
                         return False
-            except (OSError, urllib.error.URLError):
+            except OSError:  # refused, timed out, or an HTTPError (a URLError, an OSError)
                 return False
         return True
 
