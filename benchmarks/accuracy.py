@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from filterserve.benchmarks.engines import ACCURACY_BATCH, open_repository, ort_engines, served_engines
+from filterserve.benchmarks.engines import (
+    ACCURACY_BATCH,
+    OrtEngine,
+    exported_engines,
+    n_exported_engines,
+    open_repository,
+    served_engines,
+)
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.gate import REFERENCE, AccuracyGateRefusal, build_report, read_labelled, refusals
@@ -87,18 +94,19 @@ def run_accuracy(
 
     repo = open_repository(repository, base, adapter, filter_name)
     spec = repo.spec
-    labelled = read_labelled(Path(data), spec)
-    truth, texts = labelled.truth, labelled.texts
-    steps = Steps(total=4 + len(repo.tensor_models))
-    for line, reason in labelled.skipped:
-        steps.say(f"skipped {data} line {line}: {reason}")
+    steps = Steps(total=4 + n_exported_engines(repo))
     with steps.step(f"load the card's recipe: {repo.base} + {repo.adapter} (PyTorch + PEFT)"):
         loaded = load_reference(repo.base, repo.adapter, spec)
+    labelled = read_labelled(Path(data), spec, loaded.tokenizer)
+    truth, texts = labelled.truth, labelled.texts
+    for line, reason in labelled.skipped:
+        steps.say(f"skipped {data} line {line}: {reason}")
     with steps.step(f"reference scores, one text at a time ({len(texts)} articles)"):
         reference = reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length)
     variants: dict[str, np.ndarray] = {}
-    for engine in ort_engines(repo, loaded.tokenizer):
-        with steps.step(f"{engine.name}: ONNX Runtime, right-padded batches of {ACCURACY_BATCH}"):
+    for engine in exported_engines(repo, loaded.tokenizer):
+        runtime = "ONNX Runtime" if isinstance(engine, OrtEngine) else f"OpenVINO ({engine.execution['precision']})"
+        with steps.step(f"{engine.name}: {runtime}, right-padded batches of {ACCURACY_BATCH}"):
             variants[engine.name] = engine.run(texts)
     with steps.step(f"served model at {url} ({protocol})" if url else "served model: skipped (no --url)"):
         for served in served_engines(repo, url, protocol) if url else ():

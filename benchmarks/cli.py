@@ -67,6 +67,27 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     memory.add_argument("--tokens", type=int, default=512, help="tokens per row (capped at the filter's max_length)")
     memory.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
 
+    family = sub.add_parser("family", help="one random base and N stand-in filters on it (8 and 5 dimensions in turn, "
+                            "LoRA ranks 16 and 8), the input of bench shared-base")
+    family.add_argument("--out", required=True, help="folder for base/, a folder per filter and family.json")
+    family.add_argument("--count", type=int, default=6, help="how many filters (default: 6)")
+    family.add_argument("--shape", choices=["tiny", "qwen2.5-1.5b", "gemma3-1b"], default="tiny",
+                        help="tiny (seconds), or a real base's dimensions with random weights")
+    family.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
+    family.add_argument("--tokenizer", help="a real tokenizer.json (Qwen2.5's): the real vocabulary and token lengths")
+
+    shared = sub.add_parser("shared-base", help="N filters of one base served merged vs as one shared-base group: "
+                            "served memory, throughput, single-filter latency, what the LoRA paths cost")
+    shared.add_argument("--family", required=True, help="folder written by `filterserve bench family`")
+    shared.add_argument("--counts", type=_concurrencies, default=[1, 2, 4, 6], help="numbers of filters served, comma-separated")
+    shared.add_argument("--batch", type=int, default=8, help="rows of the batch each tensor model runs before memory is read")
+    shared.add_argument("--tokens", type=int, default=512, help="tokens per row of that batch (capped at max_length)")
+    shared.add_argument("--articles", type=int, default=32, help="realistic-mix articles, each scored by every filter")
+    shared.add_argument("--concurrency", type=int, default=16, help="requests in flight per filter")
+    shared.add_argument("--requests", type=int, default=10, help="timed batch-1 requests per text (latency, LoRA cost)")
+    shared.add_argument("--work", help="keep the exported repositories in this folder (default: a temporary one, removed)")
+    shared.add_argument("--out", default="bench-report", help="folder for the markdown, JSON and PNG reports")
+
     for name, help_text in (
         ("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side"),
         ("throughput", "articles/s and tokens/s against concurrency, every engine side by side"),
@@ -82,6 +103,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an --out that cannot be made fails now, not after the run
     if args.bench == "fixture":
         from filterserve.benchmarks.trained_fixture import build_trained_fixture
 
@@ -96,6 +118,29 @@ def bench_command(args: argparse.Namespace) -> int:
             args.model_repository, args.data, args.base, args.adapter, args.url, args.protocol, args.tolerance, args.out, args.name
         )
         print(json.dumps({n: {"mae": v["mae"], "mae_delta": v["mae_delta"]} for n, v in report["variants"].items()}, indent=2))
+        return 0
+    if args.bench == "family":
+        from dataclasses import replace
+
+        from filterserve.benchmarks.shared_base import build_family
+        from filterserve.export.standin import QWEN25_VOCAB_SIZE, StandinShape
+
+        shape = {"tiny": StandinShape, "qwen2.5-1.5b": StandinShape.qwen25_1_5b, "gemma3-1b": StandinShape.gemma3_1b}[args.shape]()
+        if args.layers is not None:
+            shape = replace(shape, num_hidden_layers=args.layers)
+        if args.tokenizer:
+            shape = replace(shape, vocab_size=max(shape.vocab_size, QWEN25_VOCAB_SIZE))
+        family = build_family(Path(args.out), args.count, shape, Path(args.tokenizer) if args.tokenizer else None)
+        print(json.dumps(family, indent=2))
+        return 0
+    if args.bench == "shared-base":
+        from filterserve.benchmarks.shared_base import read_family, run_shared_base
+
+        base, members = read_family(Path(args.family))
+        report = run_shared_base(base, members, args.out, args.counts, args.batch, args.tokens, args.articles, args.concurrency,
+                                 args.requests, args.work)
+        print(f"wrote {args.out}/shared_base.md, .json and .png", file=sys.stderr)
+        print(json.dumps(report["summary"], indent=2))
         return 0
     if args.bench == "memory":
         from filterserve.benchmarks.memory import run_memory

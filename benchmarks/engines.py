@@ -19,6 +19,12 @@ from filterserve.filters import FilterSpec
 
 # In-process engines score at most this many texts in one padded batch when not told otherwise.
 ACCURACY_BATCH = 16
+# The arithmetic each exported variant's matmuls run in on this CPU (benchmarks.peaks holds the
+# peak of each): ONNX Runtime's CPU provider runs an fp16 graph's matmuls in fp32; an int8
+# variant's quantized layers are what dominate its time.
+PRECISION_ARITHMETIC = {"fp32": "fp32", "fp16": "fp32", "int8": "int8", "bf16": "bf16", "ov_fp32": "fp32", "ov_int8": "int8"}
+# In-process OpenVINO rows, named by the arithmetic they run.
+OPENVINO_ROW = {"bf16": "openvino_bf16", "ov_fp32": "openvino_f32", "ov_int8": "openvino_int8"}
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,12 @@ class Repository:
 
     @property
     def tensor_models(self) -> dict[str, Path]:
-        """``{precision: model.onnx}`` for every exported tensor variant."""
-        return {p: self.path / folder / "1" / "model.onnx" for p, folder in self.manifest.get("tensor_models", {}).items()}
+        """``{precision: model file}`` for every exported tensor variant (``model.onnx``, or OpenVINO's ``model.xml``)."""
+        from filterserve.contract import OPENVINO_PRECISIONS
+        from filterserve.model_repository.openvino import MODEL_FILE
+
+        return {p: self.path / folder / "1" / (MODEL_FILE if p in OPENVINO_PRECISIONS else "model.onnx")
+                for p, folder in self.manifest.get("tensor_models", {}).items()}
 
 
 def open_repository(
@@ -74,6 +84,8 @@ class BatchEngine:
     max_length, as the filter's production scorer did.
     """
 
+    arithmetic = "fp32"  # what its matmuls run in: the peak its FLOP/s are held to
+
     def __init__(self, name: str, tokenizer: Any, max_length: int, *, sort_by_length: bool = False,
                  pad_to_max_length: bool = False) -> None:
         self.name, self.tokenizer, self.max_length = name, tokenizer, max_length
@@ -109,7 +121,10 @@ class BatchEngine:
 class TorchEngine(BatchEngine):
     def __init__(self, name: str, model: Any, tokenizer: Any, max_length: int, **options: bool) -> None:
         super().__init__(name, tokenizer, max_length, **options)
+        import torch
+
         self.model = model
+        self.arithmetic = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from filterserve.export.parity import torch_scores
@@ -118,18 +133,36 @@ class TorchEngine(BatchEngine):
 
 
 class OrtEngine(BatchEngine):
-    def __init__(self, name: str, onnx_path: Path, tokenizer: Any, max_length: int, **options: bool) -> None:
+    def __init__(self, name: str, onnx_path: Path, tokenizer: Any, max_length: int, arithmetic: str = "fp32",
+                 **options: bool) -> None:
         from filterserve.export.parity import ort_session
 
         if not onnx_path.is_file():
             raise FilterServeError(f"{name}: exported model not found at {onnx_path}")
         super().__init__(name, tokenizer, max_length, **options)
         self.session = ort_session(onnx_path)
+        self.arithmetic = arithmetic
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from filterserve.export.parity import ort_scores
 
         return ort_scores(self.session, ids, mask)[0]
+
+
+class OpenVinoEngine(BatchEngine):
+    """OpenVINO in process, compiled with ``properties``; its row records what OpenVINO says it ran."""
+
+    def __init__(self, name: str, model_path: Path, properties: dict[str, Any], tokenizer: Any, max_length: int,
+                 arithmetic: str, **options: bool) -> None:
+        from filterserve.export.openvino_engine import OpenVinoModel
+
+        super().__init__(name, tokenizer, max_length, **options)
+        self.model = OpenVinoModel(model_path, properties)
+        self.arithmetic = arithmetic
+        self.execution = self.model.execution.to_dict()
+
+    def _batch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.model.scores(ids, mask)[0]
 
 
 # A benchmark measures how long requests take under load: at 1.5B on a CPU, 16 queued 256-token
@@ -158,10 +191,11 @@ def served_tokens(metrics_url: str | None, model: str) -> TokenCount | None:
 class ServedEngine:
     """The served ensemble through the project's client (what ``filterserve score`` runs), ``concurrency`` requests in flight."""
 
-    def __init__(self, name: str, url: str, protocol: str, spec: FilterSpec, metrics_url: str | None = None) -> None:
+    def __init__(self, name: str, url: str, protocol: str, spec: FilterSpec, metrics_url: str | None = None,
+                 arithmetic: str = "fp32") -> None:
         from filterserve.client import FilterClient
 
-        self.name, self.spec, self.metrics_url = name, spec, metrics_url
+        self.name, self.spec, self.metrics_url, self.arithmetic = name, spec, metrics_url, arithmetic
         self.client = FilterClient(url, protocol, model=spec.name, timeout_s=SERVED_TIMEOUT_S)
         self.tokens: TokenCount | None = None
 
@@ -200,7 +234,7 @@ class PlainTritonEngine(ServedEngine):
 
         import tritonclient.grpc as grpcclient
 
-        from filterserve.client.client import FilterResult
+        from filterserve.client import FilterResult
         from filterserve.contract import CONTENT, SCORES, TITLE
 
         client = grpcclient.InferenceServerClient(self.client.url)  # gRPC clients are thread-safe
@@ -216,7 +250,7 @@ class PlainTritonEngine(ServedEngine):
                 tensors.append(tensor)
             raw = client.infer(self.spec.name, tensors, client_timeout=SERVED_TIMEOUT_S).as_numpy(SCORES)[0]
             scores = dict(zip(self.spec.dimensions, map(float, raw)))
-            return index, FilterResult(scores, 0.0, scores, 0.0, False, 0, False)
+            return index, FilterResult(scores, 0.0, scores, 0.0, False, 0, False, 0.0, "", "", False)  # only the scores are read
 
         with ThreadPoolExecutor(concurrency) as pool:
             done = dict(pool.map(one, order))
@@ -232,18 +266,96 @@ def served_engines(repo: Repository, url: str | None, protocol: str, plain: bool
 
     ``plain`` adds a bare tritonclient caller sending in random order (gRPC), to compare with the client.
     """
+    arithmetic = PRECISION_ARITHMETIC.get(repo.manifest.get("default_precision", "fp32"), "fp32")
     if url:
-        yield ServedEngine(f"served_{protocol}", url, protocol, repo.spec)
+        yield ServedEngine(f"served_{protocol}", url, protocol, repo.spec, arithmetic=arithmetic)
         return
     from filterserve.serve import TritonServer
 
     with TritonServer(repo.path) as server:
-        yield ServedEngine("served_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url)
-        yield ServedEngine("served_http", server.http_url, "http", repo.spec, server.metrics_url)
+        yield ServedEngine("served_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url, arithmetic)
+        yield ServedEngine("served_http", server.http_url, "http", repo.spec, server.metrics_url, arithmetic)
         if plain:
-            yield PlainTritonEngine("tritonclient_random_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url)
+            yield PlainTritonEngine("tritonclient_random_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url,
+                                    arithmetic)
+
+
+def variant_repository(repo: Repository, precision: str, dest: Path) -> Path:
+    """``dest`` serving one exported variant through the filter's ensemble: links to the tokenizer
+    and decision steps and to the variant's folder, and an ensemble config that names the variant.
+
+    Only the served default has its own ensemble; this is how the other variants are measured
+    served, one server at a time (a 1.5B variant per server, not all of them).
+    """
+    from google.protobuf import text_format
+
+    from filterserve.contract import decision_model, tokenizer_model
+    from filterserve.serve.assembly import read_model_config
+
+    name = repo.spec.name
+    models = repo.manifest["tensor_models"]
+    dest.mkdir(parents=True, exist_ok=True)
+    for folder in (tokenizer_model(name), decision_model(name), models[precision]):
+        (dest / folder).symlink_to((repo.path / folder).resolve(), target_is_directory=True)
+    ensemble = read_model_config(repo.path / name / "config.pbtxt")
+    for step in ensemble.ensemble_scheduling.step:
+        if step.model_name == models[repo.manifest["default_precision"]]:
+            step.model_name = models[precision]
+    (dest / name / "1").mkdir(parents=True)
+    (dest / name / "config.pbtxt").write_text(text_format.MessageToString(ensemble), encoding="utf-8")
+    return dest
+
+
+def served_variants(repo: Repository) -> Iterator[ServedEngine]:
+    """Every exported variant but the default, served through the ensemble (gRPC), one server each."""
+    import tempfile
+
+    from filterserve.serve import TritonServer
+
+    default = repo.manifest.get("default_precision")
+    for precision in (p for p in repo.manifest.get("tensor_models", {}) if p != default):
+        with tempfile.TemporaryDirectory(prefix=f"filterserve-{precision}-") as tmp:
+            with TritonServer(variant_repository(repo, precision, Path(tmp) / "repo")) as server:
+                yield ServedEngine(f"served_{precision}", server.grpc_url, "grpc", repo.spec, server.metrics_url,
+                                   PRECISION_ARITHMETIC[precision])
 
 
 def ort_engines(repo: Repository, tokenizer: Any, **options: bool) -> Iterator[OrtEngine]:
+    from filterserve.contract import OPENVINO_PRECISIONS
+
     for precision, path in repo.tensor_models.items():
-        yield OrtEngine(f"onnx_{precision}", path, tokenizer, repo.spec.max_length, **options)
+        if precision not in OPENVINO_PRECISIONS:
+            arithmetic = PRECISION_ARITHMETIC.get(precision, "fp32")  # a hand-made variant: an ONNX file in fp32
+            yield OrtEngine(f"onnx_{precision}", path, tokenizer, repo.spec.max_length, arithmetic, **options)
+
+
+def openvino_engines(repo: Repository, tokenizer: Any, in_process_f32: bool = False, **options: bool) -> Iterator[OpenVinoEngine]:
+    """Every OpenVINO variant as its server compiles it (its config's parameters, through the
+    backend's rules); with ``in_process_f32``, also OpenVINO f32 on the fp32 ONNX file where no
+    ov_fp32 variant was exported (on a bf16 CPU none can be: Triton's backend cannot pin f32)."""
+    from filterserve.model_repository.openvino import compile_properties
+    from filterserve.serve.assembly import read_model_config
+
+    models = repo.manifest.get("tensor_models", {})
+    for precision, path in repo.tensor_models.items():
+        if precision in OPENVINO_ROW:
+            config = read_model_config(repo.path / models[precision] / "config.pbtxt")
+            properties = compile_properties({k: v.string_value for k, v in config.parameters.items()})
+            yield OpenVinoEngine(OPENVINO_ROW[precision], path, properties, tokenizer, repo.spec.max_length,
+                                 PRECISION_ARITHMETIC[precision], **options)
+    if in_process_f32 and "fp32" in models and "ov_fp32" not in models:
+        fp32 = repo.tensor_models["fp32"]
+        yield OpenVinoEngine(OPENVINO_ROW["ov_fp32"], fp32, {"INFERENCE_PRECISION_HINT": "f32"}, tokenizer,
+                             repo.spec.max_length, "fp32", **options)
+
+
+def exported_engines(repo: Repository, tokenizer: Any, in_process_f32: bool = False, **options: bool) -> Iterator[BatchEngine]:
+    """Every exported variant in process, ONNX Runtime's then OpenVINO's (see :func:`openvino_engines`)."""
+    yield from ort_engines(repo, tokenizer, **options)
+    yield from openvino_engines(repo, tokenizer, in_process_f32, **options)
+
+
+def n_exported_engines(repo: Repository, in_process_f32: bool = False) -> int:
+    """How many rows :func:`exported_engines` yields (for progress bars)."""
+    models = repo.manifest.get("tensor_models", {})
+    return len(models) + (in_process_f32 and "fp32" in models and "ov_fp32" not in models)

@@ -19,17 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from filterserve import contract
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 from filterserve.errors import FilterServeError
 from filterserve.progress import Steps
+from filterserve.serve.assembly import PYTHON_STUB
+from filterserve.serve.memory import MB, folder_bytes
 
-STUB = "triton_python_backend_stub"
 HOP_REQUESTS = 50
-MB = 1 << 20
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def stub_processes(server_pid: int) -> dict[str, Any]:
@@ -39,7 +36,7 @@ def stub_processes(server_pid: int) -> dict[str, Any]:
     stubs = {}
     for child in psutil.Process(server_pid).children(recursive=True):
         try:
-            if child.name() == STUB:
+            if child.name() == PYTHON_STUB:
                 stubs[Path(child.cmdline()[1]).parent.parent.name] = child
         except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
             continue
@@ -56,7 +53,7 @@ def _tokenizer_hop_ms(client: Any, model: str, text: str) -> float:
     import tritonclient.grpc as grpcclient
 
     data = np.array([[text.encode()]], dtype=object)
-    tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    tensor = grpcclient.InferInput(contract.TEXT, [1, 1], "BYTES")
     tensor.set_data_from_numpy(data)
     client.infer(model, [tensor])  # warm-up
     times = []
@@ -67,12 +64,16 @@ def _tokenizer_hop_ms(client: Any, model: str, text: str) -> float:
     return round(statistics.median(times), 3)
 
 
-def _run_batch(client: Any, model: str, batch: int, tokens: int, vocab_size: int) -> None:
+def run_token_batch(client: Any, model: str, batch: int, tokens: int, vocab_size: int, members: int | None = None) -> None:
+    """One ``batch × tokens`` batch of random ids on a tensor model; a group's (``members``) rows cycle through its filters."""
     import tritonclient.grpc as grpcclient
 
     ids = np.random.default_rng(0).integers(1, vocab_size, size=(batch, tokens), dtype=np.int64)
+    feeds = dict(zip(contract.TOKEN_INPUTS, (ids, np.ones_like(ids))))
+    if members is not None:
+        feeds[contract.FILTER_INDEX] = (np.arange(batch, dtype=np.int64) % members).reshape(-1, 1)
     inputs = []
-    for name, data in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+    for name, data in feeds.items():
         tensor = grpcclient.InferInput(name, list(data.shape), "INT64")
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)
@@ -84,29 +85,40 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
     import psutil
     import tritonclient.grpc as grpcclient
 
-    from filterserve.manifest import read_filter_records
+    from filterserve.manifest import read_filter_records, read_group_records
     from filterserve.serve import TritonServer
 
     repo = Path(repository)
     records = read_filter_records(repo)
+    groups = read_group_records(repo)
     steps = Steps(total=3)
     models: dict[str, dict[str, Any]] = {}
     with steps.step(f"start tritonserver on {repo} and read every model's process"), TritonServer(repo) as server:
         stubs = stub_processes(server.pid)
         for name, record in records.items():
-            kinds = {name: "ensemble", f"{name}_tokenizer": "tokenizer", f"{name}_decision": "decision"}
+            kinds = {name: "ensemble", contract.tokenizer_model(name): "tokenizer", contract.decision_model(name): "decision"}
             kinds |= {model: f"tensor {precision}" for precision, model in record["tensor_models"].items()}
             for model, kind in kinds.items():
                 models[model] = {"filter": name, "kind": kind, "files_mb": round(folder_bytes(repo / model) / MB, 1)}
                 if model in stubs:
                     models[model]["loaded"] = _memory(stubs[model])
+        for name, group in groups.items():  # one tensor model for all the group's members
+            model = group["tensor_model"]
+            models[model] = {"filter": ", ".join(group["members"]), "kind": f"tensor {group['precision']} (group {name})",
+                             "files_mb": round(folder_bytes(repo / model) / MB, 1)}
+            if model in stubs:
+                models[model]["loaded"] = _memory(stubs[model])
         server_memory = _memory(psutil.Process(server.pid))
         client = grpcclient.InferenceServerClient(server.grpc_url)
         with steps.step(f"one batch of {batch}×{tokens} tokens on every tensor model"):
             for name, record in records.items():
                 for model in record["tensor_models"].values():
-                    _run_batch(client, model, batch, min(tokens, record["max_length"]), record["vocab_size"])
+                    run_token_batch(client, model, batch, min(tokens, record["max_length"]), record["vocab_size"])
                     models[model]["after_batch"] = _memory(stubs[model])
+            for group in groups.values():
+                model = group["tensor_model"]
+                run_token_batch(client, model, batch, min(tokens, group["max_length"]), group["vocab_size"], len(group["members"]))
+                models[model]["after_batch"] = _memory(stubs[model])
         with steps.step(f"tokenizer step alone, median of {HOP_REQUESTS} requests"):
             from filterserve.data import sample_articles
 
@@ -114,7 +126,7 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
             hops = {}
             for name, record in records.items():
                 spec_text = record["filter"]["text_template"].format(title=article["title"], content=article["content"])
-                hops[name] = _tokenizer_hop_ms(client, f"{name}_tokenizer", spec_text)
+                hops[name] = _tokenizer_hop_ms(client, contract.tokenizer_model(name), spec_text)
         client.close()
     if not any("after_batch" in m for m in models.values()):
         raise FilterServeError(f"no tensor model of {repo} runs in a Python stub here; nothing to measure")

@@ -2,7 +2,7 @@
 
 Latency answers what the export and the server buy over the card's recipe (PyTorch + unmerged
 PEFT) per article, as a ratio and as achieved FLOP/s against this machine's measured matmul
-peak. Throughput answers what users see on a day's news: uneven article lengths, bursts of
+peak of the arithmetic each engine runs (fp32, bf16 or int8: :mod:`filterserve.benchmarks.peaks`). Throughput answers what users see on a day's news: uneven article lengths, bursts of
 requests, and the tokens computed for padding, against the filter's production scorer.
 """
 
@@ -19,14 +19,18 @@ from tqdm import tqdm
 
 from filterserve.benchmarks.articles import REALISTIC_MIX, articles_of_lengths, realistic_lengths, texts_of_length
 from filterserve.benchmarks.engines import (
+    PRECISION_ARITHMETIC,
     BatchEngine,
     Engine,
     Repository,
     TorchEngine,
+    exported_engines,
+    n_exported_engines,
     open_repository,
-    ort_engines,
     served_engines,
+    served_variants,
 )
+from filterserve.benchmarks.peaks import matmul_peaks
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 
 CARD = "pytorch_peft"
@@ -35,14 +39,10 @@ PRODUCTION_BATCH = 16
 MIXES = ("uniform", "realistic")
 WARMUP = 2
 SHORT_TOKENS = 32
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """The best of a few fp32 ``n×n`` matmuls: what this CPU (and its thread count) can reach."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n**3 / best
+# The median real article (DESIGN.md: 97 Qwen tokens over 116 multilingual articles).
+NEWS_MEDIAN_TOKENS = 100
+# The peer a user tries first: the card's recipe with one line changed, ``model.to(torch.bfloat16)``.
+TORCH_BF16 = "pytorch_bf16"
 
 
 def _timed(call: Callable[[], Any]) -> float:
@@ -52,27 +52,48 @@ def _timed(call: Callable[[], Any]) -> float:
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters a forward pass multiplies by: all but the embedding table, which is only indexed."""
-    return sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    """Parameters the exported graph multiplies by: all but the embedding table, which is only
+    indexed, and (in a PEFT model) the LoRA matrices and the head's frozen original, which the merge removes."""
+    skipped = ("embed_tokens", "lora_", "original_module")
+    return sum(p.numel() for name, p in model.named_parameters() if not any(s in name for s in skipped))
 
 
 def _engines(repo: Repository, url: str | None, protocol: str, context: dict[str, Any]) -> Iterator[Engine]:
-    """One engine at a time, so a 1.5B model is never held twice; the merge happens after PEFT is measured."""
+    """One engine at a time, so a 1.5B model is never held twice; the merge happens after PEFT is measured,
+    and the bf16 peer is loaded afresh (a merge cannot be undone)."""
     from filterserve.export.load import load_reference
 
     loaded = load_reference(repo.base, repo.adapter, repo.spec)
     context["tokenizer"] = loaded.tokenizer
+    context["params"] = matmul_params(loaded.model)
     yield TorchEngine(CARD, loaded.model, loaded.tokenizer, repo.spec.max_length)
     merged = loaded.model.merge_and_unload()
-    context["params"] = matmul_params(merged)
     yield TorchEngine("pytorch_merged", merged, loaded.tokenizer, repo.spec.max_length)
     del merged, loaded
-    yield from ort_engines(repo, context["tokenizer"])
+    loaded = load_reference(repo.base, repo.adapter, repo.spec)
+    yield TorchEngine(TORCH_BF16, loaded.model.to(torch.bfloat16), loaded.tokenizer, repo.spec.max_length)
+    del loaded
+    yield from exported_engines(repo, context["tokenizer"], in_process_f32=True)
     yield from served_engines(repo, url, protocol)
+    if url is None:
+        yield from served_variants(repo)
 
 
 def _n_engines(repo: Repository, url: str | None) -> int:
-    return 2 + len(repo.tensor_models) + (1 if url else 2)
+    return 3 + n_exported_engines(repo, in_process_f32=True) + (1 if url else 1 + len(repo.tensor_models))
+
+
+def _describe(engine: Engine, context: dict[str, Any]) -> None:
+    """What the report says of an engine besides its figures: its arithmetic, and what OpenVINO ran."""
+    context.setdefault("arithmetic", {})[engine.name] = engine.arithmetic
+    if getattr(engine, "execution", None) is not None:
+        context.setdefault("openvino_execution", {})[engine.name] = engine.execution
+
+
+def _efficiency(stats: dict[str, Any], tokens_per_s: float, arithmetic: str, context: dict[str, Any]) -> None:
+    """FLOP/s of the exported graph at this token rate, and their share of the arithmetic's peak."""
+    stats["flops_per_s"] = 2 * context["params"] * tokens_per_s
+    stats["fraction_of_peak"] = stats["flops_per_s"] / context["peaks"][arithmetic]["flops"]
 
 
 def _speed_run(
@@ -88,11 +109,12 @@ def _speed_run(
     FLOP/s are derived afterwards: the parameter count comes from the merged model, which
     exists only once the card's recipe has been measured.
     """
-    context: dict[str, Any] = {"peak_flops": matmul_peak_flops()}
+    context: dict[str, Any] = {"peaks": matmul_peaks()}
     results: dict[str, Any] = {}
     with tqdm(total=_n_engines(repo, url) * units_per_engine, desc=kind, unit="req") as bar:
         for engine in _engines(repo, url, protocol, context):
             bar.set_postfix_str(engine.name)
+            _describe(engine, context)
             results[engine.name] = measure(engine, context, bar)
     return context, results
 
@@ -113,10 +135,11 @@ def run_latency(
     out: str | Path = "bench-report",
     filter_name: str | None = None,
 ) -> dict[str, Any]:
-    """Batch-1 latency at a short text, half of max_length (standing in for a median article) and max_length."""
+    """Batch-1 latency at a short text, the median real article, half of max_length and max_length."""
     repo = open_repository(repository, base, adapter, filter_name)
     probe = repo.spec.max_length
-    lengths = {"short": min(SHORT_TOKENS, probe), "median": max(probe // 2, 1), "max_length": probe}
+    lengths = {"short": min(SHORT_TOKENS, probe), "news_median": min(NEWS_MEDIAN_TOKENS, probe),
+               "median": max(probe // 2, 1), "max_length": probe}
 
     def measure(engine: Engine, context: dict[str, Any], bar: tqdm) -> dict[str, Any]:
         row = {}
@@ -132,17 +155,17 @@ def run_latency(
         return row
 
     context, results = _speed_run("latency", repo, url, protocol, len(lengths) * (WARMUP + requests), measure)
-    for row in results.values():
+    for name, row in results.items():
         for label, stats in row.items():
             stats["speedup_p50_vs_card"] = results[CARD][label]["p50_ms"] / stats["p50_ms"]
-            stats["flops_per_s"] = 2 * context["params"] * lengths[label] / (stats["p50_ms"] / 1000)
-            stats["fraction_of_peak"] = stats["flops_per_s"] / context["peak_flops"]
+            _efficiency(stats, lengths[label] / (stats["p50_ms"] / 1000), context["arithmetic"][name], context)
     report = _report(repo, context, requests, {"lengths_tokens": lengths, "engines": results})
     report["summary"] = {e: {label: round(s["p50_ms"], 2) for label, s in row.items()} for e, row in results.items()}
     rows = [[e, label, lengths[label], s["p50_ms"], s["p95_ms"], s["p99_ms"], s["speedup_p50_vs_card"], s["flops_per_s"] / 1e9,
-             s["fraction_of_peak"]] for e, row in results.items() for label, s in row.items()]
+             context["arithmetic"][e], s["fraction_of_peak"]] for e, row in results.items() for label, s in row.items()]
     markdown = _heading("Latency at batch 1", report) + table(
-        ["engine", "text", "tokens", "p50 ms", "p95 ms", "p99 ms", "speedup vs card (p50)", "GFLOP/s", "of peak"], rows
+        ["engine", "text", "tokens", "p50 ms", "p95 ms", "p99 ms", "speedup vs card (p50)", "GFLOP/s", "arithmetic", "of its peak"],
+        rows,
     )
     write_report(Path(out), "latency", report, markdown, _latency_figure(results, list(lengths)))
     return report
@@ -155,10 +178,14 @@ def _throughput_engines(repo: Repository, url: str | None, protocol: str, contex
 
     loaded = load_reference(repo.base, repo.adapter, repo.spec)
     context["tokenizer"] = loaded.tokenizer
+    context["params"] = matmul_params(loaded.model)
     yield TorchEngine(PRODUCTION, loaded.model, loaded.tokenizer, repo.spec.max_length, pad_to_max_length=True)
+    yield TorchEngine(TORCH_BF16, loaded.model.to(torch.bfloat16), loaded.tokenizer, repo.spec.max_length, sort_by_length=True)
     del loaded
-    yield from ort_engines(repo, context["tokenizer"], sort_by_length=True)
+    yield from exported_engines(repo, context["tokenizer"], in_process_f32=True, sort_by_length=True)
     yield from served_engines(repo, url, protocol, plain=url is None)
+    if url is None:
+        yield from served_variants(repo)
 
 
 def run_throughput(
@@ -181,25 +208,30 @@ def run_throughput(
     """
     repo = open_repository(repository, base, adapter, filter_name)
     spec = repo.spec
-    context: dict[str, Any] = {}
+    context: dict[str, Any] = {"peaks": matmul_peaks()}
     results: dict[str, dict[str, dict[str, Any]]] = {mix: {} for mix in mixes}
     articles: dict[str, list[tuple[str, str]]] = {}
     levels = [str(level) for level in concurrency]
-    with tqdm(total=(2 + len(repo.tensor_models) + (1 if url else 3)) * len(mixes), desc="throughput", unit="run") as bar:
+    n_engines = 2 + n_exported_engines(repo, in_process_f32=True) + (1 if url else 2 + len(repo.tensor_models))
+    with tqdm(total=n_engines * len(mixes), desc="throughput", unit="run") as bar:
         for engine in _throughput_engines(repo, url, protocol, context):
+            _describe(engine, context)
             if not articles:
                 lengths = {"uniform": [spec.max_length // 2] * requests, "realistic": realistic_lengths(requests, seed=1)}
                 articles = {mix: articles_of_lengths(context["tokenizer"], spec, lengths[mix], seed=1) for mix in mixes}
             bar.set_postfix_str(engine.name)
             for mix in mixes:
-                results[mix][engine.name] = _throughput_row(engine, articles[mix], spec, levels)
+                results[mix][engine.name] = _throughput_row(engine, articles[mix], spec, levels, context["tokenizer"])
                 bar.update()
     for mix, engines in results.items():
-        for row in engines.values():
+        for name, row in engines.items():
             for level, stats in row.items():
                 stats["ratio_vs_production"] = stats["articles_per_s"] / engines[PRODUCTION][level]["articles_per_s"]
-    real = {mix: [min(len(context["tokenizer"](spec.input_text(*a))["input_ids"]), spec.max_length) for a in arts]
-            for mix, arts in articles.items()}
+                if stats["computed_tokens"] is not None:
+                    _efficiency(stats, stats["computed_tokens"] / stats["seconds"], context["arithmetic"][name], context)
+    read = {mix: spec.model_texts([spec.input_text(*a) for a in arts], context["tokenizer"]) for mix, arts in articles.items()}
+    real = {mix: [min(len(context["tokenizer"](text)["input_ids"]), spec.max_length) for text in texts]
+            for mix, texts in read.items()}
     report = {
         "filter": spec.name,
         "repository": str(repo.path),
@@ -207,11 +239,13 @@ def run_throughput(
         "requests": requests,
         "concurrency": list(concurrency),
         "mixes": {mix: {"articles": len(articles[mix]), "median_tokens": float(np.median(real[mix])),
-                        "mean_tokens": float(np.mean(real[mix])), "truncated": sum(len(context["tokenizer"](spec.input_text(*a))["input_ids"]) > spec.max_length for a in articles[mix])}
+                        "mean_tokens": float(np.mean(real[mix])), "head_tail": spec.head_tail is not None,
+                        "truncated": sum(len(context["tokenizer"](spec.input_text(*a))["input_ids"]) > spec.max_length for a in articles[mix])}
                   for mix in mixes},
         "realistic_mix": [dict(zip(("component", "share", "min_tokens", "max_tokens"), c)) for c in REALISTIC_MIX],
         "engines": results,
         "goals": _goals(results, repo),
+        **_efficiency_context(context),
         "machine": machine(),
     }
     report["summary"] = {mix: {e: {c: round(s["articles_per_s"], 3) for c, s in row.items()} for e, row in engines.items()}
@@ -220,8 +254,12 @@ def run_throughput(
     return report
 
 
-def _throughput_row(engine: Engine, articles: list[tuple[str, str]], spec: Any, levels: list[str]) -> dict[str, dict[str, Any]]:
-    texts = [spec.input_text(*a) for a in articles]
+def _throughput_row(
+    engine: Engine, articles: list[tuple[str, str]], spec: Any, levels: list[str], tokenizer: Any
+) -> dict[str, dict[str, Any]]:
+    """In-process engines read the model texts (template and head+tail cut, as the production scorer
+    does before tokenizing); served ones get the articles, and the server cuts them."""
+    texts = spec.model_texts([spec.input_text(*a) for a in articles], tokenizer)
     items = texts if isinstance(engine, BatchEngine) else articles
     row: dict[str, dict[str, Any]] = {}
     for level in levels:
@@ -240,6 +278,11 @@ def _throughput_row(engine: Engine, articles: list[tuple[str, str]], spec: Any, 
             "computed_per_real": tokens.ratio if tokens else None,
         }
     return row
+
+
+def _served_row(repo: Repository, precision: str) -> str:
+    """The served row of a variant: the default is served through the ensemble itself (``served_grpc``)."""
+    return "served_grpc" if precision == repo.manifest.get("default_precision") else f"served_{precision}"
 
 
 def _goals(results: dict[str, dict[str, dict[str, Any]]], repo: Repository) -> list[dict[str, Any]]:
@@ -262,7 +305,27 @@ def _goals(results: dict[str, dict[str, dict[str, Any]]], repo: Repository) -> l
     int8 = realistic.get("onnx_int8", {}).get("16")
     if int8:
         goal("ONNX Runtime int8 ÷ production scorer, batch 16 (in process)", int8["ratio_vs_production"], 10.0, False)
+
+    def ratio(faster: str, slower: str) -> float | None:
+        a, b = realistic.get(faster, {}).get("16"), realistic.get(slower, {}).get("16")
+        return a["articles_per_s"] / b["articles_per_s"] if a and b else None
+
+    goal("served bf16 (OpenVINO) ÷ served fp32 (ONNX Runtime), realistic mix, concurrency 16",
+         ratio(_served_row(repo, "bf16"), _served_row(repo, "fp32")), 1.7, False)
+    goal("OpenVINO int8 ÷ ONNX Runtime int8, realistic mix, batch 16 (in process)", ratio("openvino_int8", "onnx_int8"), 1.3, False)
+    goal("OpenVINO int8 ÷ ONNX Runtime int8, realistic mix, concurrency 16 (served)",
+         ratio(_served_row(repo, "ov_int8"), _served_row(repo, "int8")), 1.3, False)
     return goals
+
+
+def _efficiency_context(context: dict[str, Any]) -> dict[str, Any]:
+    """What the FLOP/s and shares of peak were computed from, and what each OpenVINO row ran."""
+    return {
+        "matmul_params": context["params"],
+        "peaks": context["peaks"],
+        "arithmetic": context["arithmetic"],
+        "openvino_execution": context.get("openvino_execution", {}),
+    }
 
 
 def _report(repo: Repository, context: dict[str, Any], requests: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -271,19 +334,24 @@ def _report(repo: Repository, context: dict[str, Any], requests: int, body: dict
         "repository": str(repo.path),
         "card_recipe": CARD,
         "requests": requests,
-        "matmul_params": context["params"],
-        "peak_flops": context["peak_flops"],
+        **_efficiency_context(context),
         "machine": machine(),
         **body,
     }
 
 
 def _heading(title: str, report: dict[str, Any]) -> str:
-    return (
-        f"# {title}: {report['filter']}\n\nCard's recipe: {CARD} (PyTorch + unmerged PEFT). "
-        f"FLOP/s = 2 × {report['matmul_params']:,} parameters × tokens/s; peak = measured fp32 matmul "
-        f"{report['peak_flops'] / 1e9:.1f} GFLOP/s ({report['machine']['torch_threads']} threads).\n\n"
-    )
+    return f"# {title}: {report['filter']}\n\nCard's recipe: {CARD} (PyTorch + unmerged PEFT). " + _peaks_note(report)
+
+
+def _peaks_note(report: dict[str, Any]) -> str:
+    """How FLOP/s and "of its peak" are computed, and what OpenVINO reported running."""
+    peaks = ", ".join(f"{a} {p['flops'] / 1e9:.1f}" for a, p in report["peaks"].items())
+    ran = "".join(f"- {engine}: {e['engine']} ran {e['precision']} (compute layers {e['compute_layers']}; CPU flags "
+                  f"{', '.join(e['cpu']['flags']) or 'none'})\n" for engine, e in report["openvino_execution"].items())
+    return (f"FLOP/s = 2 × {report['matmul_params']:,} parameters × tokens/s (computed tokens); of its peak = against the "
+            f"measured matmul peak of the arithmetic the engine runs: {peaks} GFLOP/s "
+            f"({report['machine']['torch_threads']} threads).\n\n" + (f"{ran}\n" if ran else ""))
 
 
 def _latency_figure(results: dict[str, Any], lengths: list[str]) -> Any:
@@ -303,13 +371,17 @@ def _throughput_markdown(report: dict[str, Any]) -> str:
     parts = [f"# Throughput: {report['filter']}, {report['requests']} articles per run\n\n"
              f"Baseline: {report['baseline']} (PyTorch + PEFT, every batch of {PRODUCTION_BATCH} padded to max_length, "
              "as the filter's production scorer ran it). In process, concurrency = batch size (length-sorted batches); "
-             "served, concurrency = requests in flight. computed/real = tokens run ÷ article tokens (the server's counters for served runs).\n"]
+             "served, concurrency = requests in flight. computed/real = tokens run ÷ article tokens (the server's counters for served runs). "
+             "OpenVINO tensor models are served unbatched (max_batch_size 0: Triton's OpenVINO backend would pad every run to "
+             "max_batch_size rows), so concurrency only queues their requests.\n\n" + _peaks_note(report)]
     for mix, figures in report["mixes"].items():
         parts.append(f"\n## {mix} lengths: median {figures['median_tokens']:.0f} tokens, mean {figures['mean_tokens']:.0f}, "
                      f"{figures['truncated']} of {figures['articles']} past max_length\n\n")
-        rows = [[engine, level, s["articles_per_s"], s["ratio_vs_production"], s["computed_per_real"]]
+        rows = [[engine, level, s["articles_per_s"], s["ratio_vs_production"], s["computed_per_real"],
+                 report["arithmetic"][engine], s.get("fraction_of_peak")]
                 for engine, row in report["engines"][mix].items() for level, s in row.items()]
-        parts.append(table(["engine", "concurrency", "articles/s", "× production scorer", "computed/real"], rows))
+        parts.append(table(["engine", "concurrency", "articles/s", "× production scorer", "computed/real", "arithmetic",
+                            "of its peak"], rows))
     parts.append("\n## Goals (measured in this run)\n\n")
     parts.append(table(["goal", "measured", "target", "met"], [[g["goal"], g["measured"], g["target"], g["met"]] for g in report["goals"]]))
     return "".join(parts)

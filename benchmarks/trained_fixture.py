@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from filterserve.errors import FilterServeError
+from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.gate import labels, write_jsonl
 from filterserve.progress import Steps
@@ -127,11 +128,13 @@ def build_trained_fixture(
     seed: int = 42,
     cues: dict[str, Sequence[str]] | None = None,
     backgrounds: Sequence[Sequence[str]] | None = None,
+    shape: StandinShape | None = None,
 ) -> TrainedFixture:
     """Write ``out/base``, ``out/adapter`` (trained), ``out/train.jsonl`` and ``out/val.jsonl``.
 
     The stand-in's random adapter is the starting point, so the files are in exactly the layout
-    the export reads; training only moves the LoRA weights and the score head.
+    the export reads; training only moves the LoRA weights and the score head. ``shape`` picks the
+    base (default: the tiny Qwen2; :meth:`StandinShape.gemma3_tiny` for Gemma-3's layout).
     """
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -139,7 +142,6 @@ def build_trained_fixture(
     from filterserve.benchmarks.engines import TorchEngine
     from filterserve.export.load import load_tokenizer, quiet_libraries
     from filterserve.export.parity import encode
-    from filterserve.export.standin import build_standin
 
     if steps < 1 or n_train < 1 or n_val < 1:
         raise FilterServeError(f"steps, n_train and n_val must be positive, got {steps}, {n_train}, {n_val}")
@@ -151,7 +153,7 @@ def build_trained_fixture(
         train, val = articles[:n_train], articles[n_train:]
         write_jsonl(out / "train.jsonl", train)
         write_jsonl(out / "val.jsonl", val)
-        standin = build_standin(out, spec, seed=seed)
+        standin = build_standin(out, spec, shape or StandinShape(), seed=seed)
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(standin.adapter_dir)
@@ -168,7 +170,8 @@ def build_trained_fixture(
         model.train()
         for step in range(steps):
             batch = torch.randint(len(train), (16,), generator=gen).tolist()
-            ids, mask = encode(tokenizer, [spec.input_text(train[i]["title"], train[i]["content"]) for i in batch], spec.max_length)
+            texts = spec.model_texts([spec.input_text(train[i]["title"], train[i]["content"]) for i in batch], tokenizer)
+            ids, mask = encode(tokenizer, texts, spec.max_length)
             logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
             loss = torch.nn.functional.smooth_l1_loss(logits, y_train[batch])
             optimizer.zero_grad()
@@ -181,7 +184,8 @@ def build_trained_fixture(
 
     with progress.step("validate against a constant predictor"):
         y_val = labels(val, spec)
-        predicted = TorchEngine("trained", model, tokenizer, spec.max_length).run([spec.input_text(a["title"], a["content"]) for a in val])
+        texts = spec.model_texts([spec.input_text(a["title"], a["content"]) for a in val], tokenizer)
+        predicted = TorchEngine("trained", model, tokenizer, spec.max_length).run(texts)
         val_mae = float(np.abs(predicted - y_val).mean())
         constant_mae = float(np.abs(np.median(labels(train, spec), axis=0) - y_val).mean())
         progress.say(f"validation MAE {val_mae:.3f} vs constant (train median) {constant_mae:.3f}")

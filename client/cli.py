@@ -28,7 +28,8 @@ from typing import IO, Any, BinaryIO
 
 from tqdm import tqdm
 
-from filterserve.client.client import FilterResult, MultiFilterClient, ScoreError
+from filterserve.client.multi import MultiFilterClient
+from filterserve.client.results import SCHEMAS, FilterResult, ScoreError
 from filterserve.errors import FilterServeError
 
 EXIT_OK, EXIT_FAILED_LINES, EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -58,6 +59,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once, per filter (default: 16)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: 30)")
     parser.add_argument("--retries", type=int, default=3, help="retries while the server is unreachable (default: 3)")
+    parser.add_argument(
+        "--schema", choices=SCHEMAS, default="filterserve",
+        help="the object written under each filter's name: filterserve's (raw and final scores, tier, tokens; default), "
+        "or production: exactly the production scorer's fields (scores calibrated and clamped, weighted_average, tier, "
+        "tier_description, gatekeeper_applied, and raw_weighted_average where the filter normalizes)",
+    )
 
 
 class OutputError(FilterServeError):
@@ -306,7 +313,7 @@ def _score(args: argparse.Namespace, from_stdin: bool, output: Path | None, erro
             total = None if from_stdin else _count_lines(Path(args.input))
             with tqdm(total=total, initial=start - 1, disable=from_stdin, unit="line", file=sys.stderr) as bar, \
                     Interrupt(sink, _resume_hint(args, output)) as interrupt:
-                _run(client, lines, sink, bar, interrupt, args.concurrency)
+                _run(client, lines, sink, bar, interrupt, args.concurrency, args.schema)
     finally:
         for handle in (stream, out if output is not None else None, errors):
             if handle is not None and handle is not sys.stdin.buffer:
@@ -326,7 +333,8 @@ def _score(args: argparse.Namespace, from_stdin: bool, output: Path | None, erro
 
 
 def _run(
-    client: MultiFilterClient, lines: Iterator[tuple[int, bytes]], sink: Sink, bar: tqdm, interrupt: Interrupt, concurrency: int
+    client: MultiFilterClient, lines: Iterator[tuple[int, bytes]], sink: Sink, bar: tqdm, interrupt: Interrupt, concurrency: int,
+    schema: str,
 ) -> None:
     """Scores the valid lines; writes every line, failed ones included, in input order."""
     queue: deque[Line] = deque()
@@ -358,5 +366,5 @@ def _run(
             sink.failed_line(line.number, failure, line.raw)
             continue
         # Namespaced by filter: input fields (labels named like dimensions) stay as they were.
-        sink.scored_line(line.number, {**(line.record or {}), **{name: r.as_dict() for name, r in results.items()}})
+        sink.scored_line(line.number, {**(line.record or {}), **{name: r.as_dict(schema) for name, r in results.items()}})
     write_failed_before_next_record()

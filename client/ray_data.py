@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filterserve.client.client import ScoreError
+from filterserve.client.results import ScoreError
 from filterserve.client.servers import ServerPool
 
 ERROR_COLUMN = "filterserve_error"

@@ -4,7 +4,7 @@ One CPU box scores about 0.4 articles/s per 1.5B filter in fp32: a day's news fo
 soon needs several servers. The pool sends each article to the live server with the least
 outstanding work (a slow or busy server gets less, not an equal share as with round robin), and
 when a server dies, the article goes to another: each is scored once, and the output keeps input
-order (:meth:`~filterserve.client.client.Scorer.score_iter`).
+order (:meth:`~filterserve.client.concurrency.Scorer.score_iter`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from filterserve.client.client import (
-    ClientError,
-    FilterClient,
-    FilterResult,
-    Item,
-    Protocol,
-    Scorer,
-    ServerUnavailable,
-)
+from filterserve.client.concurrency import Scorer
+from filterserve.client.endpoint import Protocol
+from filterserve.client.errors import ClientError, ServerUnavailable
+from filterserve.client.filter_client import FilterClient
+from filterserve.client.items import Item
+from filterserve.client.results import FilterResult
 
 # A server that failed is left alone this long before it is tried again.
 COOL_DOWN_S = 5.0

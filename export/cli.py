@@ -5,69 +5,100 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
+from filterserve.export.options import ExportOptions
 from filterserve.filters import load_filter
 from filterserve.model_repository.gpu import TRT_CACHE_ROOT
-from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
+from filterserve.model_repository.repository import (
+    DEFAULT_BUCKET,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_TEXT_BYTES,
+    RepositorySettings,
+)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model folder or hub id (e.g. Qwen/Qwen2.5-1.5B)")
-    parser.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter + tokenizer files)")
+    parser.add_argument("--base", help="base model folder or hub id (e.g. Qwen/Qwen2.5-1.5B); required but with --remove, "
+                        "where it names a group's base only when it moved")
+    parser.add_argument("--adapter", help="PEFT adapter folder (adapter + tokenizer files); required but with --remove")
     parser.add_argument("--out", required=True, help="model repository to add the filter to (or replace it in); other filters stay")
+    parser.add_argument("--share-base", action="store_true", help="add the filter to the repository's shared-base group for "
+                        "--base (created if needed): one copy of the base serves every filter on it, each row with its own "
+                        "LoRA and head; the group is rebuilt with all its members and swapped in at once (fp32)")
+    parser.add_argument("--remove", metavar="NAME", help="take filter NAME out of --out instead of exporting: a merged "
+                        "filter's models go; a group member's group is rebuilt without it (dropped with its last member)")
     parser.add_argument("--name", help="Triton model name (default: the filter's name)")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
     parser.add_argument("--calibration", help='per-dimension isotonic breakpoints, JSON {"<dimension>": {"x": [...], "y": [...]}}: '
                         "applied to the served final_scores (raw scores and parity are unchanged)")
-    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (int8 needs --validation)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated. ONNX Runtime: fp32, fp16, int8 (dynamic). "
+                        "OpenVINO (CPU; Triton backend \"openvino\"): bf16 (needs avx512_bf16 or AMX), ov_fp32 (only on a "
+                        "CPU without bf16: Triton's backend cannot pin f32), ov_int8 (static, NNCF-calibrated). "
+                        "int8 and ov_int8 need --validation")
+    parser.add_argument("--quantization-data", help="JSONL articles (title, content) that ov_int8 is calibrated on, "
+                        "none of them in --validation; best: the filter's training articles (default: 64 articles built "
+                        "from the sentences of filterserve's sample articles)")
     parser.add_argument("--validation", help="labelled JSONL (title, content, one field per dimension): every variant "
                         "must keep the validation MAE within --gate-tolerance of the PyTorch + PEFT reference")
     parser.add_argument("--gate-tolerance", type=float, default=GATE_TOLERANCE, help="max MAE increase, overall and per dimension")
     parser.add_argument("--default", default="auto", help="precision the ensemble serves; auto = the fastest variant "
                         "the accuracy gate admitted (with --validation), else the first listed")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="most articles the tensor model runs at once")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="most articles the tensor model runs at once")
     parser.add_argument("--max-batch-tokens", type=int, help="most tokens (rows × padded length) per tensor-model run, "
                         "to bound memory on small GPUs (default: max-batch-size × max_length)")
     parser.add_argument("--bucket", type=int, default=DEFAULT_BUCKET, help="each request is padded to a multiple of "
-                        "this many tokens; smaller wastes less, larger lets more requests share a shape (default: 16)")
+                        "this many tokens; smaller wastes less, larger lets more requests share a shape (default: %(default)s)")
     parser.add_argument("--max-text-bytes", type=int, default=DEFAULT_MAX_TEXT_BYTES,
-                        help="longer TEXT, TITLE or CONTENT values are refused (default: 262144)")
+                        help="longer TEXT, TITLE or CONTENT values are refused (default: %(default)s)")
     parser.add_argument("--gpu", action="store_true", help="target a GPU (NVIDIA's container): GPU instance groups; the fp16 "
                         "variant, and only it, runs on ONNX Runtime's TensorRT accelerator in FP16 (export fp16 to get it)")
-    parser.add_argument("--trt-cache-dir", default=TRT_CACHE_ROOT, help="with --gpu: where the server's ONNX Runtime writes "
+    parser.add_argument("--trt-cache-dir", dest="trt_cache_root", metavar="TRT_CACHE_DIR", default=TRT_CACHE_ROOT, help="with --gpu: where the server's ONNX Runtime writes "
                         "TensorRT engines, one folder per model checksum (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a different export of the same filter already in --out")
 
 
-def export_command(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from filterserve.export.pipeline import export_filter
+def export_options(args: argparse.Namespace) -> ExportOptions:
+    """The parsed flags as one checked value: every flag's check and message live in ExportOptions."""
+    from dataclasses import fields, replace
 
     spec = load_filter(args.filter)
     if args.name:
         spec = replace(spec, name=args.name)
     if args.calibration:
         spec = spec.with_calibration(args.calibration)
-    manifest = export_filter(
-        args.base,
-        args.adapter,
-        args.out,
-        spec=spec,
-        precisions=args.precision,
-        max_batch_size=args.max_batch_size,
-        max_batch_tokens=args.max_batch_tokens,
-        bucket=args.bucket,
-        max_text_bytes=args.max_text_bytes,
-        force=args.force,
-        gpu=args.gpu,
-        trt_cache_root=args.trt_cache_dir,
-        validation=args.validation,
-        gate_tolerance=args.gate_tolerance,
-        default=args.default,
+    # Every RepositorySettings field is the flag of the same name (dest): a new setting is a field and a flag.
+    repository = RepositorySettings(**{f.name: getattr(args, f.name) for f in fields(RepositorySettings)})
+    return ExportOptions(
+        args.base, args.adapter, args.out, spec, precisions=args.precision, validation=args.validation,
+        quantization_data=args.quantization_data, gate_tolerance=args.gate_tolerance, default=args.default, force=args.force, repository=repository,
+        share_base=args.share_base,
     )
+
+
+def remove_command(args: argparse.Namespace) -> int:
+    from filterserve.export.group import remove_filter
+
+    given = [flag for flag, value in (("--adapter", args.adapter), ("--filter", args.filter), ("--share-base", args.share_base)) if value]
+    if given:
+        raise FilterServeError(f"--remove takes no {', '.join(given)}: it only takes a filter out of --out")
+    group = remove_filter(Path(args.out).expanduser(), args.remove, args.base)
+    left = f"; group {group['group']} now serves {', '.join(group['members'])}" if group else ""
+    print(f"removed filter {args.remove} from {args.out}{left}", file=sys.stderr)
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from filterserve.export.pipeline import run_export
+
+    if args.remove:
+        return remove_command(args)
+    missing = [flag for flag, value in (("--base", args.base), ("--adapter", args.adapter)) if not value]
+    if missing:
+        raise FilterServeError(f"filterserve export needs {' and '.join(missing)} (or --remove NAME)")
+    manifest = run_export(export_options(args))
     summary = {p: round(r["max_abs_diff"], 8) for p, r in manifest["parity"].items()}
     gate = manifest["accuracy_gate"]
     print(json.dumps({
@@ -76,9 +107,11 @@ def export_command(args: argparse.Namespace) -> int:
         "default_precision": manifest["default_precision"],
         "parity_max_abs_diff": summary,
         "validation_mae_change": gate and {v: round(m["mae_delta"], 6) for v, m in gate["report"]["variants"].items()},
-        "latency_ms_batch1": manifest["latency_ms_batch1"],
-        "export_seconds": manifest["export_seconds"],
-        "peak_rss_mb": manifest["peak_rss_mb"],
+        **({"group": manifest["group"]} if "group" in manifest else {
+            "latency_ms_batch1": manifest["latency_ms_batch1"],
+            "export_seconds": manifest["export_seconds"],
+            "peak_rss_mb": manifest["peak_rss_mb"],
+        }),
     }, indent=2))
     name = manifest["filter"]["name"]
     print(f"wrote filter {name} into {args.out}; serve it with: filterserve serve --model-repository {args.out}\n"
@@ -87,30 +120,37 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --shape → the StandinShape constructor of that name (None: the tiny default).
+STANDIN_SHAPES = {"tiny": None, "qwen2.5-1.5b": "qwen25_1_5b", "gemma3-tiny": "gemma3_tiny", "gemma3-1b": "gemma3_1b"}
+
+
 def add_standin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write base/ and adapter/ into")
-    parser.add_argument("--shape", choices=["tiny", "qwen2.5-1.5b"], default="tiny",
-                        help="tiny (seconds) or the real Qwen2.5-1.5B dimensions (random weights, ~6 GB)")
+    parser.add_argument("--shape", choices=list(STANDIN_SHAPES), default="tiny",
+                        help="tiny and gemma3-tiny (seconds), or the real Qwen2.5-1.5B (~6 GB) or Gemma-3-1B (~4 GB) "
+                        "dimensions; random weights. The Gemma-3 shapes are saved as the hub's Gemma3ForCausalLM")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, help="number of decoder layers (default: the shape's)")
-    parser.add_argument("--tokenizer", help="a real tokenizer.json (e.g. Qwen2.5's) instead of the tiny trained one: "
-                        "the real token lengths of articles; the vocabulary grows to Qwen2.5's if smaller")
+    parser.add_argument("--tokenizer", help="a real tokenizer.json (Qwen2.5's, or Gemma-3's for the gemma3 shapes: "
+                        "see filterserve.export.standin.install_gemma3_tokenizer) instead of the tiny trained one: the "
+                        "real token lengths of articles; the vocabulary grows to the real model's if smaller")
 
 
 def standin_command(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from pathlib import Path
 
-    from filterserve.export.standin import QWEN25_VOCAB_SIZE, StandinShape, build_standin
+    from filterserve.export.standin import GEMMA3, GEMMA3_VOCAB_SIZE, QWEN25_VOCAB_SIZE, StandinShape, build_standin
 
-    shape = StandinShape.qwen25_1_5b() if args.shape == "qwen2.5-1.5b" else StandinShape()
+    made_by = STANDIN_SHAPES[args.shape]
+    shape = getattr(StandinShape, made_by)() if made_by else StandinShape()
     if args.layers is not None:
         if args.layers < 1:
             raise FilterServeError(f"--layers must be at least 1, got {args.layers}")
         shape = replace(shape, num_hidden_layers=args.layers)
     if args.tokenizer:
-        shape = replace(shape, vocab_size=max(shape.vocab_size, QWEN25_VOCAB_SIZE))
+        real = GEMMA3_VOCAB_SIZE if shape.architecture == GEMMA3 else QWEN25_VOCAB_SIZE
+        shape = replace(shape, vocab_size=max(shape.vocab_size, real))
     print(f"building a random-weight stand-in ({shape}); its scores mean nothing", file=sys.stderr)
     made = build_standin(
         Path(args.out),

@@ -65,7 +65,7 @@ def fp32_nodes(model: onnx.ModelProto) -> Fp32Selection:
     """Every RMSNorm's ops, every Softmax, and the score head with what follows it to the outputs.
 
     - RMSNorm: x² overflows FP16 for |x| > 256, and Qwen2-1.5B's residual stream gets there
-      (DESIGN.md). A module is a norm when its nodes compute mean(x²), a square root and a
+      (docs/design.md). A module is a norm when its nodes compute mean(x²), a square root and a
       scaling, and nothing else (NORM_OPS); every Pow feeding a ReduceMean in the graph must lie
       in such a module, or the module paths are missing and the selection would be incomplete.
     - Softmax: exp of the attention scores, summed over up to 512 keys.

@@ -2,11 +2,17 @@
 
 PEFT's own errors for a wrong adapter are a ``size mismatch`` deep inside ``load_state_dict``
 (or, worse, nothing at all when only the head differs); the checks here name the problem.
+
+The architecture is the base's: its config's ``model_type`` picks the sequence classifier through
+transformers' auto mapping (``qwen2`` → Qwen2ForSequenceClassification, ``gemma3_text`` →
+Gemma3TextForSequenceClassification). Both pool at the last token whose id is not
+``config.pad_token_id``, reading ``input_ids`` and ignoring the mask; Qwen2.5's config has no pad id
+(set from the tokenizer, ``<|endoftext|>``), Gemma-3's has 0 (``<pad>``), which must be the
+tokenizer's too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -17,6 +23,7 @@ import torch
 
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
+from filterserve.manifest import read_json_object
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -30,6 +37,7 @@ class Loaded:
     pad_token_id: int
     vocab_size: int
     adapter_score_weight: torch.Tensor
+    architecture: str  # the base config's model_type: qwen2, gemma3_text
 
 
 def quiet_libraries() -> None:
@@ -70,7 +78,7 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def check_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json_object(adapter_dir / "adapter_config.json", "adapter config")
     if config.get("peft_type") != "LORA":
         raise FilterServeError(f"adapter in {adapter_dir} is {config.get('peft_type')!r}, not a LoRA adapter")
     if config.get("task_type") != "SEQ_CLS":
@@ -127,11 +135,23 @@ def load_tokenizer(adapter_dir: Path):
         raise FilterServeError(f"cannot load the tokenizer from {adapter_dir}: {exc}") from None
     if tokenizer.pad_token_id is None:
         raise FilterServeError(
-            f"the tokenizer in {adapter_dir} has no pad token; Qwen's is '<|endoftext|>' and the "
+            f"the tokenizer in {adapter_dir} has no pad token; Qwen's is '<|endoftext|>', Gemma's '<pad>', and the "
             "pooling finds the last non-pad token through it (set pad_token in tokenizer_config.json)"
         )
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def check_head_tail_tokenizer(tokenizer: Any, spec: FilterSpec, adapter_dir: Path) -> None:
+    """The head+tail cut decodes with the tokenizer's backend everywhere (the server has nothing else);
+    transformers' decode differs from it only by a space clean-up, which it skips for BPE models."""
+    if spec.head_tail is None or not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return
+    if type(tokenizer.backend_tokenizer.model).__name__ != "BPE":
+        raise FilterServeError(
+            f"the tokenizer in {adapter_dir} cleans up tokenization spaces when decoding, which the server's "
+            "tokenizer step cannot repeat: head+tail needs a BPE tokenizer or clean_up_tokenization_spaces false"
+        )
 
 
 def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
@@ -149,6 +169,7 @@ def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
             f"{spec.num_labels} dimensions ({', '.join(spec.dimensions)}); pass the matching --filter"
         )
     tokenizer = load_tokenizer(adapter_dir)
+    check_head_tail_tokenizer(tokenizer, spec, adapter_dir)
     if not Path(base).exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         raise FilterServeError(f"base model not found: {base} (neither a folder nor a hub id 'org/name')")
     try:
@@ -157,6 +178,12 @@ def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
         )
     except (OSError, ValueError) as exc:
         raise FilterServeError(f"cannot load the base model {base!r}: {exc}") from None
+    config_pad = model.config.pad_token_id
+    if config_pad is not None and config_pad != tokenizer.pad_token_id:
+        raise FilterServeError(
+            f"the base {base!r} says pad_token_id {config_pad} but the tokenizer in {adapter_dir} pads with "
+            f"{tokenizer.pad_token_id}: the pooling would read padding as text"
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     check_shapes(model, tensors, adapter_dir)
     try:
@@ -170,4 +197,5 @@ def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
         pad_token_id=int(tokenizer.pad_token_id),
         vocab_size=int(model.config.vocab_size),
         adapter_score_weight=head,
+        architecture=str(model.config.model_type),
     )

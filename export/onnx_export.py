@@ -41,19 +41,26 @@ def export_onnx(
     mask: np.ndarray,
     path: Path,
 ) -> Path:
-    """Trace with a padded batch (batch ≥ 2, as DESIGN.md notes) and write external data.
+    """The merged model with the filter's weights, as ``<name>_onnx`` serves it."""
+    return export_graph(ScoringGraph(model, weights).eval(), dict(zip(TOKEN_INPUTS, (ids, mask))), path)
 
+
+def export_graph(graph: torch.nn.Module, inputs: dict[str, np.ndarray], path: Path) -> Path:
+    """Trace with a padded batch (batch ≥ 2, as docs/design.md notes) and write external data.
+
+    ``inputs``: the graph's inputs by name, in its forward's order; the token inputs get dynamic
+    batch and sequence axes, any other (a group's ``filter_index``) a dynamic batch axis.
     External data is always used so that a 1.5B model (5.75 GB in fp32) fits ONNX's 2 GB
     protobuf limit and small and large models share one layout.
     """
-    if ids.shape[0] < 2:
+    first = next(iter(inputs.values()))
+    if first.shape[0] < 2:
         raise ValueError("trace with a batch of at least 2 rows so the batch axis stays dynamic")
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = ScoringGraph(model, weights).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=1 << 16)
-    dynamic = {name: {0: batch, 1: seq} for name in TOKEN_INPUTS}
-    args = (torch.from_numpy(ids), torch.from_numpy(mask))
+    dynamic = {name: {0: batch, 1: seq} if name in TOKEN_INPUTS else {0: batch} for name in inputs}
+    args = tuple(torch.from_numpy(value) for value in inputs.values())
     log = io.StringIO()
     try:
         with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(log):
@@ -62,7 +69,7 @@ def export_onnx(
                 args,
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=list(TOKEN_INPUTS),
+                input_names=list(inputs),
                 output_names=list(TENSOR_OUTPUTS),
                 dynamic_shapes=dynamic,
                 optimize=True,

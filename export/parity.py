@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from filterserve.contract import TENSOR_OUTPUTS, TOKEN_INPUTS
+from filterserve.contract import FILTER_INDEX, TENSOR_OUTPUTS, TOKEN_INPUTS
 from filterserve.errors import ParityError
 
 from filterserve.filters import FilterSpec
@@ -37,15 +37,104 @@ PARITY_ARTICLES: tuple[tuple[str, str], ...] = (
 
 
 def parity_articles(tokenizer, spec: FilterSpec) -> list[tuple[str, str]]:
-    """The fixed articles plus one whose content runs past ``max_length`` tokens."""
+    """The fixed articles plus one whose content runs past ``max_length`` tokens, and, for a
+    head+tail filter, the articles on which its cut can go wrong (:func:`head_tail_articles`)."""
     n_ids = len(tokenizer(_SENTENCE)["input_ids"])
     long_content = _SENTENCE * (spec.max_length // max(n_ids, 1) + 2)
-    return [*PARITY_ARTICLES, ("Library reopens after the flood", long_content)]
+    articles = [*PARITY_ARTICLES, ("Library reopens after the flood", long_content)]
+    if spec.head_tail is not None:
+        articles += head_tail_articles(tokenizer, spec)
+    return articles
 
 
 def parity_texts(tokenizer, spec: FilterSpec) -> list[str]:
-    """The parity articles as the model reads them: the filter's own template."""
-    return [spec.input_text(title, content) for title, content in parity_articles(tokenizer, spec)]
+    """The parity articles as the model reads them: the filter's own template and head+tail cut."""
+    return spec.model_texts([spec.input_text(title, content) for title, content in parity_articles(tokenizer, spec)], tokenizer)
+
+
+# Non-Latin news far past head + tail tokens, and characters that tokenizers split into several
+# tokens (byte fallback, byte-level BPE): a head or tail cut can fall inside one of them.
+_LONG_CHINESE = ("长篇报道：社区互助", "邻居们互相帮助，修复了被洪水冲毁的房屋和学校。")
+_LONG_ARABIC = ("تقرير مطول عن التضامن", "ساعد الجيران بعضهم بعضاً في إصلاح البيوت والمدارس بعد الفيضان. ")
+_SPLIT_CHARACTERS = "𓀀𝔘🦜䨻龘ꙮ"
+_FILLER = "word "
+
+
+def _offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character span of every token of ``text`` encoded without special tokens (as the cut counts)."""
+    return [tuple(o) for o in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+
+
+def _exactly(tokenizer, spec: FilterSpec, title: str, filler: str, n_tokens: int) -> tuple[str, str] | None:
+    """An article whose joined text is exactly ``n_tokens`` tokens long (without special tokens), if one is found."""
+    def count(length: int) -> int:
+        return len(_offsets(tokenizer, spec.input_text(title, filler[:length])))
+
+    low, high = 1, len(filler)
+    while low < high:  # the shortest prefix reaching n_tokens (the count grows with the prefix)
+        middle = (low + high) // 2
+        if count(middle) < n_tokens:
+            low = middle + 1
+        else:
+            high = middle
+    for length in range(max(1, low - 8), min(len(filler), low + 8) + 1):
+        if count(length) == n_tokens and filler[:length].strip():
+            return title, filler[:length]
+    return None
+
+
+def _cut_inside(tokenizer, spec: FilterSpec, at_head: bool) -> tuple[str, str] | None:
+    """An article whose head (or tail) cut splits one character that spans several tokens."""
+    rule = spec.head_tail
+    assert rule is not None
+    title = "Rare script in the archive"
+    words_per_token = max(1, len(_offsets(tokenizer, _FILLER * 50)) // 50)
+    long_filler = _FILLER * ((rule.head_tokens + rule.tail_tokens) // words_per_token + 8)
+    for char in _SPLIT_CHARACTERS:
+        for words in range(0, max(rule.head_tokens, rule.tail_tokens) + 8):
+            if at_head:
+                content = _FILLER * words + char + " " + long_filler
+            else:
+                content = long_filler + char + " " + _FILLER * words
+            text = spec.input_text(title, content)
+            spans = _offsets(tokenizer, text)
+            cut = rule.head_tokens if at_head else len(spans) - rule.tail_tokens
+            position = text.index(char, len(title) + 2 + (0 if at_head else len(long_filler)))
+            inside = [i for i, (start, end) in enumerate(spans) if start <= position < end]
+            if len(inside) < 2:
+                break  # this character is one token here: try the next
+            if inside[0] < cut <= inside[-1]:
+                return title, content
+            if (inside[0] >= cut) if at_head else (inside[-1] < cut):
+                break  # past the cut: it cannot be reached with more words
+    return None
+
+
+def head_tail_articles(tokenizer, spec: FilterSpec) -> list[tuple[str, str]]:
+    """Where a head+tail cut can go wrong, built for this tokenizer.
+
+    Non-Latin articles far past head + tail tokens; an article exactly at head + tail tokens (not
+    cut) and one a token longer (cut); articles whose head cut and whose tail cut fall inside a
+    character that spans several tokens (decoded as U+FFFD on both sides, as in production).
+    """
+    rule = spec.head_tail
+    assert rule is not None
+    span = rule.head_tokens + rule.tail_tokens
+    per_sentence = max(1, len(_offsets(tokenizer, _LONG_CHINESE[1])))
+    articles = [
+        (_LONG_CHINESE[0], _LONG_CHINESE[1] * (3 * span // per_sentence + 2)),
+        (_LONG_ARABIC[0], _LONG_ARABIC[1] * (3 * span // max(1, len(_offsets(tokenizer, _LONG_ARABIC[1]))) + 2)),
+    ]
+    filler = _SENTENCE * (2 * span // max(1, len(_offsets(tokenizer, _SENTENCE))) + 2)
+    for n_tokens in (span, span + 1):
+        exact = _exactly(tokenizer, spec, "At the boundary", filler, n_tokens)
+        if exact is not None:
+            articles.append(exact)
+    for at_head in (True, False):
+        split = _cut_inside(tokenizer, spec, at_head)
+        if split is not None:
+            articles.append(split)
+    return articles
 
 
 def encode(tokenizer, texts: list[str], max_length: int, pad_to_max_length: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -97,9 +186,14 @@ def ort_session(onnx_path: Path, providers: list[str] | None = None):
     )
 
 
-def ort_scores(session, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``logits`` and ``weighted_score`` from an exported model."""
-    logits, weighted = session.run(list(TENSOR_OUTPUTS), dict(zip(TOKEN_INPUTS, (ids, mask))))
+def ort_scores(
+    session, ids: np.ndarray, mask: np.ndarray, filter_index: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``logits`` and ``weighted_score`` from an exported model; a group's needs each row's ``filter_index`` [batch, 1]."""
+    feeds = dict(zip(TOKEN_INPUTS, (ids, mask)))
+    if filter_index is not None:
+        feeds[FILTER_INDEX] = filter_index
+    logits, weighted = session.run(list(TENSOR_OUTPUTS), feeds)
     return logits, weighted
 
 

@@ -1,16 +1,21 @@
 """``filterserve export``: base + adapter → merged → ONNX variants → parity → accuracy gate → repository.
 
 The export is a sequence of named stages, each taking what it needs and returning what it
-made, so every step can be read and tested alone:
+made, so every step can be read and tested alone. What the caller asked for is one value,
+:class:`~filterserve.export.options.ExportOptions`, checked when it is made (before anything is
+read) and read by every stage; what the stages share besides it is one :class:`Run`.
 
-- plan: the caller's arguments → :class:`ExportPlan`, validated before anything is read
-- check: the plan → the sources' checksums; the repository must accept this filter
-- load: plan, sources → :class:`Loaded` (PyTorch + PEFT in fp32, the tokenizer)
+- options: the caller's arguments → :class:`ExportOptions` (:mod:`filterserve.export.options`)
+- check: the options → the sources' checksums; the repository must accept this filter
+- load: → :class:`Loaded` (PyTorch + PEFT in fp32, the tokenizer)
 - reference: the PEFT model → :class:`Reference` (the card's scores, before the merge)
-- merge + build: the PEFT model, freed at the end → fp32/fp16 ONNX files and their parity
-- build int8: the fp32 file → :class:`Int8Build`
-- gate: variants, labelled validation data → :class:`GateOutcome` (report, refusals)
-- pick default: admitted variants → batch-1 latency per variant, the served precision
+- pytorch: merge, then the variants built from the PyTorch model (fp32, fp16) → :class:`Variants`
+- int8: the fp32 file → INT8 on the exclusion ladder's first rung, added to the variants
+- openvino: the fp32 file → OpenVINO IR (bf16, ov_fp32) and NNCF's static int8 (ov_int8, on the
+  ladder's first rung), each checked as Triton's OpenVINO backend will compile it
+- gate: variants, labelled validation data → :class:`GateOutcome`; a refused variant that has a
+  :data:`CLIMBS` entry (INT8) is rebuilt closer to fp32 and gated again first
+- default: admitted variants → :class:`DefaultPick` (batch-1 latency per variant, the served precision)
 - write: all of the above → the filter's record, swapped into the repository
 
 Everything is built in a staging folder beside the repository (:mod:`filterserve.export.staging`)
@@ -18,6 +23,11 @@ and swapped in only after every check passed: a failure at any stage leaves the 
 and every other filter in it, as it was. fp32 and fp16 must stay within their parity tolerance of
 the PyTorch + PEFT reference; INT8, whose drift only trained weights can judge, must pass the
 accuracy gate on labelled validation data, as every variant must when such data is given.
+
+A new variant (another engine or precision) is a build stage that adds a :class:`Variant` to the
+:class:`Variants`, a :data:`~filterserve.export.options.MADE_FROM` entry when it is made from
+another variant's file, and a :data:`CLIMBS` entry when the gate may retry it: the gate, the
+default pick and the write stage take every built variant as it comes.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,10 +48,14 @@ import numpy as np
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
+from filterserve.export.group import export_shared, refuse_member
 from filterserve.export.load import Loaded, adapter_weights_path, load_reference
 from filterserve.export.manifest import describe_source, new_record, versions
 from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
+from filterserve.export import openvino_engine, quantization_data
+from filterserve.export.options import MADE_FROM, ExportOptions
+from filterserve.export.options import parse_precisions as parse_precisions  # its name here before options.py
 from filterserve.export.parity import (
     compare,
     encode,
@@ -52,127 +67,61 @@ from filterserve.export.parity import (
 )
 from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
 from filterserve.export.staging import candidate_models, commit, plan_replacement, staging_folder
-from filterserve.filters import UPLIFTING_V4, FilterSpec
+from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, LabelledSet, build_report, read_labelled, refusals
 from filterserve.model_repository import tensor_model_name, write_repository
-from filterserve.model_repository.gpu import TENSORRT_PRECISION, TRT_CACHE_ROOT
-from filterserve.model_repository.repository import DEFAULT_BUCKET, DEFAULT_MAX_TEXT_BYTES
+from filterserve.model_repository.gpu import TENSORRT_PRECISION
+from filterserve.model_repository.openvino import MODEL_FILE
 from filterserve.progress import Steps
 
 TOLERANCES = contract.PARITY_TOLERANCES
-# int8 is quantized from the fp32 file after the PyTorch model is freed (see pytorch_stage).
-BUILD_ORDER = ("fp32", "fp16", "int8")
 LATENCY_REPEATS = 5
 GATE_BATCH = 16
 
 
-def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    items = [p.strip().lower() for p in items if p.strip()]
-    unknown = [p for p in items if p not in TOLERANCES]
-    if not items or unknown:
-        raise FilterServeError(
-            f"unknown precision {', '.join(unknown) or '(none)'}; choose from {', '.join(TOLERANCES)}"
-        )
-    return list(dict.fromkeys(items))
-
-
 @dataclass(frozen=True)
-class ExportPlan:
-    """The export's validated arguments: what every later stage reads and none changes."""
+class Run:
+    """One export in progress, as every stage after the check sees it."""
 
-    base: str
-    adapter: Path
-    out: Path
-    spec: FilterSpec
-    precisions: list[str]  # as listed: without validation data the first becomes the default
-    build: list[str]  # in BUILD_ORDER; fp32 too when only int8 was asked (it is quantized from fp32)
-    max_batch_size: int
-    max_batch_tokens: int | None
-    bucket: int
-    max_text_bytes: int
-    gpu: bool
-    trt_cache_root: str
-    validation: Path | None
-    gate_tolerance: float
-    default: str
-    force: bool
-
-    @property
-    def total_steps(self) -> int:
-        return 6 + 2 * len(self.build) + 2 * (self.validation is not None)
+    options: ExportOptions
+    steps: Steps
+    staging: Path  # beside the repository: what the write stage swaps in
+    started: float  # time.perf_counter() when the export began, for the record's export_seconds
 
 
-def plan_export(
-    base: str,
-    adapter: str | Path,
-    out: str | Path,
-    spec: FilterSpec,
-    precisions: str | list[str],
-    max_batch_size: int,
-    force: bool,
-    gpu: bool,
-    validation: str | Path | None,
-    gate_tolerance: float,
-    default: str,
-    *,
-    max_batch_tokens: int | None = None,
-    bucket: int = DEFAULT_BUCKET,
-    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-    trt_cache_root: str = TRT_CACHE_ROOT,
-) -> ExportPlan:
-    """Refuse bad arguments before anything is loaded or written."""
-    order = parse_precisions(precisions)
-    if max_batch_size < 1:
-        raise FilterServeError(f"--max-batch-size must be at least 1, got {max_batch_size}")
-    if bucket < 1 or max_text_bytes < 1:
-        raise FilterServeError(f"--bucket and --max-text-bytes must be at least 1, got {bucket} and {max_text_bytes}")
-    if max_batch_tokens is not None and max_batch_tokens < spec.max_length:
-        raise FilterServeError(
-            f"--max-batch-tokens {max_batch_tokens} is below max_length {spec.max_length}: one full-length article must fit"
-        )
-    if default != "auto" and default not in order:
-        raise FilterServeError(f"--default {default} is not among the exported precisions {order}")
-    if "int8" in order and validation is None:
-        raise FilterServeError(
-            "int8 needs --validation VAL.jsonl (labelled articles): its drift can only be judged by the "
-            "accuracy gate on trained weights"
-        )
-    if validation is not None and not Path(validation).is_file():
-        raise FilterServeError(f"validation data not found: {validation}")
-    return ExportPlan(
-        base=base,
-        adapter=Path(adapter).expanduser(),
-        out=Path(out).expanduser(),
-        spec=spec,
-        precisions=order,
-        build=[p for p in BUILD_ORDER if p in order or (p == "fp32" and "int8" in order)],
-        max_batch_size=max_batch_size,
-        max_batch_tokens=max_batch_tokens,
-        bucket=bucket,
-        max_text_bytes=max_text_bytes,
-        gpu=gpu,
-        trt_cache_root=trt_cache_root,
-        validation=Path(validation) if validation is not None else None,
-        gate_tolerance=gate_tolerance,
-        default=default,
-        force=force,
-    )
+def total_steps(options: ExportOptions) -> int:
+    """check, load, reference, merge, default and write; a build and a parity step per variant; the
+    validation data's reference and the gate."""
+    return 6 + 2 * len(options.build) + 2 * (options.validation is not None)
 
 
 def variant_path(staging: Path, spec: FilterSpec, precision: str) -> Path:
-    """Where a variant is built before the default is known (renamed to ``<name>_onnx`` after)."""
-    return staging / contract.tensor_model(spec.name, precision) / "1" / "model.onnx"
+    """Where a variant is built before the default is known (renamed to ``<name>_onnx`` after):
+    ``model.onnx``, or OpenVINO's ``model.xml`` (+ ``model.bin``)."""
+    filename = MODEL_FILE if precision in contract.OPENVINO_PRECISIONS else "model.onnx"
+    return staging / contract.tensor_model(spec.name, precision) / "1" / filename
 
 
-def median_latency_ms(onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> float:
+Scorer = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def scorer(precision: str, path: Path) -> Scorer:
+    """``(ids, mask) → (logits, weighted_score)`` of a built variant, run as its server will run it:
+    ONNX Runtime, or OpenVINO compiled with the backend's properties (and refused unless it runs
+    the precision its name says)."""
+    if precision in contract.OPENVINO_PRECISIONS:
+        return openvino_engine.served_model(precision, path).scores
+    session = ort_session(path)
+    return lambda ids, mask: ort_scores(session, ids, mask)
+
+
+def median_latency_ms(score: Scorer, ids: np.ndarray, mask: np.ndarray) -> float:
     """Batch-1 latency of one median-length text: what picks the fastest admitted variant."""
-    session = ort_session(onnx_path)
-    ort_scores(session, ids, mask)  # warm-up
+    score(ids, mask)  # warm-up
     times = []
     for _ in range(LATENCY_REPEATS):
         start = time.perf_counter()
-        ort_scores(session, ids, mask)
+        score(ids, mask)
         times.append((time.perf_counter() - start) * 1000)
     return round(statistics.median(times), 3)
 
@@ -198,115 +147,169 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class Variants:
-    """ONNX files in the staging folder, by precision, and their parity records (``merged`` too)."""
-
-    paths: dict[str, Path]
-    parity: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class Int8Build:
-    """Which rung of the exclusion ladder the INT8 file was quantized on."""
+    """Which rung of the exclusion ladder the INT8 file was quantized on; for ov_int8, what it was calibrated on."""
 
     rung: int
     kept_fp32: str
     fp32_matmuls: int
+    calibration: dict[str, Any] | None = None
+    # ov_int8's calibration inputs, kept for a rebuild up the ladder (not part of the record).
+    feeds: tuple[dict[str, np.ndarray], ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rung": self.rung, "kept_fp32": self.kept_fp32, "fp32_matmuls": self.fp32_matmuls}
+        fields = {"rung": self.rung, "kept_fp32": self.kept_fp32, "fp32_matmuls": self.fp32_matmuls}
+        return fields | ({"calibration": self.calibration} if self.calibration is not None else {})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One built variant: its ONNX file in the staging folder, its parity record, and, for a build
+    that has choices (INT8's exclusion ladder), the one it took."""
+
+    path: Path
+    parity: dict[str, Any]
+    built: Int8Build | None = None
+
+
+@dataclass(frozen=True)
+class Variants:
+    """The variants built so far, by precision in build order, and the merge's own parity record."""
+
+    merged: dict[str, Any]
+    built: dict[str, Variant]
+
+    def adding(self, precision: str, variant: Variant) -> Variants:
+        """These variants with ``precision`` added, or replaced where it was rebuilt."""
+        return Variants(self.merged, {**self.built, precision: variant})
+
+    def paths(self, precisions: list[str] | tuple[str, ...]) -> dict[str, Path]:
+        return {p: self.built[p].path for p in precisions}
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        """As the record keeps it: the merge's first, then every built variant's."""
+        return {"merged": self.merged, **{p: v.parity for p, v in self.built.items()}}
 
 
 @dataclass(frozen=True)
 class GateOutcome:
-    """The accuracy gate's report (None without validation data), its refusals, and INT8 as it ended."""
+    """The accuracy gate's report (None without validation data), what it refused and why, and
+    what it admitted, in the order the precisions were asked for."""
 
     report: dict[str, Any] | None
     refused: dict[str, list[str]]
-    int8: Int8Build | None
-    int8_parity: dict[str, Any] | None
+    admitted: list[str]
 
 
-def check_stage(plan: ExportPlan, steps: Steps) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DefaultPick:
+    """Batch-1 latency of every asked-for variant (refused ones too, for the record) and the
+    precision the ensemble serves."""
+
+    latency: dict[str, float]
+    precision: str
+
+
+def check_stage(options: ExportOptions, steps: Steps) -> dict[str, Any]:
     """Paths exist, the sources are checksummed, and the repository accepts this filter: before any loading."""
     with steps.step("check inputs and checksum the sources"):
-        adapter_weights_path(plan.adapter)
-        sources = {"base": describe_source(plan.base), "adapter": describe_source(str(plan.adapter))}
+        adapter_weights_path(options.adapter)
+        refuse_member(options.out, options.spec.name)
+        sources = {"base": describe_source(options.base), "adapter": describe_source(str(options.adapter))}
         plan_replacement(
-            plan.out, plan.spec.name, candidate_models(plan.spec.name, plan.build),
-            {"filter": plan.spec.to_dict(), "sources": sources}, plan.force,
+            options.out, options.spec.name, candidate_models(options.spec.name, options.build),
+            {"filter": options.spec.to_dict(), "sources": sources}, options.force,
         )
     return sources
 
 
-def load_stage(plan: ExportPlan, sources: dict[str, Any], steps: Steps) -> tuple[Loaded, dict[str, Any]]:
+def load_stage(run: Run, sources: dict[str, Any]) -> tuple[Loaded, dict[str, Any]]:
     """The card's recipe in fp32; the sources gain the hub revision when the base came from the hub."""
-    with steps.step(f"load {plan.base} (fp32) + adapter with PEFT, as the card does"):
-        loaded = load_reference(plan.base, plan.adapter, plan.spec)
+    options = run.options
+    with run.steps.step(f"load {options.base} (fp32) + adapter with PEFT, as the card does"):
+        loaded = load_reference(options.base, options.adapter, options.spec)
         max_positions = int(loaded.model.config.max_position_embeddings)
-        if plan.spec.max_length > max_positions:
-            raise FilterServeError(f"filter max_length {plan.spec.max_length} exceeds the model's {max_positions} positions")
+        if options.spec.max_length > max_positions:
+            raise FilterServeError(f"filter max_length {options.spec.max_length} exceeds the model's {max_positions} positions")
         commit_hash = getattr(loaded.model.config, "_commit_hash", None)
         if commit_hash and "hub_id" in sources["base"]:
             sources = {**sources, "base": {**sources["base"], "revision": commit_hash}}
     return loaded, sources
 
 
-def reference_stage(plan: ExportPlan, loaded: Loaded, steps: Steps) -> Reference:
+def reference_stage(run: Run, loaded: Loaded) -> Reference:
     """The unmerged PEFT model's scores: the parity texts, then the validation data if any."""
-    spec = plan.spec
+    spec, steps, validation_path = run.options.spec, run.steps, run.options.validation
     with steps.step("reference scores (PyTorch + PEFT, one text at a time)"):
         texts = parity_texts(loaded.tokenizer, spec)
         scores = reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length)
         ids, mask = encode(loaded.tokenizer, texts, spec.max_length)
         steps.say(f"{len(texts)} texts, padded batch {ids.shape[0]}×{ids.shape[1]} tokens")
     validation = None
-    if plan.validation is not None:
-        with steps.step(f"reference scores on the validation data {plan.validation}"):
-            labelled = read_labelled(plan.validation, spec)
+    if validation_path is not None:
+        with steps.step(f"reference scores on the validation data {validation_path}"):
+            labelled = read_labelled(validation_path, spec, loaded.tokenizer)
             validation = Validation(labelled, reference_scores(loaded.model, loaded.tokenizer, labelled.texts, spec.max_length))
             steps.say(f"{len(labelled.texts)} labelled articles")
             for line, reason in labelled.skipped:
-                steps.say(f"skipped {plan.validation} line {line}: {reason}")
+                steps.say(f"skipped {validation_path} line {line}: {reason}")
     weighted = scores @ np.asarray(spec.weights, dtype=np.float64)
     return Reference(texts, scores, weighted, ids, mask, validation)
 
 
 def check_parity(precision: str, path: Path, reference: Reference, steps: Steps) -> dict[str, Any]:
-    """Raw scores and the weighted score against the reference; raises ParityError outside the tolerance."""
-    logits, weighted = ort_scores(ort_session(path), reference.ids, reference.mask)
-    tolerance = TOLERANCES[precision]
-    limit = float("inf") if tolerance is None else tolerance
-    result = compare(f"ONNX {precision}", logits, reference.scores, limit)
-    compare(f"ONNX {precision} weighted_score", weighted[:, :1], reference.weighted[:, None], limit)
-    steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {tolerance if tolerance is not None else 'the accuracy gate'})")
-    return result.to_dict() | {"tolerance": tolerance}
+    """Raw scores and the weighted score against the reference; raises ParityError outside the tolerance.
 
-
-def pytorch_stage(plan: ExportPlan, loaded: Loaded, reference: Reference, staging: Path, steps: Steps) -> Variants:
-    """Owns the PyTorch model from here on: merge, fp32 and fp16 ONNX with their parity, then frees it.
-
-    fp16 converts the merged model in place, so it follows fp32. The model is released before
-    INT8, whose quantizer holds its own copy of the fp32 graph (both together approach 24 GB at 1.5B).
+    An OpenVINO variant's record also holds what OpenVINO reports it ran (``execution``). A
+    relative bound (bf16) is recorded with the absolute ``limit`` it came to on these texts.
     """
+    openvino = precision in contract.OPENVINO_PRECISIONS
+    model = openvino_engine.served_model(precision, path) if openvino else None
+    logits, weighted = model.scores(reference.ids, reference.mask) if model else scorer(precision, path)(reference.ids, reference.mask)
+    tolerance = TOLERANCES[precision]
+    limit = contract.parity_limit(precision, float(np.abs(reference.scores).max()))
+    label = f"{'OpenVINO' if openvino else 'ONNX'} {precision}"
+    result = compare(label, logits, reference.scores, limit)
+    compare(f"{label} weighted_score", weighted[:, :1], reference.weighted[:, None], limit)
+    bound = "the accuracy gate" if tolerance is None else f"{limit:.3g}" + (
+        f" = {tolerance:g} × the largest |score|" if precision in contract.RELATIVE_PARITY else "")
+    steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {bound})")
+    record = result.to_dict() | {"tolerance": tolerance}
+    if precision in contract.RELATIVE_PARITY:
+        record |= {"relative": True, "limit": limit}
+    if model is not None:
+        record["execution"] = openvino_engine.execution_record(model.execution)
+        steps.say(f"OpenVINO runs {model.execution.precision} (compute layers {model.execution.layers}; "
+                  f"CPU flags {', '.join(model.execution.cpu.flags) or 'none'})")
+    return record
+
+
+def pytorch_stage(run: Run, loaded: Loaded, reference: Reference) -> Variants:
+    """Owns the PyTorch model from here on: merge, the variants built from it with their parity, then frees it.
+
+    Those are the precisions not made from another variant's file (fp32, fp16). fp16 converts the
+    merged model in place, so it follows fp32. The model is released before INT8, whose quantizer
+    holds its own copy of the fp32 graph (both together approach 24 GB at 1.5B).
+    """
+    steps, spec = run.steps, run.options.spec
     try:
         with steps.step("merge LoRA into the base and check the merge"):
             merged, merged_parity = merge(loaded, reference.ids, reference.mask, reference.scores)
             steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
-        paths: dict[str, Path] = {}
-        parity: dict[str, Any] = {"merged": merged_parity.to_dict()}
-        for precision in (p for p in plan.build if p != "int8"):
-            paths[precision] = variant_path(staging, plan.spec, precision)
+        built: dict[str, Variant] = {}
+        for precision in (p for p in run.options.build if p not in MADE_FROM):
+            path = variant_path(run.staging, spec, precision)
             with steps.step(f"build {precision}"):
                 if precision == "fp16":
                     merged.half()
-                export_onnx(merged, plan.spec.weights, reference.ids, reference.mask, paths[precision])
+                export_onnx(merged, spec.weights, reference.ids, reference.mask, path)
             with steps.step(f"parity {precision} (ONNX Runtime) vs PyTorch + PEFT"):
-                parity[precision] = check_parity(precision, paths[precision], reference, steps)
+                built[precision] = Variant(path, check_parity(precision, path, reference, steps))
     finally:
         merged = loaded.model = None
         gc.collect()
-    return Variants(paths, parity)
+    return Variants(merged_parity.to_dict(), built)
 
 
 def build_int8(fp32_path: Path, int8_path: Path, rung: int, steps: Steps) -> Int8Build:
@@ -317,6 +320,89 @@ def build_int8(fp32_path: Path, int8_path: Path, rung: int, steps: Steps) -> Int
     return Int8Build(rung, description, len(kept))
 
 
+def int8_stage(run: Run, reference: Reference, variants: Variants) -> Variants:
+    """INT8 from the fp32 file on the exclusion ladder's first rung; its parity is recorded, the gate judges it."""
+    path = variant_path(run.staging, run.options.spec, "int8")
+    with run.steps.step("build int8"):
+        built = build_int8(variants.built["fp32"].path, path, 0, run.steps)
+    with run.steps.step("parity int8 (ONNX Runtime) vs PyTorch + PEFT"):
+        parity = check_parity("int8", path, reference, run.steps)
+    return variants.adding("int8", Variant(path, parity, built))
+
+
+def climb_int8(run: Run, reference: Reference, variants: Variants, reasons: list[str]) -> Variants | None:
+    """INT8 rebuilt one rung up the exclusion ladder (more layers kept in fp32); None at the top."""
+    int8 = variants.built["int8"]
+    assert int8.built is not None  # every INT8 variant is built on a rung
+    rung = int8.built.rung + 1
+    if rung >= len(EXCLUSION_LADDER):
+        return None
+    run.steps.say("int8 refused: " + "; ".join(reasons) + "; keeping more layers in fp32")
+    built = build_int8(variants.built["fp32"].path, int8.path, rung, run.steps)
+    return variants.adding("int8", Variant(int8.path, check_parity("int8", int8.path, reference, run.steps), built))
+
+
+def calibration_feeds(run: Run, tokenizer: Any, reference: Reference) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """ov_int8's calibration articles as the model reads them, refused if the gate would score one of them."""
+    options = run.options
+    path = options.quantization_data
+    articles = quantization_data.read_articles(path) if path else quantization_data.default_articles()
+    source = str(path) if path else quantization_data.DEFAULT_SOURCE
+    texts = quantization_data.model_texts(quantization_data.spread(articles), options.spec, tokenizer)
+    if reference.validation is not None and options.validation is not None:
+        quantization_data.check_disjoint(texts, source, reference.validation.labelled.texts, options.validation)
+    feeds = quantization_data.calibration_feeds(texts, tokenizer, options.spec.max_length)
+    return feeds, {"data": source, "articles": len(texts), "of": len(articles)}
+
+
+def build_ov_int8(
+    run: Run, variants: Variants, path: Path, rung: int, feeds: tuple[dict[str, np.ndarray], ...], calibration: dict[str, Any]
+) -> Int8Build:
+    """NNCF static int8 from the fp32 file, keeping in fp32 what the ladder's ``rung`` names."""
+    description, keep = EXCLUSION_LADDER[rung]
+    made = openvino_engine.quantize_static_int8(variants.built["fp32"].path, path, feeds, keep)
+    fp32 = len(made.kept) + 2  # the ladder's, and the head's two (as ONNX Runtime's int8 counts them)
+    run.steps.say(f"static int8 (NNCF, {calibration['articles']} calibration articles from {calibration['data']}); "
+                  f"fp32 besides the head: {description} ({fp32} MatMuls)")
+    return Int8Build(rung, description, fp32, calibration, feeds)
+
+
+def openvino_stage(run: Run, tokenizer: Any, reference: Reference, variants: Variants) -> Variants:
+    """The OpenVINO variants from the fp32 file: its IR as it is (bf16, ov_fp32), and NNCF's
+    static int8 on the ladder's first rung (ov_int8); each checked as the backend will compile it."""
+    for precision in (p for p in run.options.build if p in contract.OPENVINO_PRECISIONS):
+        path = variant_path(run.staging, run.options.spec, precision)
+        with run.steps.step(f"build {precision} (OpenVINO)"):
+            if precision == "ov_int8":
+                feeds, calibration = calibration_feeds(run, tokenizer, reference)
+                built = build_ov_int8(run, variants, path, 0, tuple(feeds), calibration)
+            else:
+                openvino_engine.onnx_to_ir(variants.built["fp32"].path, path)
+                built = None
+        with run.steps.step(f"parity {precision} (OpenVINO) vs PyTorch + PEFT"):
+            variants = variants.adding(precision, Variant(path, check_parity(precision, path, reference, run.steps), built))
+    return variants
+
+
+def climb_ov_int8(run: Run, reference: Reference, variants: Variants, reasons: list[str]) -> Variants | None:
+    """ov_int8 requantized one rung up the exclusion ladder, on the same calibration articles; None at the top."""
+    ov_int8 = variants.built["ov_int8"]
+    assert ov_int8.built is not None
+    rung = ov_int8.built.rung + 1
+    if rung >= len(EXCLUSION_LADDER):
+        return None
+    run.steps.say("ov_int8 refused: " + "; ".join(reasons) + "; keeping more layers in fp32")
+    built = build_ov_int8(run, variants, ov_int8.path, rung, ov_int8.built.feeds, ov_int8.built.calibration or {})
+    return variants.adding("ov_int8", Variant(ov_int8.path, check_parity("ov_int8", ov_int8.path, reference, run.steps), built))
+
+
+# What the gate may try before refusing a variant: a rebuild that gives up speed for accuracy,
+# or None when there is nothing left to try. Called with the gate's reasons for refusing it.
+CLIMBS: dict[str, Callable[[Run, Reference, Variants, list[str]], Variants | None]] = {
+    "int8": climb_int8, "ov_int8": climb_ov_int8,
+}
+
+
 def gate_variants(
     validation: Validation, tokenizer: Any, spec: FilterSpec, variants: dict[str, Path], tolerance: float
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -324,185 +410,151 @@ def gate_variants(
     texts = validation.labelled.texts
     scored = {}
     for precision, path in variants.items():
-        session = ort_session(path)
-        scored[precision] = score_in_batches(
-            lambda ids, mask: ort_scores(session, ids, mask)[0], tokenizer, texts, spec.max_length, GATE_BATCH
-        )
+        score = scorer(precision, path)
+        scored[precision] = score_in_batches(lambda ids, mask: score(ids, mask)[0], tokenizer, texts, spec.max_length, GATE_BATCH)
     report = build_report(spec, validation.labelled.truth, validation.reference, scored)
     return report, refusals(report, tolerance)
 
 
-def gate_stage(
-    plan: ExportPlan, tokenizer: Any, reference: Reference, paths: dict[str, Path], int8: Int8Build | None, steps: Steps
-) -> GateOutcome:
-    """Every variant through the accuracy gate; a refused INT8 climbs the exclusion ladder before giving up."""
-    validation = reference.validation
+def gate_stage(run: Run, tokenizer: Any, reference: Reference, variants: Variants) -> tuple[Variants, GateOutcome]:
+    """Every asked-for variant through the accuracy gate; a refused one with a :data:`CLIMBS` entry is
+    rebuilt and gated again until admitted or out of rungs. Raises :class:`AccuracyGateRefusal` when
+    nothing is admitted; returns the variants as they ended."""
+    options, steps, validation = run.options, run.steps, reference.validation
     if validation is None:
-        return GateOutcome(None, {}, int8, None)
-    tolerance = plan.gate_tolerance
-    int8_parity = None
-    with steps.step(f"accuracy gate on {plan.validation} (MAE change ≤ {tolerance:g}, overall and per dimension)"):
-        report, refused = gate_variants(validation, tokenizer, plan.spec, {p: paths[p] for p in plan.precisions}, tolerance)
-        while int8 is not None and "int8" in refused and int8.rung + 1 < len(EXCLUSION_LADDER):
-            steps.say("int8 refused: " + "; ".join(refused["int8"]) + "; keeping more layers in fp32")
-            int8 = build_int8(paths["fp32"], paths["int8"], int8.rung + 1, steps)
-            int8_parity = check_parity("int8", paths["int8"], reference, steps)
-            retry, retry_refused = gate_variants(validation, tokenizer, plan.spec, {"int8": paths["int8"]}, tolerance)
-            report = {**report, "variants": {**report["variants"], "int8": retry["variants"]["int8"]}}
-            refused = {**{p: r for p, r in refused.items() if p != "int8"}, **retry_refused}
+        return variants, GateOutcome(None, {}, list(options.precisions))
+    tolerance, spec = options.gate_tolerance, options.spec
+    with steps.step(f"accuracy gate on {options.validation} (MAE change ≤ {tolerance:g}, overall and per dimension)"):
+        report, refused = gate_variants(validation, tokenizer, spec, variants.paths(options.precisions), tolerance)
+        for precision, climb in CLIMBS.items():
+            while precision in refused and (climbed := climb(run, reference, variants, refused[precision])) is not None:
+                variants = climbed
+                retry, retry_refused = gate_variants(validation, tokenizer, spec, variants.paths([precision]), tolerance)
+                report = {**report, "variants": {**report["variants"], precision: retry["variants"][precision]}}
+                refused = {**{p: r for p, r in refused.items() if p != precision}, **retry_refused}
         for precision, reasons in refused.items():
             steps.say(f"REFUSED {precision}: " + "; ".join(reasons))
-    return GateOutcome(report, refused, int8, int8_parity)
+    admitted = [p for p in options.precisions if p not in refused]
+    if not admitted:
+        raise AccuracyGateRefusal(refused)
+    return variants, GateOutcome(report, refused, admitted)
 
 
-def default_stage(
-    plan: ExportPlan, reference: Reference, paths: dict[str, Path], admitted: list[str], steps: Steps
-) -> tuple[dict[str, float], str]:
-    """Batch-1 latency of every variant (refused ones too, for the record) and the precision the ensemble serves."""
-    with steps.step("batch-1 latency of each variant (refused ones too, for the record), to pick the default"):
+def default_stage(run: Run, reference: Reference, variants: Variants, gate: GateOutcome) -> DefaultPick:
+    """Batch-1 latency of every asked-for variant (refused ones too, for the record) and the precision the ensemble serves."""
+    options = run.options
+    with run.steps.step("batch-1 latency of each variant (refused ones too, for the record), to pick the default"):
         median_row = int(np.argsort(reference.mask.sum(axis=1))[len(reference.texts) // 2])
         length = int(reference.mask[median_row].sum())
         one_ids = reference.ids[median_row : median_row + 1, :length]
         one_mask = reference.mask[median_row : median_row + 1, :length]
-        latency = {p: median_latency_ms(paths[p], one_ids, one_mask) for p in plan.precisions}
-        default_precision = choose_default(plan.default, admitted, latency, validated=plan.validation is not None, gpu=plan.gpu)
-        steps.say(", ".join(f"{p} {ms:.1f} ms" for p, ms in latency.items()) + f" → default {default_precision}")
-    return latency, default_precision
+        latency = {p: median_latency_ms(scorer(p, path), one_ids, one_mask) for p, path in variants.paths(options.precisions).items()}
+        precision = choose_default(
+            options.default, gate.admitted, latency, validated=options.validation is not None, gpu=options.repository.gpu
+        )
+        run.steps.say(", ".join(f"{p} {ms:.1f} ms" for p, ms in latency.items()) + f" → default {precision}")
+    return DefaultPick(latency, precision)
 
 
 def write_stage(
-    plan: ExportPlan,
-    staging: Path,
-    loaded: Loaded,
-    sources: dict[str, Any],
-    reference: Reference,
-    variants: Variants,
-    gate: GateOutcome,
-    latency: dict[str, float],
-    default_precision: str,
-    steps: Steps,
-    started: float,
+    run: Run, loaded: Loaded, sources: dict[str, Any], reference: Reference, variants: Variants, gate: GateOutcome, pick: DefaultPick
 ) -> dict[str, Any]:
-    """Complete the repository in the staging folder, record it, then swap the filter into ``plan.out``."""
-    spec = plan.spec
-    admitted = [p for p in plan.precisions if p not in gate.refused]
-    with steps.step("write the Triton model repository and the filter's record, then swap them in"):
-        for precision, path in variants.paths.items():
-            if precision not in admitted:
-                shutil.rmtree(path.parent.parent)
-        names = {p: tensor_model_name(spec.name, p, default_precision) for p in admitted}
-        variants.paths[default_precision].parent.parent.rename(staging / names[default_precision])
+    """Complete the repository in the staging folder, record it, then swap the filter into ``options.out``.
+
+    Variants that were refused, or built only to make another from, are left out.
+    """
+    options, staging, spec, settings = run.options, run.staging, run.options.spec, run.options.repository
+    with run.steps.step("write the Triton model repository and the filter's record, then swap them in"):
+        for precision, variant in variants.built.items():
+            if precision not in gate.admitted:
+                shutil.rmtree(variant.path.parent.parent)
+        names = {p: tensor_model_name(spec.name, p, pick.precision) for p in gate.admitted}
+        variants.built[pick.precision].path.parent.parent.rename(staging / names[pick.precision])
         with tempfile.TemporaryDirectory() as tmp:
             loaded.tokenizer.save_pretrained(tmp)
             write_repository(
-                staging,
-                spec,
-                tokenizer_dir=Path(tmp),
-                precisions=admitted,
-                default_precision=default_precision,
-                max_batch_size=plan.max_batch_size,
-                pad_token_id=loaded.pad_token_id,
-                vocab_size=loaded.vocab_size,
-                gpu=plan.gpu,
-                trt_cache_root=plan.trt_cache_root,
-                bucket=plan.bucket,
-                max_text_bytes=plan.max_text_bytes,
-                max_batch_tokens=plan.max_batch_tokens,
+                staging, spec, settings, tokenizer_dir=Path(tmp), precisions=gate.admitted,
+                default_precision=pick.precision, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size,
+                executions={p: variants.built[p].parity["execution"]["precision"] for p in gate.admitted
+                            if p in contract.OPENVINO_PRECISIONS},
             )
         validation = reference.validation
+        int8, ov_int8 = variants.built.get("int8"), variants.built.get("ov_int8")
         record = new_record({
             "filter": spec.to_dict(),
             "models": [spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values()],
             "ensemble": spec.name,
             "tensor_models": names,
-            "default_precision": default_precision,
+            "default_precision": pick.precision,
+            "architecture": loaded.architecture,
             "pad_token_id": loaded.pad_token_id,
             "vocab_size": loaded.vocab_size,
             "max_length": spec.max_length,
-            "max_batch_size": plan.max_batch_size,
-            "max_batch_tokens": plan.max_batch_tokens,
-            "bucket": plan.bucket,
-            "max_text_bytes": plan.max_text_bytes,
+            **settings.record_fields(),
             "sources": sources,
             "versions": versions(),
             "parity": variants.parity,
             "parity_texts": len(reference.texts),
             "accuracy_gate": {
-                "tolerance": plan.gate_tolerance,
-                "data": str(plan.validation),
+                "tolerance": options.gate_tolerance,
+                "data": str(options.validation),
                 "skipped": [{"line": line, "reason": reason} for line, reason in validation.labelled.skipped],
                 "report": gate.report,
             } if validation is not None else None,
             "refused": gate.refused,
-            "int8": gate.int8.to_dict() if gate.int8 else None,
-            "latency_ms_batch1": latency,
+            "int8": int8.built.to_dict() if int8 is not None and int8.built is not None else None,
+            "ov_int8": ov_int8.built.to_dict() if ov_int8 is not None and ov_int8.built is not None else None,
+            "latency_ms_batch1": pick.latency,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "export_seconds": round(time.perf_counter() - started, 2),
+            "export_seconds": round(time.perf_counter() - run.started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "step_seconds": steps.timings,
+            "step_seconds": run.steps.timings,
         })
-        commit(plan.out, staging, record, plan.force)
-        steps.say(f"{spec.name} is in {plan.out}: {', '.join(record['models'])}")
+        commit(options.out, staging, record, options.force)
+        run.steps.say(f"{spec.name} is in {options.out}: {', '.join(record['models'])}")
     return record
 
 
-def export_filter(
-    base: str,
-    adapter: str | Path,
-    out: str | Path,
-    spec: FilterSpec = UPLIFTING_V4,
-    precisions: str | list[str] = "fp32",
-    max_batch_size: int = 32,
-    force: bool = False,
-    gpu: bool = False,
-    validation: str | Path | None = None,
-    gate_tolerance: float = contract.GATE_TOLERANCE,
-    default: str = "auto",
-    stream: TextIO | None = None,
-    *,
-    max_batch_tokens: int | None = None,
-    bucket: int = DEFAULT_BUCKET,
-    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-    trt_cache_root: str = TRT_CACHE_ROOT,
-) -> dict[str, Any]:
+def run_export(options: ExportOptions, stream: TextIO | None = None) -> dict[str, Any]:
     """Run every stage and return the filter's record, as written to ``out/<name>.filter.json``.
 
-    ``out`` may hold other filters: they are left as they are. ``default`` names the precision
-    the ensemble ``<name>`` serves; ``auto`` is the fastest variant the accuracy gate admitted
-    when ``validation`` is given, else the first listed. Variants refused by the gate are left out
-    of the repository, which still receives the admitted ones; then :class:`AccuracyGateRefusal`
-    names what was refused and why.
+    ``out`` may hold other filters: they are left as they are. Variants refused by the gate are
+    left out of the repository, which still receives the admitted ones; then
+    :class:`AccuracyGateRefusal` names what was refused and why. Progress goes to ``stream``
+    (stderr when None).
     """
+    if options.share_base:
+        return export_shared(options, stream)
     started = time.perf_counter()
-    plan = plan_export(
-        base, adapter, out, spec, precisions, max_batch_size, force, gpu, validation, gate_tolerance, default,
-        max_batch_tokens=max_batch_tokens, bucket=bucket, max_text_bytes=max_text_bytes, trt_cache_root=trt_cache_root,
-    )
-    steps = Steps(total=plan.total_steps, stream=stream)
-    sources = check_stage(plan, steps)
-    with staging_folder(plan.out, spec.name) as staging:
-        loaded, sources = load_stage(plan, sources, steps)
-        reference = reference_stage(plan, loaded, steps)
-        variants = pytorch_stage(plan, loaded, reference, staging, steps)
-        int8 = None
-        if "int8" in plan.build:
-            int8_path = variant_path(staging, spec, "int8")
-            with steps.step("build int8"):
-                int8 = build_int8(variants.paths["fp32"], int8_path, 0, steps)
-            with steps.step("parity int8 (ONNX Runtime) vs PyTorch + PEFT"):
-                int8_parity = check_parity("int8", int8_path, reference, steps)
-            variants = Variants({**variants.paths, "int8": int8_path}, {**variants.parity, "int8": int8_parity})
-        gate = gate_stage(plan, loaded.tokenizer, reference, variants.paths, int8, steps)
-        if gate.int8_parity is not None:
-            variants = Variants(variants.paths, {**variants.parity, "int8": gate.int8_parity})
-        admitted = [p for p in plan.precisions if p not in gate.refused]
-        if not admitted:
-            raise AccuracyGateRefusal(gate.refused)
-        latency, default_precision = default_stage(plan, reference, variants.paths, admitted, steps)
-        record = write_stage(plan, staging, loaded, sources, reference, variants, gate, latency, default_precision, steps, started)
+    steps = Steps(total=total_steps(options), stream=stream)
+    sources = check_stage(options, steps)
+    with staging_folder(options.out, options.spec.name) as staging:
+        run = Run(options, steps, staging, started)
+        loaded, sources = load_stage(run, sources)
+        reference = reference_stage(run, loaded)
+        variants = pytorch_stage(run, loaded, reference)
+        if "int8" in options.build:
+            variants = int8_stage(run, reference, variants)
+        variants = openvino_stage(run, loaded.tokenizer, reference, variants)
+        variants, gate = gate_stage(run, loaded.tokenizer, reference, variants)
+        pick = default_stage(run, reference, variants, gate)
+        record = write_stage(run, loaded, sources, reference, variants, gate, pick)
     if gate.refused:
         raise AccuracyGateRefusal(gate.refused, written=list(record["tensor_models"]))
     return record
+
+
+def export_filter(*args: Any, stream: TextIO | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`run_export` with the options given as arguments, as this function has always taken them:
+    ``export_filter(base, adapter, out, spec, precisions="fp32,fp16", max_batch_size=16, ...)``.
+
+    The arguments are :class:`ExportOptions`' (base, adapter, out and spec may be positional), with
+    :class:`~filterserve.model_repository.repository.RepositorySettings`' given flat
+    (:meth:`ExportOptions.of`): a new option is added to those classes alone, not to this signature.
+    ``default`` names the precision the ensemble serves; ``auto`` is the fastest variant the
+    accuracy gate admitted when ``validation`` is given, else the first listed.
+    """
+    return run_export(ExportOptions.of(*args, **options), stream)
 
 
 def choose_default(default: str, admitted: list[str], latency: dict[str, float], validated: bool, gpu: bool = False) -> str:

@@ -3,7 +3,7 @@
 Only the weight matrices of the linear layers are quantized (per channel, int8 weights,
 activations quantized on the fly); the score head and the weighted sum always stay fp32
 because their few outputs carry the whole result. On random weights the drift is large
-(DESIGN.md), so an INT8 model is admitted only by the accuracy gate on the filter's labelled
+(docs/design.md), so an INT8 model is admitted only by the accuracy gate on the filter's labelled
 validation data; when the gate refuses it, the export climbs :data:`EXCLUSION_LADDER`,
 keeping more layers in fp32, until the gate admits it or the ladder ends.
 """

@@ -14,7 +14,6 @@ commit (Ctrl-C included) leaves the repository as it was; the other filters are 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -27,13 +26,15 @@ from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.export.manifest import fingerprint
 from filterserve.manifest import (
-    LEGACY_MANIFEST,
     REPOSITORY_FORMAT,
     REPOSITORY_MANIFEST,
     filter_record_name,
+    group_record_name,
     is_repository,
     read_filter_records,
+    read_group_records,
     repository_filters,
+    repository_groups,
     write_json_atomic,
 )
 
@@ -71,6 +72,12 @@ def plan_replacement(repo: Path, name: str, models: set[str], new: dict[str, Any
             raise FilterServeError(
                 f"filter {name!r} would overwrite {', '.join(sorted(clash))} of filter {other!r} in {repo}; choose another --name"
             )
+    for group, record in read_group_records(repo).items():
+        clash = models & set(record["models"])
+        if clash:
+            raise FilterServeError(
+                f"filter {name!r} would overwrite {', '.join(sorted(clash))} of shared-base group {group} in {repo}; choose another --name"
+            )
     old = records.get(name, {})
     if old and fingerprint(old) != fingerprint(new) and not force:
         raise FilterServeError(
@@ -103,7 +110,12 @@ def _stale(parent: Path, prefix: str) -> Iterator[Path]:
 def staging_folder(repo: Path, name: str) -> Iterator[Path]:
     """An empty folder beside ``repo`` on its filesystem, removed afterwards whatever happened."""
     parent = repo.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FilterServeError(f"--out {repo}: {parent} exists and is not a folder") from None
+    except OSError as exc:  # a file above it, a read-only or full filesystem, no permission
+        raise FilterServeError(f"--out {repo}: cannot create the folder {exc.filename or parent}: {exc.strerror or exc}") from None
     if repo.exists() and os.stat(repo).st_dev != os.stat(parent).st_dev:
         raise FilterServeError(
             f"{repo} is a mount point: the export stages beside it and moves folders in by renaming, "
@@ -114,7 +126,10 @@ def staging_folder(repo: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(leftover, ignore_errors=True)
     path = parent / f"{prefix}{name}-{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
+    try:
+        path.mkdir()
+    except OSError as exc:
+        raise FilterServeError(f"--out {repo}: cannot write beside it in {parent}: {exc.strerror or exc}") from None
     try:
         yield path
     finally:
@@ -132,44 +147,123 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def commit(repo: Path, staging: Path, record: dict[str, Any], force: bool) -> None:
+def commit(
+    repo: Path, staging: Path, record: dict[str, Any], force: bool, update_of: dict[str, Any] | None = None
+) -> None:
     """Swap the filter built in ``staging`` (its model folders) into ``repo`` with its record.
 
     The ensemble moves in last, so a server polling the repository finds its composing models
     first. On any failure the moves and record writes done so far are undone, in reverse.
+
+    ``update_of`` is the filter's record as read before an amendment was built (build-engine adds
+    an engine to an export): only the record's models that are in ``staging`` move in, the others
+    stay, and the commit is refused if the record changed since (another export committed: the
+    amendment was made from models that are no longer there).
     """
     name, models = record["filter"]["name"], list(record["models"])
+    staged = models if update_of is None else [m for m in models if (staging / m).is_dir()]
     repo.mkdir(parents=True, exist_ok=True)
     with _locked(repo):
         replaced = plan_replacement(repo, name, set(models), record, force)
+        if update_of is not None:
+            if read_filter_records(repo).get(name) != update_of:
+                raise FilterServeError(
+                    f"filter {name!r} in {repo} changed while this was being built (another export committed); "
+                    "nothing was written: run it again"
+                )
+            replaced = [f for f in replaced if f in staged]
         filters = repository_filters(repo) if is_repository(repo) else {}
-        records = {n: repo / f for n, f in filters.items()}
-        touched = [repo / REPOSITORY_MANIFEST, repo / LEGACY_MANIFEST, repo / filter_record_name(name)]
-        touched += [repo / filter_record_name(n) for n, f in filters.items() if f == LEGACY_MANIFEST]
-        saved = {path: path.read_bytes() for path in touched if path.is_file()}
-        aside = staging / REPLACED
-        aside.mkdir()
-        moves: list[tuple[Path, Path]] = []
-        try:
-            for src, dst in [(repo / f, aside / f) for f in replaced] + [
-                (staging / f, repo / f) for f in [m for m in models if m != name] + [name]
-            ]:
-                os.rename(src, dst)
-                moves.append((src, dst))
-            for other, path in records.items():  # the single-filter layout's record gets its own file
-                if path.name == LEGACY_MANIFEST and other != name:
-                    write_json_atomic(repo / filter_record_name(other), json.loads(saved[path]))
-            write_json_atomic(repo / filter_record_name(name), record)
-            index = {n: filter_record_name(n) for n in sorted({*filters, name})}
-            write_json_atomic(repo / REPOSITORY_MANIFEST, {"format": REPOSITORY_FORMAT, "filters": index})
-            (repo / LEGACY_MANIFEST).unlink(missing_ok=True)
-        except BaseException:
-            for src, dst in reversed(moves):
-                os.rename(dst, src)
-            for path in touched:
-                if path in saved:
-                    path.write_bytes(saved[path])
-                else:
-                    path.unlink(missing_ok=True)
-            raise
+        _swap(repo, staging, replaced, [m for m in staged if m != name] + [m for m in staged if m == name], {
+            repo / filter_record_name(name): record,
+            repo / REPOSITORY_MANIFEST: _index({*filters, name}, repository_groups(repo)),
+        }, [])
 
+
+def _index(filters: Iterable[str], groups: dict[str, str]) -> dict[str, Any]:
+    """The repository manifest: every filter's record, and (when there are any) every shared-base group's."""
+    index: dict[str, Any] = {"format": REPOSITORY_FORMAT, "filters": {n: filter_record_name(n) for n in sorted(filters)}}
+    if groups:
+        index["groups"] = dict(sorted(groups.items()))
+    return index
+
+
+
+def _swap(repo: Path, staging: Path, out: list[str], into: list[str], writes: dict[Path, Any], deletes: list[Path]) -> None:
+    """Move the folders ``out`` of ``repo`` aside and ``into`` in from ``staging`` (in that order), write and delete
+    the records; on any failure, undo what was done, in reverse. The caller holds the lock."""
+    touched = [*writes, *deletes]
+    saved = {path: path.read_bytes() for path in touched if path.is_file()}
+    aside = staging / REPLACED
+    aside.mkdir()
+    moves: list[tuple[Path, Path]] = []
+    try:
+        for src, dst in [(repo / f, aside / f) for f in out] + [(staging / f, repo / f) for f in into]:
+            os.rename(src, dst)
+            moves.append((src, dst))
+        for path, data in writes.items():
+            write_json_atomic(path, data)
+        for path in deletes:
+            path.unlink(missing_ok=True)
+    except BaseException:
+        for src, dst in reversed(moves):
+            os.rename(dst, src)
+        for path in touched:
+            if path in saved:
+                path.write_bytes(saved[path])
+            else:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def commit_changes(
+    repo: Path,
+    staging: Path,
+    *,
+    group: str | None,
+    group_record: dict[str, Any] | None,
+    records: dict[str, dict[str, Any]],
+    leaving: list[str],
+    expected: dict[str, dict[str, Any]],
+) -> None:
+    """Swap a shared-base group's change into ``repo`` at once: its tensor model, every member's steps, the records.
+
+    ``records``: member → its new record, its folders built in ``staging``; ``group_record``: the
+    group's new record (its tensor model in ``staging``), or None to drop ``group`` (or when no
+    group is involved: a merged filter's removal); ``leaving``: filters whose folders and records
+    go. ``expected``: the records the change was planned from: the commit is refused if one
+    changed since (another export committed), as it is when a member's folders would overwrite
+    another filter's. Members' ensembles move in last, so a polling server finds their steps first.
+    """
+    repo.mkdir(parents=True, exist_ok=True)
+    with _locked(repo):
+        current = read_filter_records(repo) if is_repository(repo) else {}
+        groups = repository_groups(repo)
+        for name, record in expected.items():
+            if current.get(name) != record:
+                raise FilterServeError(
+                    f"filter {name!r} in {repo} changed while this was being built (another export committed); "
+                    "nothing was written: run it again"
+                )
+        owners = {m: n for n, r in current.items() for m in r.get("models", []) if n not in records and n not in leaving}
+        into = [m for r in records.values() for m in r["models"]]
+        clash = sorted(m for m in into if m in owners)
+        if clash:
+            raise FilterServeError(f"{', '.join(clash)} in {repo} belong to filter {owners[clash[0]]!r}; nothing was written")
+        tensor = [contract.tensor_model(group)] if group is not None else []
+        gone = {m for n in [*leaving, *records] for m in current.get(n, {}).get("models", [])}
+        out = sorted((gone | set(into) | set(tensor)) & {p.name for p in repo.iterdir() if p.is_dir()})
+        ensembles = set(records)
+        order = (tensor if group_record is not None else []) + [m for m in into if m not in ensembles] + [m for m in into if m in ensembles]
+        if group is not None:
+            groups.pop(group, None)
+            if group_record is not None:
+                groups[group] = group_record_name(group)
+        index = _index((set(current) - set(leaving)) | set(records), groups)
+        writes: dict[Path, Any] = {repo / filter_record_name(n): r for n, r in records.items()}
+        if group_record is not None:
+            writes[repo / group_record_name(group)] = group_record
+        writes[repo / REPOSITORY_MANIFEST] = index
+        deletes = [repo / filter_record_name(n) for n in leaving]
+        if group is not None and group_record is None:
+            deletes.append(repo / group_record_name(group))
+        _swap(repo, staging, out, order, writes, deletes)

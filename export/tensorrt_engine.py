@@ -2,13 +2,14 @@
 
 Engines are tied to the GPU and the TensorRT version, so this step runs on the target device
 (a Jetson included, where Triton's ONNX Runtime backend has no TensorRT) from the exported fp32
-ONNX file, and adds a ``tensorrt_plan`` model beside the ONNX ones. The engine computes in FP16
+ONNX file, and adds a ``tensorrt_plan`` model beside the ONNX ones, through the staging commit
+every export uses (:mod:`filterserve.export.staging`). The engine computes in FP16
 except where FP16 overflows or rounds away the result: every RMSNorm, the attention softmax and
 the score head (:func:`filterserve.export.graph.fp32_nodes`), pinned through TensorRT 10's layer
 precision and output types. Before anything is written the engine is checked as the export
 checks a variant: the parity texts, and with ``--validation`` the accuracy gate.
 
-No GPU has run this module yet (see README, "GPU runbook"): what a CPU can check is tested.
+No GPU has run this module yet (see docs/gpu.md, "Runbook"): what a CPU can check is tested.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
+from filterserve.export.staging import commit, staging_folder
 from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
-from filterserve.manifest import read_filter_record, write_filter_record
+from filterserve.manifest import read_filter_record
 from filterserve.model_repository.gpu import ShapeProfile, padded_length, serving_profile
 from filterserve.model_repository.repository import DEFAULT_BUCKET, tensor_model_config, write_tensor_model
 
@@ -192,6 +194,7 @@ class EnginePlan:
     onnx_path: Path
     profile: ShapeProfile
     validation: Path | None
+    make_default: bool  # serve the engine from the ensemble once it passed
 
 
 def plan_engine(args: argparse.Namespace) -> EnginePlan:
@@ -214,7 +217,7 @@ def plan_engine(args: argparse.Namespace) -> EnginePlan:
     )
     profile.check()
     check_profile(profile, serving, bucket, spec.max_length, args.make_default)
-    return EnginePlan(repo, manifest, spec, onnx_path, profile, validation)
+    return EnginePlan(repo, manifest, spec, onnx_path, profile, validation, args.make_default)
 
 
 def check_profile(profile: ShapeProfile, serving: ShapeProfile, bucket: int, max_length: int, make_default: bool) -> None:
@@ -274,6 +277,36 @@ def point_ensemble_at(repo: Path, spec: FilterSpec, tensor_model: str) -> None:
         tokenizer_path.write_text(text_format.MessageToString(tokenizer), encoding="utf-8")
 
 
+def write_engine(plan: EnginePlan, engine: bytes, engine_record: dict[str, Any]) -> dict[str, Any]:
+    """Add ``<name>_trt`` to the filter through the staging commit, as every export writes; returns the new record.
+
+    The engine's model folder is built beside the repository; with ``plan.make_default`` so are copies of
+    the ensemble and the tokenizer step, re-pointed at the engine. They are swapped in together with
+    the record, so a server polling the repository never sees an ensemble naming a model that is not
+    there yet, and a failure (Ctrl-C included) leaves the repository as it was. The commit is refused
+    if the filter was exported again while the engine was being built from its fp32 model.
+    """
+    spec, name, manifest = plan.spec, engine_model(plan.spec), plan.manifest
+    with staging_folder(plan.repo, spec.name) as staging:
+        (staging / name / "1").mkdir(parents=True)
+        (staging / name / "1" / PLAN_FILE).write_bytes(engine)
+        write_tensor_model(staging / name, engine_config(spec, manifest, plan.profile))
+        if plan.make_default:
+            for model in (spec.name, contract.tokenizer_model(spec.name)):
+                shutil.copytree(plan.repo / model, staging / model)
+            point_ensemble_at(staging, spec, name)
+        record = {
+            **manifest,
+            "models": [*manifest["models"], *([] if name in manifest["models"] else [name])],
+            "engines": {**manifest.get("engines", {}), ENGINE_PRECISION: engine_record},
+        }
+        # force: the check that matters here is update_of's (the record is the one the engine was
+        # built from), stricter than the fingerprint; a <name>_trt folder no record lists (left by
+        # an interrupted build-engine of an earlier version, which wrote in place) is replaced.
+        commit(plan.repo, staging, record, force=True, update_of=manifest)
+    return record
+
+
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", required=True, help="a repository written by filterserve export (with fp32)")
     parser.add_argument("--name", help="which filter of the repository (default: its only one)")
@@ -305,10 +338,10 @@ def build_engine_command(args: argparse.Namespace) -> int:
 
     plan = plan_engine(args)
     trt = import_tensorrt()
-    spec, profile, manifest = plan.spec, plan.profile, plan.manifest
+    spec, profile = plan.spec, plan.profile
     tokenizer = load_tokenizer(plan.repo / contract.tokenizer_model(spec.name) / "1" / "tokenizer")
     texts = parity_texts(tokenizer, spec)
-    labelled = read_labelled(plan.validation, spec) if plan.validation else None
+    labelled = read_labelled(plan.validation, spec, tokenizer) if plan.validation else None
     gate_batch = min(GATE_BATCH, profile.max[0])
     steps = Steps(total=5 + (labelled is not None))
 
@@ -347,28 +380,19 @@ def build_engine_command(args: argparse.Namespace) -> int:
             gate = {"tolerance": args.gate_tolerance, "data": str(plan.validation), "report": report}
 
     name = engine_model(spec)
-    with steps.step(f"write {name}" + (f" and serve it from the ensemble {spec.name}" if args.make_default else "")):
-        shutil.rmtree(plan.repo / name, ignore_errors=True)
-        (plan.repo / name / "1").mkdir(parents=True)
-        (plan.repo / name / "1" / PLAN_FILE).write_bytes(engine)
-        write_tensor_model(plan.repo / name, engine_config(spec, manifest, profile))
-        if args.make_default:
-            point_ensemble_at(plan.repo, spec, name)
-        manifest.setdefault("engines", {})[ENGINE_PRECISION] = {
+    with steps.step(f"write {name}" + (f" and serve it from the ensemble {spec.name}" if plan.make_default else "")):
+        write_engine(plan, engine, {
             "model": name,
-            "ensemble_default": args.make_default,
+            "ensemble_default": plan.make_default,
             "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
             "fp32_layers": selection.summary() | {"tensorrt_layers": pinned},
             "parity": parity.to_dict() | {"against": REFERENCE},
             "accuracy_gate": gate,
             "tensorrt": trt.__version__,
             "device": torch.cuda.get_device_name(),
-        }
-        if name not in manifest["models"]:
-            manifest["models"].append(name)
-        write_filter_record(plan.repo, manifest)
+        })
     print(json.dumps({"engine": name, "parity_max_abs_diff": parity.max_abs_diff,
                       "validation_mae_change": gate and gate["report"]["variants"][ENGINE_PRECISION]["mae_delta"]}, indent=2))
-    if not args.make_default:
+    if not plan.make_default:
         print(f"call {name} directly, or rerun with --make-default to serve it from the ensemble {spec.name}", file=sys.stderr)
     return 0

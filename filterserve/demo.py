@@ -1,8 +1,9 @@
 """``filterserve demo``: the whole flow on one machine, train or take filters → export → serve → score.
 
-With no weights given it trains two small filters in seconds (uplifting v4's 8 dimensions and
-investment-risk v2's 5), on generated articles whose cue words come from the sample articles
-themselves, exports both into one repository, serves it and scores the samples with both
+With no weights given it trains two small filters in seconds (uplifting v4's 8 dimensions on a
+Qwen2.5 stand-in, and investment-risk's 5 on a Gemma-3 stand-in with head+tail input and tiers, as
+the production filters run today), on generated articles whose cue words come from the sample
+articles themselves, exports both into one repository, serves it and scores the samples with both
 filters at once. Their scores follow those cue words, so the uplifting samples rank above the
 others on uplifting: a newcomer sees scores that mean something. With ``--base`` and
 ``--adapter`` (repeatable, with one ``--filter`` each) it is the same flow on the real filters.
@@ -15,11 +16,12 @@ import contextlib
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from filterserve.errors import FilterServeError
-from filterserve.filters import UPLIFTING_V4, FilterSpec, load_filter
+from filterserve.filters import UPLIFTING_V4, FilterSpec, HeadTail, Tier, load_filter
 
 # The card gives investment-risk v2's shape (5 dimensions, same base and recipe) but not its
 # dimension names or weights: these are the demo's and the tests' stand-ins.
@@ -53,6 +55,19 @@ DEMO_CUES: dict[str, dict[str, tuple[str, ...]]] = {
         "evidence": ("Analysts", "cited", "expect", "voted"),
     },
 }
+# The demo's second filter as the production family runs: Gemma-3, head+tail input, ordered tiers
+# (investment_risk v6's, from its base_scorer.py TIER_THRESHOLDS).
+DEMO_INVESTMENT_RISK = replace(
+    INVESTMENT_RISK_V2,
+    head_tail=HeadTail(),
+    tiers=(
+        Tier("high", 7.0, "Critical risk signal - act now to reduce exposure"),
+        Tier("medium", 4.0, "Moderate signal - worth tracking, limited immediate action"),
+        Tier("low", 0.0, "Low signal - noise, not investment-relevant, or already priced in"),
+    ),
+)
+# (filter, stand-in base): Qwen2.5 for uplifting v4 (its card's base), Gemma-3 for the other.
+DEMO_BASES = {UPLIFTING_V4.name: "qwen2", DEMO_INVESTMENT_RISK.name: "gemma3_text"}
 UPLIFTING_SAMPLES = ("a1", "a3", "a5", "a6", "a7")
 TRAINING_STEPS = 600
 TITLE_WIDTH = 40
@@ -81,19 +96,22 @@ def demo_backgrounds() -> list[list[str]]:
 def _train_one(workdir: Path, spec: FilterSpec) -> tuple[str, Path, FilterSpec, float, float]:
     """One filter, in its own process; its progress goes to ``<workdir>/<name>/train.log``."""
     from filterserve.benchmarks.trained_fixture import build_trained_fixture
+    from filterserve.export.standin import GEMMA3, StandinShape
 
+    shape = StandinShape.gemma3_tiny() if DEMO_BASES[spec.name] == GEMMA3 else StandinShape()
     (workdir / spec.name).mkdir(parents=True, exist_ok=True)
     with open(workdir / spec.name / "train.log", "w", encoding="utf-8") as log, contextlib.redirect_stderr(log):
         fixture = build_trained_fixture(
-            workdir / spec.name, spec, steps=TRAINING_STEPS, cues=DEMO_CUES[spec.name], backgrounds=demo_backgrounds()
+            workdir / spec.name, spec, steps=TRAINING_STEPS, cues=DEMO_CUES[spec.name], backgrounds=demo_backgrounds(),
+            shape=shape,
         )
     return str(fixture.base_dir), fixture.adapter_dir, spec, fixture.val_mae, fixture.constant_mae
 
 
 def _train(workdir: Path) -> list[tuple[str, Path, FilterSpec]]:
     """Both filters at once: each trains on one thread, so two processes halve the wait on two cores."""
-    specs = (UPLIFTING_V4, INVESTMENT_RISK_V2)
-    print(f"training {' and '.join(f'{s.name} ({s.num_labels} dimensions)' for s in specs)} on the sample articles "
+    specs = (UPLIFTING_V4, DEMO_INVESTMENT_RISK)
+    print(f"training {' and '.join(f'{s.name} ({s.num_labels} dimensions, {DEMO_BASES[s.name]})' for s in specs)} on the sample articles "
           f"with cue words dropped in ({TRAINING_STEPS} steps each, logs in {workdir}/<name>/train.log)", file=sys.stderr)
     with ProcessPoolExecutor(len(specs), mp_context=multiprocessing.get_context("spawn")) as pool:
         made = list(pool.map(_train_one, [workdir] * len(specs), specs))
@@ -155,8 +173,8 @@ def demo_command(args: argparse.Namespace) -> int:
         results.append({name: r for name, r in by_filter.items() if isinstance(r, FilterResult)})
 
     names = [spec.name for _, _, spec in filters]
-    print(_table(["article", *(f"{n} {col}" for n in names for col in ("average", "gated"))],
-                 [[a["title"], *(v for n in names for v in (r[n].weighted_average, "yes" if r[n].gatekeeper_applied else "no"))]
+    print(_table(["article", *(f"{n} {col}" for n in names for col in ("average", "gated", "tier"))],
+                 [[a["title"], *(v for n in names for v in (r[n].weighted_average, "yes" if r[n].gatekeeper_applied else "no", r[n].tier))]
                   for a, r in zip(articles, results)]))
     for _, _, spec in filters:
         print(f"\n{spec.name}: final scores (calibrated, clamped to 0-10) and the weighted average")

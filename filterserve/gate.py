@@ -35,7 +35,7 @@ class AccuracyGateRefusal(FilterServeError):
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Articles as the model reads them (the filter's template) and their labels, one column per dimension."""
+    """Articles as the model reads them (the filter's template and head+tail cut) and their labels, one column per dimension."""
 
     path: Path
     texts: list[str]
@@ -73,8 +73,11 @@ def labels(articles: list[dict], spec: FilterSpec) -> np.ndarray:
         raise FilterServeError(f"a labelled article has no field {exc} (one numeric field per dimension is needed)") from None
 
 
-def read_labelled(path: Path, spec: FilterSpec) -> LabelledSet:
-    """Every article with a title and content, through the filter's template; the others are skipped and listed."""
+def read_labelled(path: Path, spec: FilterSpec, tokenizer: Any = None) -> LabelledSet:
+    """Every article with a title and content, as the model reads it (the filter's template and
+    head+tail cut, which needs the filter's ``tokenizer``); the others are skipped and listed."""
+    if spec.head_tail is not None and tokenizer is None:
+        raise FilterServeError(f"filter {spec.name!r} cuts articles to head+tail: reading {path} needs its tokenizer")
     texts, kept, skipped = [], [], []
     for number, article in read_jsonl(path):
         try:
@@ -88,7 +91,7 @@ def read_labelled(path: Path, spec: FilterSpec) -> LabelledSet:
             raise FilterServeError(f"{path} line {number}: {exc}") from None
     if not texts:
         raise FilterServeError(f"{path} holds no article with a title and content")
-    return LabelledSet(path, texts, np.stack(kept), skipped)
+    return LabelledSet(path, spec.model_texts(texts, tokenizer), np.stack(kept), skipped)
 
 
 def _errors(scores: np.ndarray, truth: np.ndarray) -> dict[str, Any]:

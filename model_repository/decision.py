@@ -1,12 +1,14 @@
 """The filter's decision as a tiny ONNX graph: raw scores → what consumers read.
 
-The production scorer turns the raw outputs into, in this order: per-dimension calibration
-(isotonic breakpoints, linear interpolation, flat past the ends), a clamp to [0, 10], the
-weighted average of the clamped scores, and the gatekeeper's cap. Doing this as its own small
-ONNX model (not inside the 6 GB tensor model, not in a Python step) means: it runs in Triton's
-C++ ONNX Runtime backend in NVIDIA's container at microsecond cost; a new calibration rewrites a
-few kilobytes instead of re-exporting the model; and parity stays on the raw scores, since
-calibration is a deliberate change, not drift.
+The production scorer (``filters/common/filter_base_scorer.py``) turns the raw outputs into, in
+this order: per-dimension calibration (isotonic breakpoints, linear interpolation, flat past the
+ends; a non-finite raw score on a calibrated dimension becomes 0), a clamp to [0, 10], the weighted
+average of the clamped scores, and the gatekeepers' caps; its consumer then normalizes that average
+where the filter has a normalization (a percentile lookup, or a linear scale factor) and assigns
+the tier on the result. Doing this as its own small ONNX model (not inside the 6 GB tensor model,
+not in a Python step) means: it runs in Triton's C++ ONNX Runtime backend in NVIDIA's container at
+microsecond cost; a new calibration rewrites a few kilobytes instead of re-exporting the model; and
+parity stays on the raw scores, since calibration is a deliberate change, not drift.
 """
 
 from __future__ import annotations
@@ -15,104 +17,187 @@ from pathlib import Path
 
 import numpy as np
 
-from filterserve.contract import FINAL_SCORES, GATEKEEPER_APPLIED, LOGITS, SCORES, WEIGHTED_AVERAGE
-from filterserve.filters import SCORE_RANGE, FilterSpec
+from filterserve.contract import (
+    FINAL_SCORES,
+    GATEKEEPER_APPLIED,
+    LOGITS,
+    NO_TIER_INDEX,
+    RAW_WEIGHTED_AVERAGE,
+    SCORES,
+    TIER,
+    WEIGHTED_AVERAGE,
+)
+from filterserve.filters import SCORE_RANGE, Breakpoints, FilterSpec
 
 OPSET = 18
 
 
-def _segments(spec: FilterSpec) -> dict[str, np.ndarray]:
+def _segments(columns: list[Breakpoints | None]) -> dict[str, np.ndarray]:
     """Breakpoints as clipped segments: ``y0 + Σ slope_i · clip(v − x_i, 0, x_{i+1} − x_i)``.
 
-    That sum is exactly linear interpolation between the breakpoints, constant past both ends.
-    Dimensions with fewer breakpoints get zero-width segments, which add nothing.
+    That sum is exactly linear interpolation between the breakpoints, constant past both ends
+    (``np.interp``). Columns with fewer breakpoints get zero-width segments, which add nothing.
     """
-    calibrated = dict(spec.calibration)
-    n_segments = max((len(p.x) - 1 for p in calibrated.values()), default=1)
-    shape = (n_segments, spec.num_labels)
+    n_segments = max((len(p.x) - 1 for p in columns if p is not None), default=1)
+    shape = (n_segments, len(columns))
     start, width, slope = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    first = np.zeros(spec.num_labels)
-    for j, dim in enumerate(spec.dimensions):
-        if dim not in calibrated:
+    first = np.zeros(len(columns))
+    for j, points in enumerate(columns):
+        if points is None:
             continue
-        x, y = np.asarray(calibrated[dim].x), np.asarray(calibrated[dim].y)
+        x, y = np.asarray(points.x), np.asarray(points.y)
         k = len(x) - 1
         start[:k, j], width[:k, j], slope[:k, j] = x[:-1], np.diff(x), np.diff(y) / np.diff(x)
         first[j] = y[0]
-    mask = np.array([dim in calibrated for dim in spec.dimensions])
-    return {"start": start, "width": width, "slope": slope, "first": first, "calibrated": mask}
+    return {"start": start, "width": width, "slope": slope, "first": first}
 
 
-def decision_graph(spec: FilterSpec):
-    """``logits`` FP32 [batch, n] → ``scores`` (the same, passed through for the ensemble),
-    ``final_scores`` [batch, n], ``weighted_average`` [batch, 1], ``gatekeeper_applied`` BOOL [batch, 1]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+class _Graph:
+    """Nodes and initializers of the decision graph, with unique names."""
 
-    nodes: list = []
-    inits: list = []
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.inits: list = []
 
-    def const(name: str, value: np.ndarray | float | int | bool, dtype=np.float32) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+    def const(self, name: str, value, dtype=np.float32) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
-    n = spec.num_labels
-    scores = node("Identity", [LOGITS], SCORES)
-    if spec.calibration:
-        seg = _segments(spec)
-        lifted = node("Unsqueeze", [scores, const("axis_1", [1], np.int64)], "lifted")  # [B, 1, n]
-        offset = node("Sub", [lifted, const("seg_start", seg["start"])], "offset")  # [B, S, n]
-        within = node("Min", [node("Max", [offset, const("zero", 0.0)], "above_start"), const("seg_width", seg["width"])], "within")
-        rises = node("Mul", [within, const("seg_slope", seg["slope"])], "rises")
-        summed = node("ReduceSum", [rises, const("axis_1b", [1], np.int64)], "summed", keepdims=0)
-        interpolated = node("Add", [summed, const("seg_first", seg["first"])], "interpolated")
-        scores = node("Where", [const("is_calibrated", seg["calibrated"], bool), interpolated, LOGITS], "calibrated")
-    low, high = SCORE_RANGE
-    final = node("Clip", [scores, const("low", low), const("high", high)], FINAL_SCORES)
-    weights = np.asarray(spec.weights, dtype=np.float64)
-    average = node("MatMul", [final, const("weights", (weights / weights.sum()).reshape(n, 1))], "average")
+    def interpolate(self, value: str, columns: list[Breakpoints | None], prefix: str) -> str:
+        """``np.interp`` per column of ``value`` [B, n] (uncalibrated columns pass through); a non-finite value → 0."""
+        seg = _segments(columns)
+        c = lambda name, v, dtype=np.float32: self.const(f"{prefix}_{name}", v, dtype)  # noqa: E731
+        n = lambda op, inputs, out, **a: self.node(op, inputs, f"{prefix}_{out}", **a)  # noqa: E731
+        lifted = n("Unsqueeze", [value, c("axis", [1], np.int64)], "lifted")  # [B, 1, n]
+        offset = n("Sub", [lifted, c("start", seg["start"])], "offset")  # [B, S, n]
+        within = n("Min", [n("Max", [offset, c("zero", 0.0)], "above_start"), c("width", seg["width"])], "within")
+        rises = n("Mul", [within, c("slope", seg["slope"])], "rises")
+        summed = n("ReduceSum", [rises, c("sum_axis", [1], np.int64)], "summed", keepdims=0)
+        interpolated = n("Add", [summed, c("first", seg["first"])], "interpolated")
+        non_finite = n("Or", [n("IsNaN", [value], "is_nan"), n("IsInf", [value], "is_inf")], "non_finite")
+        interpolated = n("Where", [non_finite, c("non_finite_value", 0.0), interpolated], "finite")
+        mask = np.array([p is not None for p in columns])
+        return n("Where", [c("is_calibrated", mask, bool), interpolated, value], "out")
 
-    rule = spec.gatekeeper
-    if rule is None:
-        node("Identity", [average], WEIGHTED_AVERAGE)
-        shape = node("Shape", [average], "average_shape")
-        nodes.append(helper.make_node("ConstantOfShape", [shape], [GATEKEEPER_APPLIED],
-                                      value=helper.make_tensor("false", TensorProto.BOOL, [1], [False])))
-    else:
-        columns: dict[str, str] = {}
 
-        def column(dim: str) -> str:
-            if dim not in columns:
-                index = const(f"index_{dim}", [spec.dimensions.index(dim)], np.int64)
-                columns[dim] = node("Gather", [final, index], f"col_{dim}", axis=1)
-            return columns[dim]
+def _gatekeepers(g: _Graph, spec: FilterSpec, final: str, average: str) -> tuple[str, str]:
+    """Every gatekeeper's cap where its rule holds: the average is lowered to the lowest such cap.
 
-        gated = node("Less", [column(rule.dimension), const("below", rule.below)], "gate_low")
+    Applying the production scorer's caps one after another gives the same, in any order:
+    ``gatekeeper_applied`` is true when some cap lowered the average.
+    """
+    if not spec.gatekeepers:
+        shape = g.node("Shape", [average], "average_shape")
+        from onnx import TensorProto, helper
+
+        g.nodes.append(helper.make_node("ConstantOfShape", [shape], [GATEKEEPER_APPLIED],
+                                        value=helper.make_tensor("false", TensorProto.BOOL, [1], [False])))
+        return average, GATEKEEPER_APPLIED
+    columns: dict[str, str] = {}
+
+    def column(dim: str) -> str:
+        if dim not in columns:
+            index = g.const(f"index_{dim}", [spec.dimensions.index(dim)], np.int64)
+            columns[dim] = g.node("Gather", [final, index], f"col_{dim}", axis=1)
+        return columns[dim]
+
+    lowest = g.const("no_cap", np.inf)
+    for i, rule in enumerate(spec.gatekeepers):
+        gated = g.node("Less", [column(rule.dimension), g.const(f"below_{i}", rule.below)], f"gate_low_{i}")
         if rule.unless:
-            held = [node("GreaterOrEqual", [column(d), const(f"unless_{i}", t)], f"unless_held_{i}") for i, (d, t) in enumerate(rule.unless)]
+            held = [g.node("GreaterOrEqual", [column(d), g.const(f"unless_{i}_{k}", t)], f"unless_held_{i}_{k}")
+                    for k, (d, t) in enumerate(rule.unless)]
             exception = held[0]
-            for i, other in enumerate(held[1:]):
-                exception = node("And", [exception, other], f"unless_all_{i}")
-            gated = node("And", [gated, node("Not", [exception], "no_exception")], "gated")
-        cap = const("cap", rule.cap)
-        node("Where", [gated, node("Min", [average, cap], "capped"), average], WEIGHTED_AVERAGE)
-        node("And", [gated, node("Greater", [average, cap], "above_cap")], GATEKEEPER_APPLIED)
+            for k, other in enumerate(held[1:]):
+                exception = g.node("And", [exception, other], f"unless_all_{i}_{k}")
+            gated = g.node("And", [gated, g.node("Not", [exception], f"no_exception_{i}")], f"gated_{i}")
+        cap = g.node("Where", [gated, g.const(f"cap_{i}", rule.cap), g.const(f"no_cap_{i}", np.inf)], f"cap_if_gated_{i}")
+        lowest = g.node("Min", [lowest, cap], f"lowest_cap_{i}")
+    capped = g.node("Min", [average, lowest], "capped")
+    g.node("Greater", [average, lowest], GATEKEEPER_APPLIED)
+    return capped, GATEKEEPER_APPLIED
+
+
+def _normalize(g: _Graph, spec: FilterSpec, raw: str) -> str:
+    rule = spec.normalization
+    if rule is None:
+        return g.node("Identity", [raw], WEIGHTED_AVERAGE)
+    if rule.method == "percentile":
+        return g.node("Identity", [g.interpolate(raw, [rule.points], "normalization")], WEIGHTED_AVERAGE)
+    scaled = g.node("Mul", [raw, g.const("score_scale_factor", rule.score_scale_factor)], "scaled")
+    return g.node("Min", [scaled, g.const("scale_ceiling", SCORE_RANGE[1])], WEIGHTED_AVERAGE)
+
+
+def _tier(g: _Graph, spec: FilterSpec, average: str) -> str:
+    """The index of the first tier whose threshold ``average`` reaches, or NO_TIER_INDEX."""
+    from onnx import TensorProto, helper
+
+    if not spec.tiers:
+        shape = g.node("Shape", [average], "tier_shape")
+        g.nodes.append(helper.make_node("ConstantOfShape", [shape], [TIER],
+                                        value=helper.make_tensor("no_tier", TensorProto.INT32, [1], [NO_TIER_INDEX])))
+        return TIER
+    thresholds = g.const("tier_thresholds", [t.threshold for t in spec.tiers])
+    reached = g.node("Cast", [g.node("GreaterOrEqual", [average, thresholds], "tier_reached")], "tier_reached_f", to=TensorProto.FLOAT)
+    first = g.node("ArgMax", [reached], "tier_first", axis=1, keepdims=1)  # the first maximum: the first tier reached
+    some = g.node("Greater", [g.node("ReduceMax", [reached, g.const("tier_axis", [1], np.int64)], "tier_any", keepdims=1),
+                              g.const("half", 0.5)], "tier_some")
+    index = g.node("Where", [some, first, g.const("no_tier", [NO_TIER_INDEX], np.int64)], "tier_index")
+    return g.node("Cast", [index], TIER, to=TensorProto.INT32)
+
+
+def decision_graph(spec: FilterSpec, width: int | None = None):
+    """``logits`` FP32 [batch, n] → ``scores`` (the same, passed through for the ensemble),
+    ``final_scores`` [batch, n], ``weighted_average`` [batch, 1], ``gatekeeper_applied`` BOOL [batch, 1],
+    ``raw_weighted_average`` [batch, 1] and ``tier`` INT32 [batch, 1] (see contract.py).
+
+    ``width``: the tensor model's ``logits`` are that wide (a shared-base group's widest member);
+    this filter's scores are the first n columns."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = _Graph()
+    n = spec.num_labels
+    width = width or n
+    own = LOGITS if width == n else g.node(
+        "Slice", [LOGITS, g.const("first_column", [0], np.int64), g.const("n_dims", [n], np.int64),
+                  g.const("column_axis", [1], np.int64)], "own_logits")
+    scores = g.node("Identity", [own], SCORES)
+    if spec.calibration:
+        calibrated = dict(spec.calibration)
+        scores = g.interpolate(scores, [calibrated.get(dim) for dim in spec.dimensions], "calibration")
+    low, high = SCORE_RANGE
+    final = g.node("Clip", [scores, g.const("low", low), g.const("high", high)], FINAL_SCORES)
+    weights = np.asarray(spec.weights, dtype=np.float64)
+    average = g.node("MatMul", [final, g.const("weights", (weights / weights.sum()).reshape(n, 1))], "average")
+    gated, _ = _gatekeepers(g, spec, final, average)
+    g.node("Identity", [gated], RAW_WEIGHTED_AVERAGE)
+    _tier(g, spec, _normalize(g, spec, gated))
+
+    def output(name: str, kind: int, width: int) -> object:
+        return helper.make_tensor_value_info(name, kind, ["batch", width])
 
     graph = helper.make_graph(
-        nodes,
+        g.nodes,
         f"{spec.name}_decision",
-        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", n])],
+        [output(LOGITS, TensorProto.FLOAT, width)],
         [
-            helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["batch", n]),
-            helper.make_tensor_value_info(FINAL_SCORES, TensorProto.FLOAT, ["batch", n]),
-            helper.make_tensor_value_info(WEIGHTED_AVERAGE, TensorProto.FLOAT, ["batch", 1]),
-            helper.make_tensor_value_info(GATEKEEPER_APPLIED, TensorProto.BOOL, ["batch", 1]),
+            output(SCORES, TensorProto.FLOAT, n),
+            output(FINAL_SCORES, TensorProto.FLOAT, n),
+            output(WEIGHTED_AVERAGE, TensorProto.FLOAT, 1),
+            output(GATEKEEPER_APPLIED, TensorProto.BOOL, 1),
+            output(RAW_WEIGHTED_AVERAGE, TensorProto.FLOAT, 1),
+            output(TIER, TensorProto.INT32, 1),
         ],
-        inits,
+        g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="filterserve")
     model.ir_version = 8  # what ONNX Runtime and Triton's ONNX Runtime backend read for opset 18
@@ -120,9 +205,9 @@ def decision_graph(spec: FilterSpec):
     return model
 
 
-def write_decision_model(path: Path, spec: FilterSpec) -> Path:
+def write_decision_model(path: Path, spec: FilterSpec, width: int | None = None) -> Path:
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(decision_graph(spec), str(path))
+    onnx.save(decision_graph(spec, width), str(path))
     return path

@@ -27,7 +27,7 @@ TENSORRT_PRECISION = "fp16"
 # object storage). Each model's engines go into <root>/<model>/<checksum>/.
 TRT_CACHE_ROOT = "/tmp/filterserve_trt_cache"
 # The optimum TensorRT tunes kernels for: a typical real article (median 97 tokens, p75 218;
-# DESIGN.md), rounded up to a bucket, in a batch of the dynamic batcher's middle preferred size.
+# docs/design.md), rounded up to a bucket, in a batch of the dynamic batcher's middle preferred size.
 OPT_TOKENS = 128
 OPT_BATCH = 8
 CHECKSUM_CHARS = 16
@@ -119,7 +119,7 @@ class TensorRTAccelerator:
         """Keys as Triton's ONNX Runtime backend names them (it maps precision_mode and max_workspace_size_bytes)."""
         return {
             "precision_mode": "FP16",
-            # Pow + ReduceMean of every norm in FP32: x² overflows FP16 for |x| > 256 (DESIGN.md: Qwen2
+            # Pow + ReduceMean of every norm in FP32: x² overflows FP16 for |x| > 256 (docs/design.md: Qwen2
             # 1.5B is reported to reach NaN in FP16 there).
             "trt_layer_norm_fp32_fallback": "true",
             "max_workspace_size_bytes": str(self.workspace_bytes),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
+from filterserve import head_tail
 from filterserve.filters import FilterSpec
+from filterserve.model_repository import openvino
 from filterserve.model_repository.decision import write_decision_model
 from filterserve.model_repository.gpu import (
     TENSORRT_PRECISION,
@@ -25,7 +29,8 @@ from filterserve.model_repository.gpu import (
 
 _HERE = Path(__file__).resolve().parent
 TOKENIZER_TEMPLATE = _HERE / "templates" / "tokenizer_model.py"
-ONNXRUNTIME_SHIM = _HERE / "backends" / "onnxruntime" / "model.py"
+# The tokenizer step imports the one head+tail implementation from a copy beside its model.py.
+HEAD_TAIL_MODULE = Path(head_tail.__file__)
 
 # Files a Hugging Face tokenizer folder may hold; anything else there (adapter weights) stays behind.
 TOKENIZER_FILES = (
@@ -42,12 +47,52 @@ TENSOR_QUEUE_DELAY_US = 1000
 TOKENIZER_QUEUE_DELAY_US = 500
 DECISION_QUEUE_DELAY_US = 100
 # Requests are padded to a multiple of this many tokens. Real news (median ~100 tokens) then
-# computes ~5% padding, and requests of one bucket can still batch; see README for the trade-off.
+# computes ~4% padding, and requests of one bucket can still batch; docs/design.md has the trade-off.
 DEFAULT_BUCKET = 16
 # Longer texts (TEXT, TITLE or CONTENT) are refused. Texts are cut before tokenizing (only the
 # first max_length tokens are read), but a text with no word boundary cannot be cut provably and
 # is tokenized whole: 256 KiB of one "word" holds the tokenizer step for about a second here.
 DEFAULT_MAX_TEXT_BYTES = 1 << 18
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """How the written repository serves a filter, apart from the facts of the exported model.
+
+    One value, checked when it is made, so the export (which holds it in its options), the CLI
+    and :func:`write_repository` share one set of checks and messages; the messages name the
+    export's flags, the one place a user sets these.
+    """
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    # Most rows × padded length per tensor-model run (memory on small GPUs); None: max_batch_size × max_length.
+    max_batch_tokens: int | None = None
+    bucket: int = DEFAULT_BUCKET
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    gpu: bool = False
+    trt_cache_root: str = TRT_CACHE_ROOT
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise FilterServeError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if self.bucket < 1 or self.max_text_bytes < 1:
+            raise FilterServeError(
+                f"--bucket and --max-text-bytes must be at least 1, got {self.bucket} and {self.max_text_bytes}"
+            )
+
+    def record_fields(self) -> dict[str, int | None]:
+        """What a filter's record keeps of these: build-engine reads them back to size its engine to what the server sends."""
+        return {"max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "bucket": self.bucket, "max_text_bytes": self.max_text_bytes}
+
+    def check(self, spec: FilterSpec) -> None:
+        """What depends on the filter too: one full-length article must fit in a tensor-model run."""
+        if self.max_batch_tokens is not None and self.max_batch_tokens < spec.max_length:
+            raise FilterServeError(
+                f"--max-batch-tokens {self.max_batch_tokens} is below max_length {spec.max_length}: "
+                "one full-length article must fit"
+            )
 
 
 def tensor_model_name(name: str, precision: str, default_precision: str) -> str:
@@ -86,6 +131,20 @@ def _add_text_inputs(config: mc.ModelConfig) -> None:
         _add_tensor(config.input, name, mc.TYPE_STRING, [1], optional=True)
 
 
+def _add_decision_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
+    """What the decision step answers (contract.DECISION_OUTPUTS); ``tier`` indexes the tiers in the ensemble's filter parameter."""
+    kinds = {
+        contract.FINAL_SCORES: (mc.TYPE_FP32, spec.num_labels),
+        contract.WEIGHTED_AVERAGE: (mc.TYPE_FP32, 1),
+        contract.GATEKEEPER_APPLIED: (mc.TYPE_BOOL, 1),
+        contract.RAW_WEIGHTED_AVERAGE: (mc.TYPE_FP32, 1),
+        contract.TIER: (mc.TYPE_INT32, 1),
+    }
+    for name in contract.DECISION_OUTPUTS:
+        data_type, width = kinds[name]
+        _add_tensor(config.output, name, data_type, [width])
+
+
 def tokenizer_config(
     spec: FilterSpec, *, max_batch_size: int, pad_token_id: int, bucket: int, max_text_bytes: int, tensor_model: str
 ) -> mc.ModelConfig:
@@ -103,7 +162,12 @@ def tokenizer_config(
         "bucket": bucket,
         "max_text_bytes": max_text_bytes,
         "text_template": spec.text_template,
+        # The head+tail cut ({"head_tokens", "tail_tokens", "separator"}), or "" for none.
+        "head_tail": json.dumps(spec.head_tail.to_dict(), ensure_ascii=False) if spec.head_tail else "",
         "tensor_model": tensor_model,
+        # The step runs without this package: it names its counters from here (filterserve.contract).
+        "real_tokens_metric": contract.REAL_TOKENS_METRIC,
+        "computed_tokens_metric": contract.COMPUTED_TOKENS_METRIC,
     })
     return config
 
@@ -118,12 +182,19 @@ def decision_config(spec: FilterSpec, *, max_batch_size: int) -> mc.ModelConfig:
     )
     _add_tensor(config.input, contract.LOGITS, mc.TYPE_FP32, [spec.num_labels])
     _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
-    _add_tensor(config.output, contract.FINAL_SCORES, mc.TYPE_FP32, [spec.num_labels])
-    _add_tensor(config.output, contract.WEIGHTED_AVERAGE, mc.TYPE_FP32, [1])
-    _add_tensor(config.output, contract.GATEKEEPER_APPLIED, mc.TYPE_BOOL, [1])
+    _add_decision_outputs(config, spec)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _dynamic_batching(config, max_batch_size, DECISION_QUEUE_DELAY_US)
     return config
+
+
+def _add_warmup(config: mc.ModelConfig, batch_size: int, dims: list[int]) -> None:
+    """Zero ids under a mask of ones. Token id 0 is in every vocabulary; the mask comes from a file
+    (written by :func:`write_tensor_model`) because Triton has no "ones_data"."""
+    warmup = config.model_warmup.add(name="zeros_and_ones", batch_size=batch_size)
+    ids_name, mask_name = contract.TOKEN_INPUTS
+    warmup.inputs[ids_name].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=dims, zero_data=True))
+    warmup.inputs[mask_name].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=dims, input_data_file=mask_name))
 
 
 def tensor_model_config(
@@ -155,13 +226,7 @@ def tensor_model_config(
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=1)
     _dynamic_batching(config, max_batch_size, TENSOR_QUEUE_DELAY_US)
-    warmup = config.model_warmup.add(name="zeros_and_ones", batch_size=min(WARMUP_BATCH, max_batch_size))
-    # Token id 0 is in every vocabulary; the mask comes from a file because Triton has no "ones_data".
-    ids_name, mask_name = contract.TOKEN_INPUTS
-    warmup.inputs[ids_name].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], zero_data=True))
-    warmup.inputs[mask_name].CopyFrom(
-        mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[WARMUP_SEQ_LEN], input_data_file=mask_name)
-    )
+    _add_warmup(config, min(WARMUP_BATCH, max_batch_size), [WARMUP_SEQ_LEN])
     if tensorrt is not None:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters.update(tensorrt.parameters())
@@ -175,14 +240,32 @@ def tensor_model_config(
     return config
 
 
+def openvino_model_config(spec: FilterSpec, model_name: str, *, precision: str) -> mc.ModelConfig:
+    """Triton's OpenVINO backend (NVIDIA's x86 container; the stand-in here), with only the parameters it reads.
+
+    ``max_batch_size`` 0 and full shapes: with a batch size the backend would fix every run at
+    ``max_batch_size`` rows (see :mod:`filterserve.model_repository.openvino`). Each request runs
+    alone, at its own shape. The stand-in's input rules go beside the config (:func:`write_repository`).
+    """
+    config = mc.ModelConfig(
+        name=model_name, backend=openvino.BACKEND, max_batch_size=0, default_model_filename=openvino.MODEL_FILE
+    )
+    for name in contract.TOKEN_INPUTS:
+        _add_tensor(config.input, name, mc.TYPE_INT64, [-1, -1])
+    _add_tensor(config.output, contract.LOGITS, mc.TYPE_FP32, [-1, spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_SCORE, mc.TYPE_FP32, [-1, 1])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _add_warmup(config, 1, [WARMUP_BATCH, WARMUP_SEQ_LEN])
+    _set_params(config, openvino.backend_parameters(bf16=precision == "bf16"))
+    return config
+
+
 def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
     _add_text_inputs(config)
     _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
     _add_tensor(config.output, contract.WEIGHTED_SCORE, mc.TYPE_FP32, [1])
-    _add_tensor(config.output, contract.FINAL_SCORES, mc.TYPE_FP32, [spec.num_labels])
-    _add_tensor(config.output, contract.WEIGHTED_AVERAGE, mc.TYPE_FP32, [1])
-    _add_tensor(config.output, contract.GATEKEEPER_APPLIED, mc.TYPE_BOOL, [1])
+    _add_decision_outputs(config, spec)
     _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
     _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
     tokens = {name: f"_{name}" for name in contract.TOKEN_INPUTS}
@@ -215,10 +298,11 @@ def _write_config(model_dir: Path, config: mc.ModelConfig) -> None:
 
 
 def write_tensor_model(model_dir: Path, config: mc.ModelConfig) -> None:
-    """A tensor model's config and the warm-up mask file it names (ONNX and TensorRT alike)."""
+    """A tensor model's config and the warm-up mask file it names (ONNX, OpenVINO and TensorRT alike)."""
     _write_config(model_dir, config)
     (model_dir / "warmup").mkdir(exist_ok=True)
-    np.ones(WARMUP_SEQ_LEN, dtype="<i8").tofile(model_dir / "warmup" / "attention_mask")
+    mask = config.model_warmup[0].inputs[contract.TOKEN_INPUTS[1]]
+    np.ones(int(np.prod(mask.dims)), dtype="<i8").tofile(model_dir / "warmup" / "attention_mask")
 
 
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
@@ -233,52 +317,51 @@ def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
 def write_repository(
     repo: Path,
     spec: FilterSpec,
+    settings: RepositorySettings,
     *,
     tokenizer_dir: Path,
     precisions: list[str],
     default_precision: str,
-    max_batch_size: int,
     pad_token_id: int,
     vocab_size: int,
-    bucket: int = DEFAULT_BUCKET,
-    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-    max_batch_tokens: int | None = None,
-    gpu: bool = False,
-    trt_cache_root: str = TRT_CACHE_ROOT,
+    executions: dict[str, str] | None = None,
 ) -> None:
-    """Complete the repository around the ONNX files the export already wrote into ``repo``.
+    """Complete the repository around the ONNX files (OpenVINO IR for its variants) the export already wrote into ``repo``.
 
-    With ``gpu``, every tensor model runs on a GPU instance and the fp16 variant, the one whose
-    parity and gate figures describe FP16 arithmetic, gets ONNX Runtime's TensorRT accelerator,
+    ``settings`` is how the server runs the filter; the keywords are facts of the exported model.
+    With ``settings.gpu``, every tensor model runs on a GPU instance and the fp16 variant, the one
+    whose parity and gate figures describe FP16 arithmetic, gets ONNX Runtime's TensorRT accelerator,
     its engines cached under ``trt_cache_root/<model>/<checksum of its ONNX files>``.
+    ``executions``: the execution precision each OpenVINO variant was gated at, which its
+    stand-in holds it to.
     """
     repo = Path(repo)
     tokenizer_dir = Path(tokenizer_dir)
+    settings.check(spec)
     if default_precision not in precisions:
         raise FilterServeError(f"default precision {default_precision!r} is not among the exported {precisions}")
-    if max_batch_size < 1:
-        raise FilterServeError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    if bucket < 1:
-        raise FilterServeError(f"bucket must be at least 1, got {bucket}")
-    if max_text_bytes < 1:
-        raise FilterServeError(f"max_text_bytes must be at least 1, got {max_text_bytes}")
-    if max_batch_tokens is not None and max_batch_tokens < spec.max_length:
-        raise FilterServeError(
-            f"max_batch_tokens {max_batch_tokens} is below max_length {spec.max_length}: one full-length article must fit"
-        )
     if not 0 <= pad_token_id < vocab_size:
         raise FilterServeError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {vocab_size})")
+    max_batch_size = settings.max_batch_size
 
     for precision in precisions:
         model_name = tensor_model_name(spec.name, precision, default_precision)
         model_dir = repo / model_name
+        if precision in contract.OPENVINO_PRECISIONS:  # CPU only, whatever settings.gpu says (ExportOptions refuses both)
+            if not (model_dir / "1" / openvino.MODEL_FILE).is_file():
+                raise FilterServeError(f"{precision} tensor model missing: expected {model_dir / '1' / openvino.MODEL_FILE}")
+            write_tensor_model(model_dir, openvino_model_config(spec, model_name, precision=precision))
+            rules = {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "max_length": spec.max_length,
+                     "max_batch_tokens": settings.max_batch_tokens or max_batch_size * spec.max_length}
+            openvino.write_standin_file(model_dir, rules, (executions or {}).get(precision))
+            continue
         if not (model_dir / "1" / "model.onnx").is_file():
             raise FilterServeError(f"{precision} tensor model missing: expected {model_dir / '1' / 'model.onnx'}")
         tensorrt = None
-        if gpu and precision == TENSORRT_PRECISION:
+        if settings.gpu and precision == TENSORRT_PRECISION:
             tensorrt = TensorRTAccelerator(
-                profile=serving_profile(max_batch_size, spec.max_length, bucket),
-                cache_dir=engine_cache_dir(trt_cache_root, model_name, onnx_checksum(model_dir / "1" / "model.onnx")),
+                profile=serving_profile(max_batch_size, spec.max_length, settings.bucket),
+                cache_dir=engine_cache_dir(settings.trt_cache_root, model_name, onnx_checksum(model_dir / "1" / "model.onnx")),
             )
         config = tensor_model_config(
             spec,
@@ -287,37 +370,54 @@ def write_repository(
             max_batch_size=max_batch_size,
             pad_token_id=pad_token_id,
             vocab_size=vocab_size,
-            gpu=gpu,
+            gpu=settings.gpu,
             tensorrt=tensorrt,
-            max_batch_tokens=max_batch_tokens,
+            max_batch_tokens=settings.max_batch_tokens,
         )
         write_tensor_model(model_dir, config)
 
-    decision_dir = repo / contract.decision_model(spec.name)
-    _write_config(decision_dir, decision_config(spec, max_batch_size=max_batch_size))
-    write_decision_model(decision_dir / "1" / "model.onnx", spec)
+    write_filter_steps(repo, spec, settings, tokenizer_dir=tokenizer_dir, pad_token_id=pad_token_id,
+                       tensor_model=contract.tensor_model(spec.name))
 
-    tokenizer_dir_out = repo / contract.tokenizer_model(spec.name)
-    _write_config(
-        tokenizer_dir_out,
-        tokenizer_config(
+
+def write_filter_steps(
+    repo: Path,
+    spec: FilterSpec,
+    settings: RepositorySettings,
+    *,
+    tokenizer_dir: Path,
+    pad_token_id: int,
+    tensor_model: str,
+    logits_width: int | None = None,
+    amend: Callable[[dict[str, mc.ModelConfig]], None] | None = None,
+) -> None:
+    """A filter's decision step, tokenizer step and ensemble (over ``tensor_model``), the ensemble last.
+
+    A shared-base group's member (:mod:`filterserve.model_repository.group`) reads ``logits``
+    ``logits_width`` wide and ``amend``\ s the configs (model name → config) before they are written.
+    """
+    tokenizer_name, decision_name = contract.tokenizer_model(spec.name), contract.decision_model(spec.name)
+    configs = {
+        decision_name: decision_config(spec, max_batch_size=settings.max_batch_size),
+        tokenizer_name: tokenizer_config(
             spec,
-            max_batch_size=max_batch_size,
+            max_batch_size=settings.max_batch_size,
             pad_token_id=pad_token_id,
-            bucket=bucket,
-            max_text_bytes=max_text_bytes,
-            tensor_model=contract.tensor_model(spec.name),
+            bucket=settings.bucket,
+            max_text_bytes=settings.max_text_bytes,
+            tensor_model=tensor_model,
         ),
-    )
-    _copy_tokenizer(tokenizer_dir, tokenizer_dir_out / "1" / "tokenizer")
-    shutil.copy2(TOKENIZER_TEMPLATE, tokenizer_dir_out / "1" / "model.py")
+        spec.name: ensemble_config(spec, max_batch_size=settings.max_batch_size, tensor_model=tensor_model),
+    }
+    if amend is not None:
+        amend(configs)
+    _write_config(repo / decision_name, configs[decision_name])
+    write_decision_model(repo / decision_name / "1" / "model.onnx", spec, logits_width)
 
-    _write_config(
-        repo / spec.name,
-        ensemble_config(
-            spec,
-            max_batch_size=max_batch_size,
-            tensor_model=tensor_model_name(spec.name, default_precision, default_precision),
-        ),
-    )
+    _write_config(repo / tokenizer_name, configs[tokenizer_name])
+    _copy_tokenizer(Path(tokenizer_dir), repo / tokenizer_name / "1" / "tokenizer")
+    shutil.copy2(TOKENIZER_TEMPLATE, repo / tokenizer_name / "1" / "model.py")
+    shutil.copy2(HEAD_TAIL_MODULE, repo / tokenizer_name / "1" / HEAD_TAIL_MODULE.name)
+
+    _write_config(repo / spec.name, configs[spec.name])
     (repo / spec.name / "1").mkdir(exist_ok=True)  # Triton needs a version folder, even if empty

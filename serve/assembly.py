@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
+from filterserve.manifest import read_text
 
 PYTHON_STUB = "triton_python_backend_stub"
 
@@ -35,11 +36,15 @@ def tritonserver_binary() -> Path:
     return pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
 
 
-def _stand_in_backend() -> Path:
-    """The stand-in lives in the model_repository package; resolved through it so installs work."""
+# Python-backend stand-ins for Triton's C++ tensor backends, one backend folder each.
+STAND_IN_BACKENDS = ("onnxruntime", "openvino")
+
+
+def _stand_in_backend(name: str) -> Path:
+    """The stand-ins live in the model_repository package; resolved through it so installs work."""
     import filterserve.model_repository
 
-    return Path(filterserve.model_repository.__file__).resolve().parent / "backends" / "onnxruntime" / "model.py"
+    return Path(filterserve.model_repository.__file__).resolve().parent / "backends" / name / "model.py"
 
 
 def server_env() -> dict[str, str]:
@@ -71,7 +76,7 @@ def _check_stub_libraries(stub: Path, env: dict[str, str]) -> None:
 
 
 def prepare_backends(dest: Path, env: dict[str, str]) -> Path:
-    """Fill ``dest`` with ``python/`` (backend + stub for this interpreter) and the ``onnxruntime`` stand-in."""
+    """Fill ``dest`` with ``python/`` (backend + stub for this interpreter) and the ``onnxruntime`` and ``openvino`` stand-ins."""
     root = pytriton_dir()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "tritonserver" / "python_backend_stubs" / version / PYTHON_STUB
@@ -86,16 +91,26 @@ def prepare_backends(dest: Path, env: dict[str, str]) -> Path:
         dirs_exist_ok=True,
     )
     shutil.copy2(stub, python_dir / PYTHON_STUB)
-    (dest / "onnxruntime").mkdir(exist_ok=True)
-    shutil.copy2(_stand_in_backend(), dest / "onnxruntime" / "model.py")
+    for name in STAND_IN_BACKENDS:
+        (dest / name).mkdir(exist_ok=True)
+        shutil.copy2(_stand_in_backend(name), dest / name / "model.py")
     return dest
 
 
+def read_model_config(config_file: Path) -> mc.ModelConfig:
+    """One ``config.pbtxt``; a file Triton would refuse is one line naming it, not protobuf's traceback."""
+    text = read_text(config_file, "Triton model config")
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise FilterServeError(f"Triton model config {config_file} is not valid: {exc}") from None
+
+
 def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
-    """Model name → parsed config for every model folder; files at the root (filter.json) are skipped."""
+    """Model name → parsed config for every model folder; files at the root (the filters' records) are skipped."""
     configs = {}
     for config_file in sorted(repo.glob("*/config.pbtxt")):
-        config = text_format.Parse(config_file.read_text(encoding="utf-8"), mc.ModelConfig())
+        config = read_model_config(config_file)
         configs[config.name or config_file.parent.name] = config
     return configs
 

@@ -81,6 +81,6 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
     finally:
-        if server.log_path is not None:
+        if server.process.launches:  # a start refused before the launch has no log to point at
             print(f"tritonserver stopped; its log stays at {server.log_path}", file=sys.stderr, flush=True)
     return 0

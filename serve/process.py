@@ -94,10 +94,6 @@ class AdminKey:
     def grpc_headers(self) -> dict[str, str]:
         return {GRPC_RESTRICTED_PREFIX + ADMIN_HEADER: self.value}
 
-    @property
-    def http_headers(self) -> dict[str, str]:
-        return {ADMIN_HEADER: self.value}
-
 
 def connect_host(host: str) -> str:
     """Where a local client reaches a server listening on ``host`` (every interface → loopback)."""
@@ -282,6 +278,12 @@ class TritonProcess:
     # --- start -----------------------------------------------------------------------------
     def start(self) -> None:
         """First start: working folder, backends, ports, then launch and wait until ready."""
+        if self.log_path is not None:  # a log file the caller named: refused now, not at the launch
+            try:
+                with open(self.log_path, "ab"):
+                    pass
+            except OSError as exc:
+                raise FilterServeError(f"cannot write the log file {self.log_path}: {exc.strerror or exc}") from None
         root = Path(tempfile.gettempdir())
         clean_stale_workdirs(root, self.grace_s)
         self._workdir = root / f"{WORKDIR_PREFIX}{self._token}"

@@ -5,7 +5,6 @@ Building and exporting take seconds; both are session-scoped so every test reuse
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -38,13 +37,11 @@ MIXED_ARTICLES: list[tuple[str, str]] = [
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run only where CUDA is; slow tests only when asked (FILTERSERVE_SLOW=1)."""
+    """GPU tests run only where CUDA is. Slow tests always run unless deselected (``-m "not slow"``)."""
     has_gpu = shutil.which("nvidia-smi") is not None
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "slow" in item.keywords and os.environ.get("FILTERSERVE_SLOW") != "1":
-            item.add_marker(pytest.mark.skip(reason="slow; set FILTERSERVE_SLOW=1"))
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +51,31 @@ def standin(tmp_path_factory: pytest.TempPathFactory):
     return build_standin(tmp_path_factory.mktemp("standin"), UPLIFTING_V4)
 
 
+def export_into(repo: Path, made, spec: FilterSpec, **options) -> dict:
+    """``export_filter`` of a stand-in or trained fixture (anything with ``base_dir`` and
+    ``adapter_dir``) as the tests export it: at a max batch size of 16 unless told otherwise."""
+    from filterserve.export.pipeline import export_filter
+
+    return export_filter(str(made.base_dir), made.adapter_dir, repo, spec, **{"max_batch_size": 16, **options})
+
+
 @pytest.fixture(scope="session")
 def exported(standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The stand-in exported in fp32 (default, served) and fp16: ``(repository, manifest)``."""
-    from filterserve.export.pipeline import export_filter
-
     repo = tmp_path_factory.mktemp("export") / "repo"
-    manifest = export_filter(
-        str(standin.base_dir), standin.adapter_dir, repo, UPLIFTING_V4, precisions="fp32,fp16", max_batch_size=16
-    )
-    return repo, manifest
+    return repo, export_into(repo, standin, UPLIFTING_V4, precisions="fp32,fp16")
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    """The real tritonserver serving ``exported``: one per test module that asks, stopped after it.
+
+    Modules that serve something else (a renamed copy, several filters, Qwen's tokenizer) define
+    their own ``server``."""
+    from filterserve.serve import TritonServer
+
+    with TritonServer(exported[0]) as running:
+        yield running
 
 
 def peft_scorer(standin, spec: FilterSpec):
@@ -102,11 +114,9 @@ def five_reference(five_standin):
 @pytest.fixture(scope="session")
 def multi_exported(standin, five_standin, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One repository holding the 8-dimension and the 5-dimension filter, exported one after the other."""
-    from filterserve.export.pipeline import export_filter
-
     repo = tmp_path_factory.mktemp("multi") / "repo"
-    export_filter(str(standin.base_dir), standin.adapter_dir, repo, UPLIFTING_V4, max_batch_size=16)
-    export_filter(str(five_standin.base_dir), five_standin.adapter_dir, repo, FIVE_DIMS, max_batch_size=16)
+    export_into(repo, standin, UPLIFTING_V4)
+    export_into(repo, five_standin, FIVE_DIMS)
     return repo
 
 

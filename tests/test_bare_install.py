@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # pip installs the package into a fresh venv
 @pytest.mark.timeout(600)
 def test_bare_install_is_a_working_torch_free_client(tmp_path):
     venv.EnvBuilder(with_pip=True).create(tmp_path / "env")

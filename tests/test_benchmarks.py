@@ -22,11 +22,15 @@ from filterserve.export.standin import LORA_TARGETS
 from filterserve.filters import UPLIFTING_V4
 from filterserve.gate import REFERENCE, build_report, read_jsonl, refusals
 
-from conftest import perturb_head
+from conftest import export_into, perturb_head
 
 SPEC = UPLIFTING_V4
-ENGINES = {"pytorch_peft", "pytorch_merged", "onnx_fp32", "onnx_fp16", "served_grpc", "served_http"}
-THROUGHPUT_ENGINES = {"production_scorer", "onnx_fp32", "onnx_fp16", "served_grpc", "served_http", "tritonclient_random_grpc"}
+# pytorch_bf16: the card's recipe in bf16; openvino_f32: OpenVINO on the fp32 file, in process;
+# served_fp16: the variant that is not the default, served through its own server.
+ENGINES = {"pytorch_peft", "pytorch_merged", "pytorch_bf16", "onnx_fp32", "onnx_fp16", "openvino_f32", "served_grpc",
+           "served_http", "served_fp16"}
+THROUGHPUT_ENGINES = {"production_scorer", "pytorch_bf16", "onnx_fp32", "onnx_fp16", "openvino_f32", "served_grpc",
+                      "served_http", "tritonclient_random_grpc", "served_fp16"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,13 +42,12 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def trained_repo(trained: TrainedFixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from filterserve.export.pipeline import export_filter
-
     repo = tmp_path_factory.mktemp("trained_export") / "repo"
-    export_filter(str(trained.base_dir), trained.adapter_dir, repo, SPEC, precisions="fp32,fp16", max_batch_size=16)
+    export_into(repo, trained, SPEC, precisions="fp32,fp16")
     return repo
 
 
+@pytest.mark.slow  # trains the fixture
 @pytest.mark.timeout(180)
 def test_trained_fixture_learns_its_labels_in_the_real_layout(trained: TrainedFixture) -> None:
     assert trained.val_mae < 0.6 * trained.constant_mae, (trained.val_mae, trained.constant_mae)
@@ -68,6 +71,7 @@ def test_trained_fixture_learns_its_labels_in_the_real_layout(trained: TrainedFi
         assert all(0.0 <= article[dim] <= 10.0 for dim in SPEC.dimensions)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_accuracy_report_and_gate_pass(trained: TrainedFixture, trained_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
@@ -94,6 +98,7 @@ def test_accuracy_report_and_gate_pass(trained: TrainedFixture, trained_repo: Pa
     assert "| onnx_fp16 |" in markdown and "(1 skipped: empty title or content)" in markdown
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_accuracy_gate_fails_on_a_perturbed_variant(trained: TrainedFixture, trained_repo: Path, tmp_path: Path, capsys) -> None:
     repo = tmp_path / "repo"
@@ -132,7 +137,8 @@ def _tritonservers() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if "tritonserver" in p.name()]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_latency_and_throughput_reports_with_a_started_server(trained_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     common = ["--model-repository", str(trained_repo), "--out", str(out)]
@@ -144,12 +150,15 @@ def test_latency_and_throughput_reports_with_a_started_server(trained_repo: Path
         assert all((out / f"{stem}.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
     latency = json.loads((out / "latency.json").read_text())
     assert set(latency["engines"]) == ENGINES
-    assert set(latency["lengths_tokens"]) == {"short", "median", "max_length"}
+    assert set(latency["lengths_tokens"]) == {"short", "news_median", "median", "max_length"}
     assert latency["lengths_tokens"]["max_length"] == SPEC.max_length
     for row in latency["engines"].values():
         for stats in row.values():
             assert {"p50_ms", "p95_ms", "p99_ms", "speedup_p50_vs_card", "flops_per_s", "fraction_of_peak"} <= set(stats)
-    assert latency["peak_flops"] > 0 and latency["matmul_params"] > 0
+    assert latency["matmul_params"] > 0 and set(latency["peaks"]) == {"fp32", "bf16", "int8"}
+    assert all(peak["flops"] == max(peak["by"].values()) > 0 for peak in latency["peaks"].values())
+    assert latency["arithmetic"]["pytorch_bf16"] == "bf16" and latency["arithmetic"]["served_fp16"] == "fp32"
+    assert latency["openvino_execution"]["openvino_f32"]["precision"] == "f32"
 
     throughput = json.loads((out / "throughput.json").read_text())
     assert set(throughput["engines"]) == {"uniform", "realistic"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import shutil
 import socket
 import subprocess
@@ -13,12 +15,24 @@ import numpy as np
 import pytest
 
 from filterserve.client import ClientError, FilterClient, FilterResult, ScoreError, ServerUnavailable
+from filterserve.contract import (
+    ENSEMBLE_OUTPUTS,
+    FINAL_SCORES,
+    GATEKEEPER_APPLIED,
+    N_TOKENS,
+    RAW_WEIGHTED_AVERAGE,
+    TIER,
+    SCORES,
+    TRUNCATED,
+    WEIGHTED_AVERAGE,
+    WEIGHTED_SCORE,
+)
 from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
 
 from conftest import MIXED_ARTICLES
-from test_decision import decide
+from helpers import decide
 
 PROTOCOLS = ["grpc", "http"]
 LONG_TEXT = " ".join(["Volunteers rebuilt the village school after the flood."] * 120)  # > max_length tokens
@@ -56,6 +70,7 @@ def _vector(result: FilterResult) -> np.ndarray:
     return np.array(list(result.scores.values()))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_scores_match_the_reference(client, reference):
     articles = sample_articles()
@@ -69,11 +84,19 @@ def test_scores_match_the_reference(client, reference):
         assert result.weighted_average == pytest.approx(float(average[i]), abs=1e-4)
         assert result.gatekeeper_applied == bool(applied[i])
         assert list(result.as_dict()) == [
-            "scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied", "n_tokens", "truncated"
+            "scores", "weighted_score", "final_scores", "weighted_average", "raw_weighted_average", "tier", "tier_description",
+            "gatekeeper_applied", "n_tokens", "truncated",
         ]
+        # Uplifting v4 has tiers and no normalization: the tier is read on the (raw) average.
+        assert result.raw_weighted_average == result.weighted_average
+        reached = next(t for t in UPLIFTING_V4.tiers if result.weighted_average >= t.threshold)
+        assert (result.tier, result.tier_description) == (reached.name, reached.description)
+        assert list(result.as_dict("production")) == ["scores", "weighted_average", "tier", "tier_description", "gatekeeper_applied"]
+        assert result.as_dict("production")["scores"] == result.final_scores
         assert list(result.as_dict()["scores"]) == list(client.dimensions)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_filter_comes_from_the_server(client):
     assert client.model == UPLIFTING_V4.name  # found without being named
@@ -83,6 +106,7 @@ def test_filter_comes_from_the_server(client):
     assert client.spec.text_template == UPLIFTING_V4.text_template
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_score_many_keeps_order_and_isolates_failures(client):
     texts = [f"Story {i}: volunteers rebuilt {i} schools after the flood." for i in range(40)]
@@ -97,6 +121,7 @@ def test_score_many_keeps_order_and_isolates_failures(client):
         np.testing.assert_allclose(_vector(got), _vector(want), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_tokenize_on_client_matches_the_ensemble(client, exported):
     tokenizer = Path(exported[0]) / f"{UPLIFTING_V4.name}_tokenizer" / "1" / "tokenizer" / "tokenizer.json"
@@ -109,6 +134,7 @@ def test_tokenize_on_client_matches_the_ensemble(client, exported):
         np.testing.assert_allclose(_vector(local.score_text(LONG_TEXT)), _vector(client.score_text(LONG_TEXT)), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_bad_input_gets_a_clear_error(client):
     with pytest.raises(ClientError, match="empty text"):
@@ -119,6 +145,7 @@ def test_bad_input_gets_a_clear_error(client):
         client.score_tokens([1, 10**6])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_unknown_model_is_not_ready(server):
     with pytest.raises(ClientError, match="model nope is not ready"):
@@ -151,3 +178,42 @@ def test_silent_server_times_out(protocol):
         sock.listen()  # connections are accepted by the kernel but never answered
         with pytest.raises(ClientError, match=rf"timed out after 0.5 s \({protocol}\)"):
             FilterClient(f"127.0.0.1:{sock.getsockname()[1]}", protocol, timeout_s=0.5, retries=0)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain_triton_client.py"
+
+
+def test_plain_triton_client_example_needs_only_tritonclient():
+    tree = ast.parse(EXAMPLE.read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported == {"json", "sys", "numpy", "tritonclient"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("article", [MIXED_ARTICLES[2], MIXED_ARTICLES[-1]], ids=["non-latin", "truncated"])
+def test_plain_triton_client_example_prints_what_filter_client_returns(server, article):
+    """The example, run as a newcomer runs it, against a live server: every ensemble output, exactly."""
+    title, content = article
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLE), UPLIFTING_V4.name, server.grpc_url, title, content],
+        capture_output=True, text=True, encoding="utf-8", timeout=60, check=True,
+    )
+    printed = {name: json.loads(value) for name, value in (line.split(": ", 1) for line in run.stdout.splitlines())}
+    with FilterClient(server.grpc_url, "grpc") as client:
+        want = client.score(title, content)
+    expected = {
+        SCORES: list(want.scores.values()),
+        WEIGHTED_SCORE: [want.weighted_score],
+        FINAL_SCORES: list(want.final_scores.values()),
+        WEIGHTED_AVERAGE: [want.weighted_average],
+        GATEKEEPER_APPLIED: [want.gatekeeper_applied],
+        RAW_WEIGHTED_AVERAGE: [want.raw_weighted_average],
+        TIER: [[t.name for t in UPLIFTING_V4.tiers].index(want.tier)],  # an index into the filter parameter's tiers
+        N_TOKENS: [want.n_tokens],
+        TRUNCATED: [want.truncated],
+    }
+    assert set(expected) == set(ENSEMBLE_OUTPUTS)  # a new output must be added here, and to the schema
+    assert printed == {"dimensions": list(SERVED_DIMENSIONS), **expected}
+    assert want.truncated == (article == MIXED_ARTICLES[-1])  # both kinds of article are covered

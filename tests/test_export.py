@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,12 +14,16 @@ import pytest
 
 from filterserve.data import sample_articles
 from filterserve.errors import FilterServeError, ParityError
+from filterserve.cli import build_parser, main
 from filterserve.export import pipeline
+from filterserve.export.cli import export_options
 from filterserve.export.load import load_reference
 from filterserve.export.merge import merge
+from filterserve.export.options import ExportOptions
 from filterserve.export.parity import encode, ort_scores, ort_session, parity_texts, reference_scores
 from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4, load_filter
+from filterserve.model_repository.repository import RepositorySettings
 
 from conftest import FIVE_DIMS
 
@@ -86,6 +91,7 @@ def test_parity_texts_are_articles_in_the_filters_template(reference):
     assert ids.shape[1] == 512
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_template_comes_from_the_filter_description(standin, tmp_path):
     """A filter trained on another join is exported and checked on that join, recorded in its record."""
     dashed = replace(UPLIFTING_V4, name="dashed", text_template="{title} -- {content}")
@@ -123,6 +129,7 @@ def test_lora_changes_the_scores(standin, reference):
     assert np.abs(without_lora - reference(ARTICLE_TEXTS[:2])).max() > 1e-2
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_five_dimension_filter_exports_the_same_way(tmp_path):
     stand = build_standin(tmp_path / "src", FIVE_DIMS, seed=1)
     manifest = pipeline.export_filter(str(stand.base_dir), stand.adapter_dir, tmp_path / "repo", FIVE_DIMS)
@@ -173,6 +180,7 @@ def test_filter_that_disagrees_with_the_head_is_refused(standin, tmp_path):
         pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "out", FIVE_DIMS)
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_a_different_export_of_the_same_filter_needs_force(standin, tmp_path):
     repo = tmp_path / "repo"
     pipeline.export_filter(str(standin.base_dir), standin.adapter_dir, repo)
@@ -197,6 +205,49 @@ def test_unknown_precision_is_refused():
         pipeline.parse_precisions("fp32,fp8")
 
 
+def test_cli_flags_become_one_export_options_value(tmp_path):
+    argv = ["export", "--base", "B", "--adapter", "~/adapter", "--out", str(tmp_path / "out"), "--name", "renamed",
+            "--precision", "FP16, fp32,fp16", "--default", "fp32", "--force", "--max-batch-size", "8",
+            "--max-batch-tokens", "1024", "--bucket", "32", "--max-text-bytes", "1000", "--gpu", "--trt-cache-dir", "/cache"]
+    options = export_options(build_parser().parse_args(argv))
+    assert options == ExportOptions(
+        "B", Path.home() / "adapter", tmp_path / "out", replace(UPLIFTING_V4, name="renamed"), precisions=("fp16", "fp32"),
+        default="fp32", force=True, repository=RepositorySettings(8, 1024, 32, 1000, gpu=True, trt_cache_root="/cache"),
+    )
+    assert options.build == ("fp32", "fp16")
+    defaults = export_options(build_parser().parse_args(argv[:7]))
+    assert defaults == ExportOptions("B", Path.home() / "adapter", tmp_path / "out")  # the CLI's defaults are the API's
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
+        (["--bucket", "0"], "--bucket and --max-text-bytes must be at least 1, got 0 and 262144"),
+        (["--max-batch-tokens", "100"], "--max-batch-tokens 100 is below max_length 512: one full-length article must fit"),
+        (["--precision", "fp32", "--default", "fp16"], r"--default fp16 is not among the exported precisions \['fp32'\]"),
+        (["--precision", "fp32,int8"], "int8 needs --validation VAL.jsonl"),
+        (["--validation", "missing.jsonl"], "validation data not found: missing.jsonl"),
+    ],
+)
+def test_bad_flags_are_refused_in_one_line_before_anything_is_read_or_written(standin, tmp_path, capsys, flags, message):
+    out = tmp_path / "deeper" / "repo"
+    argv = ["export", "--base", str(standin.base_dir), "--adapter", str(standin.adapter_dir), "--out", str(out), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.fullmatch(f"error: {message}.*", err), err
+    assert list(tmp_path.iterdir()) == []  # not even the folder above --out, where the staging folder goes
+
+
+def test_options_given_flat_or_whole_are_the_same_export_options():
+    flat = ExportOptions.of("b", "a", "o", FIVE_DIMS, precisions="fp16", max_batch_size=4, bucket=8)
+    assert flat == ExportOptions("b", "a", "o", FIVE_DIMS, precisions=("fp16",), repository=RepositorySettings(4, bucket=8))
+    assert ExportOptions.of("b", "a", "o") == ExportOptions("b", "a", "o")
+    assert ExportOptions("b", "a", "o", precisions="int8", validation="pyproject.toml").build == ("fp32", "int8")
+    with pytest.raises(TypeError, match="repository"):  # settings given twice: one would be dropped silently
+        ExportOptions.of("b", "a", "o", repository=RepositorySettings(), max_batch_size=4)
+
+
 def test_cli_prints_one_line_error_and_exits_2(standin, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "filterserve.cli", "export", "--base", str(standin.base_dir),
@@ -208,6 +259,7 @@ def test_cli_prints_one_line_error_and_exits_2(standin, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_cli_export_shows_progress_and_writes_repository(standin, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "filterserve.cli", "export", "--base", str(standin.base_dir),

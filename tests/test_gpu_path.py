@@ -8,10 +8,11 @@ build-engine's arguments up to the point where TensorRT itself is needed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -22,20 +23,26 @@ from tritonclient.grpc import model_config_pb2 as mc
 from filterserve.cli import main
 from filterserve.errors import FilterServeError
 from filterserve.export.graph import fp32_nodes, module_path, node_key
-from filterserve.export.pipeline import choose_default
+from filterserve.export.pipeline import choose_default, export_filter
 from filterserve.export.tensorrt_engine import (
     ENGINE_PRECISION,
+    EnginePlan,
+    add_build_engine_arguments,
     check_tensorrt_version,
     engine_config,
     onnx_node_of_layer,
     pin_fp32,
+    plan_engine,
     point_ensemble_at,
+    write_engine,
 )
+from filterserve.manifest import read_filter_records
 from filterserve.model_repository import write_repository
+from filterserve.model_repository.repository import RepositorySettings
 from filterserve.model_repository.gpu import ShapeProfile, engine_cache_dir, onnx_checksum, serving_profile
 from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
 
-from conftest import perturb_head
+from conftest import perturb_head, tree_digest
 
 # ONNX Runtime's TensorRT execution provider options, as documented in the "Execution Provider
 # Options" table of https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html
@@ -195,19 +202,22 @@ def test_only_tensorrt_10_builds(version, message):
 # --- 2 and 3. What --gpu serves, and the engine-cache key ------------------------------------------
 
 
+GPU = RepositorySettings(max_batch_size=16, gpu=True)
+
+
 def _toy_variants(root: Path, precisions: tuple[str, ...]) -> dict:
-    """Toy ONNX files for each precision (the first is the default); returns write_repository's arguments."""
+    """Toy ONNX files for each precision (the first is the default); returns write_repository's keywords."""
     tokenizer_dir = root / "tokenizer"
     vocab_size = build_tokenizer(tokenizer_dir).get_vocab_size()
     for precision in precisions:
         folder = f"{TOY_SPEC.name}_onnx" if precision == precisions[0] else f"{TOY_SPEC.name}_onnx_{precision}"
         build_onnx(root / "repo" / folder / "1" / "model.onnx", vocab_size, TOY_SPEC.weights)
     return dict(tokenizer_dir=tokenizer_dir, precisions=list(precisions), default_precision=precisions[0],
-                max_batch_size=16, pad_token_id=0, vocab_size=vocab_size, gpu=True)
+                pad_token_id=0, vocab_size=vocab_size)
 
 
-def _gpu_repo(root: Path, precisions: tuple[str, ...] = ("fp32", "fp16", "int8"), **overrides) -> Path:
-    write_repository(root / "repo", TOY_SPEC, **{**_toy_variants(root, precisions), **overrides})
+def _gpu_repo(root: Path, precisions: tuple[str, ...] = ("fp32", "fp16", "int8"), **settings) -> Path:
+    write_repository(root / "repo", TOY_SPEC, replace(GPU, **settings), **_toy_variants(root, precisions))
     return root / "repo"
 
 
@@ -259,7 +269,7 @@ def test_engine_cache_key_follows_the_weights_not_the_graph_or_the_folder(tmp_pa
     model = repo / f"{TOY_SPEC.name}_onnx" / "1" / "model.onnx"
 
     def cache_path() -> str:
-        write_repository(repo, TOY_SPEC, **arguments)
+        write_repository(repo, TOY_SPEC, GPU, **arguments)
         accelerators = _config(repo / f"{TOY_SPEC.name}_onnx" / "config.pbtxt").optimization.execution_accelerators
         return accelerators.gpu_execution_accelerator[0].parameters["trt_engine_cache_path"]
 
@@ -331,7 +341,9 @@ def test_build_engine_refuses_bad_arguments_before_touching_tensorrt(exported, c
 
 def test_build_engine_needs_the_fp32_model(exported, tmp_path, capsys):
     repo, manifest = exported
-    (tmp_path / "filter.json").write_text(json.dumps({**manifest, "tensor_models": {"fp16": "x"}}))
+    name = manifest["filter"]["name"]
+    (tmp_path / "filterserve.json").write_text(json.dumps({"format": "filterserve.repository/1", "filters": {name: f"{name}.filter.json"}}))
+    (tmp_path / f"{name}.filter.json").write_text(json.dumps({**manifest, "tensor_models": {"fp16": "x"}}))
     assert main(["build-engine", "--model-repository", str(tmp_path)]) == 2
     assert "needs the fp32 ONNX model" in capsys.readouterr().err
 
@@ -378,3 +390,71 @@ def test_make_default_points_the_ensemble_and_the_token_counters_at_the_engine(t
     assert f"{TOY_SPEC.name}_trt" in models and f"{TOY_SPEC.name}_onnx" not in models
     tokenizer = _config(toy.repo / f"{TOY_SPEC.name}_tokenizer" / "config.pbtxt")
     assert tokenizer.parameters["tensor_model"].string_value == f"{TOY_SPEC.name}_trt"
+
+
+# --- 5. build-engine writes through the staging commit, as every export does ------------------------
+# TensorRT cannot run here: the engine's bytes stand for the one it would build. What is checked is
+# everything around them, which is the same on a GPU.
+
+
+def _engine_plan(repo: Path, *extra: str) -> EnginePlan:
+    parser = argparse.ArgumentParser()
+    add_build_engine_arguments(parser)
+    return plan_engine(parser.parse_args(["--model-repository", str(repo), *extra]))
+
+
+def _siblings(repo: Path) -> list[str]:
+    """What sits beside the repository: a staging folder left behind would show here."""
+    return sorted(p.name for p in repo.parent.iterdir())
+
+
+def test_an_engine_made_the_default_is_swapped_in_with_the_ensemble_and_the_record(exported, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(exported[0], repo)
+    before = tree_digest(repo)
+    name, engine = "uplifting_v4", "uplifting_v4_trt"
+    record = write_engine(_engine_plan(repo, "--make-default"), b"engine bytes", {"model": engine, "ensemble_default": True})
+
+    assert (repo / engine / "1" / "model.plan").read_bytes() == b"engine bytes"
+    config = _config(repo / engine / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert (repo / engine / "warmup" / "attention_mask").is_file()
+    assert engine in [s.model_name for s in _config(repo / name / "config.pbtxt").ensemble_scheduling.step]
+    assert _config(repo / f"{name}_tokenizer" / "config.pbtxt").parameters["tensor_model"].string_value == engine
+    on_disk = read_filter_records(repo)[name]
+    assert on_disk == record and on_disk["models"] == [*exported[1]["models"], engine]
+    assert on_disk["engines"] == {ENGINE_PRECISION: {"model": engine, "ensemble_default": True}}
+    assert {k: v for k, v in on_disk.items() if k != "engines"} == {**exported[1], "models": on_disk["models"]}
+    changed = {f"{name}/config.pbtxt", f"{name}_tokenizer/config.pbtxt", f"{name}.filter.json"}
+    after = tree_digest(repo)
+    assert {k: v for k, v in after.items() if k in before and k not in changed} == {k: v for k, v in before.items() if k not in changed}
+    assert all(after[k] != before[k] for k in changed) and _siblings(repo) == ["repo"]
+
+
+def test_an_engine_not_made_the_default_leaves_the_ensemble_and_a_rebuild_replaces_it(exported, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(exported[0], repo)
+    before = tree_digest(repo)
+    plan = _engine_plan(repo, "--max-shape", "8x512")
+    write_engine(plan, b"first", {"model": "uplifting_v4_trt", "ensemble_default": False})
+    unchanged = {k: v for k, v in tree_digest(repo).items() if not k.startswith("uplifting_v4_trt/")}
+    assert unchanged == {**before, "uplifting_v4.filter.json": unchanged["uplifting_v4.filter.json"]}
+    assert _config(repo / "uplifting_v4_trt" / "config.pbtxt").max_batch_size == 8
+
+    write_engine(_engine_plan(repo), b"second", {"model": "uplifting_v4_trt", "ensemble_default": False})
+    assert (repo / "uplifting_v4_trt" / "1" / "model.plan").read_bytes() == b"second"
+    assert read_filter_records(repo)["uplifting_v4"]["models"].count("uplifting_v4_trt") == 1
+    assert _siblings(repo) == ["repo"]
+
+
+@pytest.mark.slow  # a whole export of its own
+def test_an_engine_built_from_a_filter_exported_again_meanwhile_is_not_written(exported, standin, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(exported[0], repo)
+    plan = _engine_plan(repo, "--make-default")
+    # Another export of the filter commits while the engine is being built from the old fp32 model.
+    export_filter(str(standin.base_dir), standin.adapter_dir, repo, precisions="fp32", max_batch_size=16)
+    before = tree_digest(repo)
+    with pytest.raises(FilterServeError, match="changed while this was being built .*nothing was written: run it again"):
+        write_engine(plan, b"stale engine", {"model": "uplifting_v4_trt", "ensemble_default": True})
+    assert tree_digest(repo) == before and _siblings(repo) == ["repo"]

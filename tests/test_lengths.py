@@ -12,54 +12,31 @@ import time
 import urllib.request
 
 import numpy as np
-import psutil
 import pytest
-import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from filterserve.client import FilterClient
-from filterserve.client.client import WINDOW_PER_WORKER
+from filterserve.client.concurrency import WINDOW_PER_WORKER
+from filterserve.contract import COMPUTED_TOKENS_METRIC, REAL_TOKENS_METRIC, SERVED_TOLERANCE, tensor_model, tokenizer_model
 from filterserve.filters import UPLIFTING_V4
 from filterserve.model_repository.repository import DEFAULT_MAX_TEXT_BYTES
 from filterserve.serve import TritonServer
 
-from conftest import MIXED_ARTICLES
+from conftest import MIXED_ARTICLES, export_into
+from helpers import BAD_REQUEST, bytes_input, int_input, stub_of, triton_client
+
+pytestmark = pytest.mark.slow  # the real tritonserver, started here
 
 SPEC = UPLIFTING_V4
-TOKENIZER_MODEL = f"{SPEC.name}_tokenizer"
-TENSOR_MODEL = f"{SPEC.name}_onnx"
-CLIENTS = {"http": httpclient, "grpc": grpcclient}
-BAD_REQUEST = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
-
-
-@pytest.fixture(scope="module")
-def server(exported):
-    with TritonServer(exported[0]) as running:
-        yield running
-
-
-def _client(server: TritonServer, protocol: str):
-    return httpclient.InferenceServerClient(server.http_url) if protocol == "http" else grpcclient.InferenceServerClient(server.grpc_url)
-
-
-def _bytes_input(protocol: str, name: str, values: list) -> object:
-    data = np.array([[v if isinstance(v, bytes) else v.encode()] for v in values], dtype=object)
-    tensor = CLIENTS[protocol].InferInput(name, list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    return tensor
-
-
-def _int_input(protocol: str, name: str, data: np.ndarray) -> object:
-    tensor = CLIENTS[protocol].InferInput(name, list(data.shape), "INT64")
-    tensor.set_data_from_numpy(data.astype(np.int64))
-    return tensor
+TOKENIZER_MODEL = tokenizer_model(SPEC.name)
+TENSOR_MODEL = tensor_model(SPEC.name)
 
 
 def _counters(server: TritonServer) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10).read().decode()
     found = {}
-    for name in ("filterserve_real_tokens_total", "filterserve_computed_tokens_total"):
+    for name in (REAL_TOKENS_METRIC, COMPUTED_TOKENS_METRIC):
         match = re.search(rf'^{name}{{model="{TENSOR_MODEL}"}} (\S+)$', text, re.MULTILINE)
         found[name] = float(match.group(1)) if match else 0.0
     return found
@@ -75,7 +52,7 @@ def test_each_request_is_padded_to_its_own_bucket(server, reference):
     def send(i: int) -> None:
         client = httpclient.InferenceServerClient(server.http_url)
         start.wait()
-        results[i] = client.infer(TOKENIZER_MODEL, [_bytes_input("http", "TEXT", [texts[i]])]).as_numpy("input_ids")
+        results[i] = client.infer(TOKENIZER_MODEL, [bytes_input("http", "TEXT", [texts[i]])]).as_numpy("input_ids")
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
     for thread in threads:
@@ -91,18 +68,18 @@ def test_each_request_is_padded_to_its_own_bucket(server, reference):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_results_say_how_much_the_model_read_and_the_counters_add_up(server, protocol, reference):
     before = _counters(server)
-    client = _client(server, protocol)
+    client = triton_client(server, protocol)
     expected_real = expected_computed = 0
     for title, content in MIXED_ARTICLES:
-        result = client.infer(SPEC.name, [_bytes_input(protocol, "TITLE", [title]), _bytes_input(protocol, "CONTENT", [content])])
+        result = client.infer(SPEC.name, [bytes_input(protocol, "TITLE", [title]), bytes_input(protocol, "CONTENT", [content])])
         full = len(reference.tokenizer(SPEC.input_text(title, content))["input_ids"])
         assert int(result.as_numpy("n_tokens")[0, 0]) == min(full, SPEC.max_length)
         assert bool(result.as_numpy("truncated")[0, 0]) == (full > SPEC.max_length), title
         expected_real += min(full, SPEC.max_length)
         expected_computed += min(-(-full // 16) * 16, SPEC.max_length)
     after = _counters(server)
-    assert after["filterserve_real_tokens_total"] - before["filterserve_real_tokens_total"] == expected_real
-    assert after["filterserve_computed_tokens_total"] - before["filterserve_computed_tokens_total"] == expected_computed
+    assert after[REAL_TOKENS_METRIC] - before[REAL_TOKENS_METRIC] == expected_real
+    assert after[COMPUTED_TOKENS_METRIC] - before[COMPUTED_TOKENS_METRIC] == expected_computed
     assert any(SPEC.max_length < len(reference.tokenizer(SPEC.input_text(*a))["input_ids"]) for a in MIXED_ARTICLES)
 
 
@@ -120,7 +97,7 @@ def test_over_long_text_is_cut_before_tokenizing_with_the_same_first_tokens(serv
     ]
     client = httpclient.InferenceServerClient(server.http_url)
     for text in texts:
-        result = client.infer(TOKENIZER_MODEL, [_bytes_input("http", "TEXT", [text])])
+        result = client.infer(TOKENIZER_MODEL, [bytes_input("http", "TEXT", [text])])
         ids, n = result.as_numpy("input_ids")[0], int(result.as_numpy("n_tokens")[0, 0])
         assert ids[:n].tolist() == reference.tokenizer(text, max_length=SPEC.max_length, truncation=True)["input_ids"], text[:30]
         assert bool(result.as_numpy("truncated")[0, 0])
@@ -129,15 +106,14 @@ def test_over_long_text_is_cut_before_tokenizing_with_the_same_first_tokens(serv
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_oversize_text_is_refused_early_and_memory_does_not_grow(server, protocol):
-    client = _client(server, protocol)
-    stub = next(c for c in psutil.Process(server.pid).children(recursive=True)
-                if "triton_python_backend_stub" in c.name() and any(TOKENIZER_MODEL in part for part in c.cmdline()))
+    client = triton_client(server, protocol)
+    stub = stub_of(server, TOKENIZER_MODEL)
     oversize = "x" * (DEFAULT_MAX_TEXT_BYTES + 1)
     rss_before = stub.memory_info().rss
     for name in ("TEXT", "CONTENT"):
-        inputs = [_bytes_input(protocol, name, [oversize])]
+        inputs = [bytes_input(protocol, name, [oversize])]
         if name == "CONTENT":
-            inputs.append(_bytes_input(protocol, "TITLE", ["A title"]))
+            inputs.append(bytes_input(protocol, "TITLE", ["A title"]))
         for _ in range(10):
             start = time.monotonic()
             with pytest.raises(InferenceServerException) as caught:
@@ -146,7 +122,7 @@ def test_oversize_text_is_refused_early_and_memory_does_not_grow(server, protoco
             assert caught.value.status() == BAD_REQUEST[protocol]
             assert f"{name} row 0 has {DEFAULT_MAX_TEXT_BYTES + 1} bytes; the limit is {DEFAULT_MAX_TEXT_BYTES}" in caught.value.message()
     assert stub.memory_info().rss - rss_before < 50 << 20, "oversize attempts left memory behind"
-    ok = client.infer(SPEC.name, [_bytes_input(protocol, "TEXT", ["Still serving."])])
+    ok = client.infer(SPEC.name, [bytes_input(protocol, "TEXT", ["Still serving."])])
     assert ok.as_numpy("scores").shape == (1, SPEC.num_labels)
 
 
@@ -167,14 +143,14 @@ def _tensor_cases(vocab: int, pad: int) -> dict[str, tuple[np.ndarray, np.ndarra
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_tensor_model_refuses_inputs_it_would_score_wrongly(server, manifest_of, protocol):
-    client = _client(server, protocol)
+    client = triton_client(server, protocol)
     for case, (ids, mask, words) in _tensor_cases(manifest_of["vocab_size"], manifest_of["pad_token_id"]).items():
         with pytest.raises(InferenceServerException) as caught:
-            client.infer(TENSOR_MODEL, [_int_input(protocol, "input_ids", ids), _int_input(protocol, "attention_mask", mask)])
+            client.infer(TENSOR_MODEL, [int_input(protocol, "input_ids", ids), int_input(protocol, "attention_mask", mask)])
         assert caught.value.status() == BAD_REQUEST[protocol], f"{case}: {caught.value}"
         assert words in caught.value.message(), f"{case}: {caught.value.message()}"
-    good = client.infer(TENSOR_MODEL, [_int_input(protocol, "input_ids", np.array([[5, 6, 7, manifest_of["pad_token_id"]]])),
-                                       _int_input(protocol, "attention_mask", np.array([[1, 1, 1, 0]]))])
+    good = client.infer(TENSOR_MODEL, [int_input(protocol, "input_ids", np.array([[5, 6, 7, manifest_of["pad_token_id"]]])),
+                                       int_input(protocol, "attention_mask", np.array([[1, 1, 1, 0]]))])
     assert np.isfinite(good.as_numpy("logits")).all()
 
 
@@ -185,10 +161,8 @@ def manifest_of(exported) -> dict:
 
 @pytest.mark.timeout(300)
 def test_token_budget_splits_runs_and_keeps_scores(standin, tmp_path, reference):
-    from filterserve.export.pipeline import export_filter
-
     repo = tmp_path / "repo"
-    export_filter(str(standin.base_dir), standin.adapter_dir, repo, SPEC, max_batch_tokens=SPEC.max_length, max_batch_size=16)
+    export_into(repo, standin, SPEC, max_batch_tokens=SPEC.max_length)
     texts = [SPEC.input_text(t, c) for t, c in MIXED_ARTICLES]
     expected = reference(texts)
     with TritonServer(repo) as running:
@@ -198,8 +172,8 @@ def test_token_budget_splits_runs_and_keeps_scores(standin, tmp_path, reference)
         for row in encoded:  # one batch of every article padded to max_length: 9 × 512 tokens, budget 512
             ids.append(row + [int(reference.tokenizer.pad_token_id)] * (SPEC.max_length - len(row)))
             mask.append([1] * len(row) + [0] * (SPEC.max_length - len(row)))
-        result = client.infer(TENSOR_MODEL, [_int_input("http", "input_ids", np.array(ids)), _int_input("http", "attention_mask", np.array(mask))])
-    assert np.abs(result.as_numpy("logits") - expected).max() <= 1e-3
+        result = client.infer(TENSOR_MODEL, [int_input("http", "input_ids", np.array(ids)), int_input("http", "attention_mask", np.array(mask))])
+    assert np.abs(result.as_numpy("logits") - expected).max() <= SERVED_TOLERANCE
 
 
 class RecordingClient(FilterClient):

@@ -53,6 +53,7 @@ def test_two_filters_side_by_side_each_with_its_own_record(multi_exported):
         open_repository(repo, filter_name="nope")
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_re_exporting_one_filter_leaves_the_other_byte_for_byte(multi_exported, standin, tmp_path):
     repo = _copy(multi_exported, tmp_path)
     five_before = {k: v for k, v in tree_digest(repo).items() if k.startswith("investment_risk_v2")}
@@ -77,6 +78,7 @@ def test_a_truncated_adapter_leaves_the_repository_byte_for_byte(multi_exported,
     assert _siblings(tmp_path / "served") == ["repo"], "the staging folder is removed"
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_a_parity_failure_late_in_the_export_leaves_the_repository_byte_for_byte(multi_exported, standin, tmp_path, monkeypatch):
     repo = _copy(multi_exported, tmp_path / "served")
     before = tree_digest(repo)
@@ -87,6 +89,7 @@ def test_a_parity_failure_late_in_the_export_leaves_the_repository_byte_for_byte
     assert _siblings(tmp_path / "served") == ["repo"]
 
 
+@pytest.mark.slow  # a whole export of its own
 def test_ctrl_c_in_the_middle_of_the_swap_is_rolled_back(multi_exported, standin, tmp_path, monkeypatch):
     """The commit's renames are the only moment the repository changes: interrupt it half-way."""
     repo = _copy(multi_exported, tmp_path / "served")
@@ -108,24 +111,6 @@ def test_ctrl_c_in_the_middle_of_the_swap_is_rolled_back(multi_exported, standin
     assert len(into_repo) >= 2
     assert tree_digest(repo) == before
     assert _siblings(tmp_path / "served") == ["repo"]
-
-
-def test_a_single_filter_repository_is_read_then_migrated_by_the_next_export(exported, five_standin, tmp_path):
-    repo = _copy(exported[0], tmp_path)
-    # The layout written before several filters were supported: one root filter.json.
-    (repo / "uplifting_v4.filter.json").rename(repo / "filter.json")
-    (repo / "filterserve.json").unlink()
-    models = {k: v for k, v in tree_digest(repo).items() if k != "filter.json"}
-    assert load_filter(repo) == UPLIFTING_V4
-    assert open_repository(repo).spec == UPLIFTING_V4
-
-    pipeline.export_filter(str(five_standin.base_dir), five_standin.adapter_dir, repo, FIVE_DIMS)
-
-    assert not (repo / "filter.json").exists()
-    assert json.loads((repo / "filterserve.json").read_text())["filters"] == {n: f"{n}.filter.json" for n in NAMES}
-    assert json.loads((repo / "uplifting_v4.filter.json").read_text()) == exported[1]
-    after = tree_digest(repo)
-    assert {k: after[k] for k in models} == models, "the first filter's models are untouched"
 
 
 def test_a_filter_may_not_take_another_filters_model_folders(multi_exported, standin, tmp_path):

@@ -25,10 +25,12 @@ import pytest
 import tritonclient.http as httpclient
 from tokenizers import Tokenizer
 
+from filterserve.contract import tokenizer_model
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
 
-from conftest import MIXED_ARTICLES
+from conftest import MIXED_ARTICLES, export_into, peft_scorer
+from helpers import bytes_input
 
 SPEC = UPLIFTING_V4
 PAD_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
@@ -81,42 +83,21 @@ def real_vocab_standin(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_
 
 
 @pytest.fixture(scope="module")
-def real_vocab_export(real_vocab_standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from filterserve.export.pipeline import export_filter
-
+def exported(real_vocab_standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """In this module the export (and so conftest's ``server``) is the real-vocabulary stand-in's."""
     repo = tmp_path_factory.mktemp("qwen_export") / "repo"
-    manifest = export_filter(
-        str(real_vocab_standin.base_dir), real_vocab_standin.adapter_dir, repo, SPEC, precisions="fp32", max_batch_size=16
-    )
-    return repo, manifest
-
-
-@pytest.fixture(scope="module")
-def server(real_vocab_export):
-    with TritonServer(real_vocab_export[0]) as running:
-        yield running
+    return repo, export_into(repo, real_vocab_standin, SPEC, precisions="fp32")
 
 
 @pytest.fixture(scope="module")
 def reference(real_vocab_standin):
     """The card's recipe (PyTorch + PEFT, unmerged) on the stand-in, one text at a time."""
-    from filterserve.export.load import load_reference
-    from filterserve.export.parity import reference_scores
-
-    loaded = load_reference(str(real_vocab_standin.base_dir), real_vocab_standin.adapter_dir, SPEC)
-    return lambda texts: reference_scores(loaded.model, loaded.tokenizer, texts, SPEC.max_length)
-
-
-def _bytes_input(name: str, values: list[str]) -> httpclient.InferInput:
-    data = np.array([[v.encode()] for v in values], dtype=object)
-    tensor = httpclient.InferInput(name, list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    return tensor
+    return peft_scorer(real_vocab_standin, SPEC)
 
 
 def _served_tokens(server: TritonServer, inputs: list[httpclient.InferInput]) -> list[list[int]]:
     """The tokenizer step's rows, unpadded; checks the padding is the pad id under a zero mask."""
-    result = httpclient.InferenceServerClient(server.http_url).infer(f"{SPEC.name}_tokenizer", inputs)
+    result = httpclient.InferenceServerClient(server.http_url).infer(tokenizer_model(SPEC.name), inputs)
     ids, mask = result.as_numpy("input_ids"), result.as_numpy("attention_mask")
     rows = []
     for row_ids, row_mask in zip(ids, mask):
@@ -140,10 +121,11 @@ def test_package_ships_qwens_tokenizer(qwen_tokenizer_file: Path):
     assert tok.encode("2024").ids == [17, 15, 17, 19]  # digits one by one: Qwen's regex, not plain byte-level
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tokenizer_step_matches_transformers_on_qwens_tokenizer(server, qwen_transformers):
     """Exact ids and mask from the served step, TEXT and TITLE + CONTENT, as transformers gives them."""
-    served = _served_tokens(server, [_bytes_input("TEXT", SPECIAL_IN_TEXT)])
+    served = _served_tokens(server, [bytes_input("http", "TEXT", SPECIAL_IN_TEXT)])
     for text, ids in zip(SPECIAL_IN_TEXT, served):
         assert ids == qwen_transformers(text, max_length=SPEC.max_length, truncation=True)["input_ids"], text
     assert served[0].count(PAD_ID) == 1 and served[0].count(IM_START_ID) == 1
@@ -151,8 +133,8 @@ def test_tokenizer_step_matches_transformers_on_qwens_tokenizer(server, qwen_tra
     assert served[2][-1] == PAD_ID  # the literal pad token stays in, attended (mask 1): see the test below
 
     articles = [*MIXED_ARTICLES, *EXTRA_ARTICLES]  # Chinese, Arabic, Hindi, Russian, Greek, emoji, 2 past 512
-    served = _served_tokens(server, [_bytes_input("TITLE", [t for t, _ in articles]),
-                                     _bytes_input("CONTENT", [c for _, c in articles])])
+    served = _served_tokens(server, [bytes_input("http", "TITLE", [t for t, _ in articles]),
+                                     bytes_input("http", "CONTENT", [c for _, c in articles])])
     truncated = 0
     for (title, content), ids in zip(articles, served):
         text = f"{title}\n\n{content}"  # the step's template for uplifting v4
@@ -164,6 +146,7 @@ def test_tokenizer_step_matches_transformers_on_qwens_tokenizer(server, qwen_tra
     assert truncated == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_literal_pad_token_in_an_article_is_served_as_the_card_pools_it(server, reference):
     """Behaviour recorded, not changed: the card's pooling reads the last token whose id is not the pad id.
@@ -179,16 +162,17 @@ def test_literal_pad_token_in_an_article_is_served_as_the_card_pools_it(server, 
         "Volunteers rebuilt the school ",
     ]
     expected = reference(texts)
-    result = httpclient.InferenceServerClient(server.http_url).infer(SPEC.name, [_bytes_input("TEXT", texts)])
+    result = httpclient.InferenceServerClient(server.http_url).infer(SPEC.name, [bytes_input("http", "TEXT", texts)])
     scores = result.as_numpy("scores")
     assert np.abs(scores - expected).max() <= 1e-4
     assert np.abs(scores[1] - scores[2]).max() <= 1e-4  # the trailing pad token is not the pooled one
     assert np.abs(scores[0] - scores[2]).max() > 1e-3  # while a pad token inside the text is read past
 
 
-def test_real_vocab_standin_exports_with_qwens_vocabulary(real_vocab_export, qwen_tokenizer_file: Path):
+@pytest.mark.slow  # builds and exports a stand-in with Qwen's 151936-token vocabulary
+def test_real_vocab_standin_exports_with_qwens_vocabulary(exported, qwen_tokenizer_file: Path):
     """``build_standin(tokenizer_file=...)``: the export serves Qwen's file and sizes, parity holds."""
-    repo, manifest = real_vocab_export
+    repo, manifest = exported
     assert manifest["vocab_size"] == 151936 and manifest["pad_token_id"] == PAD_ID
     assert manifest["parity"]["fp32"]["max_abs_diff"] <= 1e-4
     served_file = repo / f"{SPEC.name}_tokenizer" / "1" / "tokenizer" / "tokenizer.json"

@@ -10,9 +10,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from filterserve import contract, head_tail
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 from filterserve.model_repository import write_repository
+from filterserve.model_repository.repository import RepositorySettings
 from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
 
 SPEC = TOY_SPEC
@@ -27,7 +29,7 @@ def toy(tmp_path_factory):
     return build_toy_export(tmp_path_factory.mktemp("toy"), max_batch_size=8, bucket=32)
 
 
-def _write(tmp_path: Path, **overrides) -> Path:
+def _write(tmp_path: Path, settings: RepositorySettings = RepositorySettings(max_batch_size=16), **overrides) -> Path:
     """A fresh repository with fp32 (default) and fp16 tensor models; ``overrides`` go to write_repository."""
     tokenizer_dir = tmp_path / "tokenizer"
     tok = build_tokenizer(tokenizer_dir)
@@ -38,11 +40,10 @@ def _write(tmp_path: Path, **overrides) -> Path:
         tokenizer_dir=tokenizer_dir,
         precisions=["fp32", "fp16"],
         default_precision="fp32",
-        max_batch_size=16,
         pad_token_id=0,
         vocab_size=tok.get_vocab_size(),
     )
-    write_repository(repo, SPEC, **{**kwargs, **overrides})
+    write_repository(repo, SPEC, settings, **{**kwargs, **overrides})
     return repo
 
 
@@ -50,6 +51,8 @@ def _write(tmp_path: Path, **overrides) -> Path:
 def test_layout_is_self_contained(toy):
     tokenizer_version = toy.repo / f"{SPEC.name}_tokenizer" / "1"
     assert (tokenizer_version / "model.py").is_file()
+    # The one head+tail implementation travels beside it: the step runs without filterserve installed.
+    assert (tokenizer_version / "head_tail.py").read_bytes() == Path(head_tail.__file__).read_bytes()
     assert (tokenizer_version / "tokenizer" / "tokenizer.json").read_bytes() == (toy.tokenizer_dir / "tokenizer.json").read_bytes()
     assert (toy.repo / SPEC.name / "1").is_dir()
     assert (toy.repo / f"{SPEC.name}_onnx" / "1" / "model.onnx.data").is_file()
@@ -72,7 +75,10 @@ def test_configs_follow_the_contract(toy):
         "bucket": "32",
         "max_text_bytes": str(1 << 18),
         "text_template": "{title}\n\n{content}",
+        "head_tail": "",  # uplifting v4 reads the first 512 tokens; a head+tail filter's JSON rule goes here
         "tensor_model": f"{SPEC.name}_onnx",
+        "real_tokens_metric": contract.REAL_TOKENS_METRIC,
+        "computed_tokens_metric": contract.COMPUTED_TOKENS_METRIC,
     }
     assert list(tokenizer.dynamic_batching.preferred_batch_size) == [4, 8]
 
@@ -102,6 +108,8 @@ def test_configs_follow_the_contract(toy):
         ("final_scores", mc.TYPE_FP32, [n]),
         ("weighted_average", mc.TYPE_FP32, [1]),
         ("gatekeeper_applied", mc.TYPE_BOOL, [1]),
+        ("raw_weighted_average", mc.TYPE_FP32, [1]),
+        ("tier", mc.TYPE_INT32, [1]),
         ("n_tokens", mc.TYPE_INT32, [1]),
         ("truncated", mc.TYPE_BOOL, [1]),
     ]
@@ -110,7 +118,9 @@ def test_configs_follow_the_contract(toy):
     decision = _config(toy.repo, f"{SPEC.name}_decision")
     assert decision.backend == "onnxruntime" and decision.max_batch_size == 8
     assert [(t.name, list(t.dims)) for t in decision.input] == [("logits", [n])]
-    assert [t.name for t in decision.output] == ["scores", "final_scores", "weighted_average", "gatekeeper_applied"]
+    assert [t.name for t in decision.output] == [
+        "scores", "final_scores", "weighted_average", "gatekeeper_applied", "raw_weighted_average", "tier"
+    ]
     # Triton 2.51 prunes an ensemble wrongly when one of its outputs also feeds a step (contract.py)
     fed = {tensor for step in ensemble.ensemble_scheduling.step for tensor in step.input_map.values()}
     assert fed.isdisjoint(t.name for t in ensemble.output)
@@ -124,14 +134,26 @@ def test_configs_follow_the_contract(toy):
         ({"precisions": ["fp32", "fp16", "int8"]}, "int8 tensor model missing"),
         ({"default_precision": "int8"}, "default precision"),
         ({"pad_token_id": 10**6}, "outside the vocabulary"),
-        ({"max_batch_size": 0}, "max_batch_size"),
-        ({"max_batch_tokens": 10}, "one full-length article must fit"),
-        ({"max_text_bytes": 0}, "max_text_bytes"),
+        ({"settings": RepositorySettings(max_batch_tokens=10)}, "max-batch-tokens 10 is below max_length 64: one full-length article must fit"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(FilterServeError, match=message):
         _write(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_batch_size": 0}, "^--max-batch-size must be at least 1, got 0$"),
+        ({"max_text_bytes": 0}, "^--bucket and --max-text-bytes must be at least 1, got 16 and 0$"),
+        ({"bucket": -1}, "^--bucket and --max-text-bytes must be at least 1, got -1 and 262144$"),
+    ],
+)
+def test_bad_settings_are_refused_when_made(settings, message):
+    """The export's flags and write_repository share these checks: a settings value that exists is valid."""
+    with pytest.raises(FilterServeError, match=message):
+        RepositorySettings(**settings)
 
 
 @pytest.mark.timeout(30)

@@ -15,19 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from filterserve.contract import SERVED_TOLERANCE
 from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
 
 from conftest import MIXED_ARTICLES
 
-RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "gatekeeper_applied", "n_tokens", "truncated"]
-
-
-@pytest.fixture(scope="module")
-def server(exported):
-    with TritonServer(exported[0]) as running:
-        yield running
+RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "raw_weighted_average", "tier",
+               "tier_description", "gatekeeper_applied", "n_tokens", "truncated"]
+# The production scorer's fields (filter_base_scorer.py); uplifting v4 has no normalization, so no raw_weighted_average.
+PRODUCTION_KEYS = ["scores", "weighted_average", "tier", "tier_description", "gatekeeper_applied"]
 
 
 def _score(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -45,6 +43,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_file_round_trip_reports_bad_lines_and_keeps_the_rest(server, tmp_path):
     articles = [{**a, "source": f"feed-{i}"} for i, a in enumerate(sample_articles())]
@@ -70,6 +69,24 @@ def test_file_round_trip_reports_bad_lines_and_keeps_the_rest(server, tmp_path):
     assert [(e["line"], e["input"]) for e in errors] == [(3, lines[2]), (5, lines[4])]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_production_schema_writes_exactly_the_production_scorers_fields(server, tmp_path):
+    source = tmp_path / "two.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "title": t, "content": c}, ensure_ascii=False) + "\n"
+                              for i, (t, c) in enumerate(MIXED_ARTICLES[:2])), encoding="utf-8")
+    ours = [json.loads(line)[UPLIFTING_V4.name] for line in _score(str(source), "--url", server.grpc_url).stdout.splitlines()]
+    done = _score(str(source), "--url", server.grpc_url, "--schema", "production")
+    assert done.returncode == 0, done.stderr
+    for line, mine in zip(done.stdout.splitlines(), ours, strict=True):
+        produced = json.loads(line)[UPLIFTING_V4.name]
+        assert list(produced) == PRODUCTION_KEYS
+        assert produced["scores"] == mine["final_scores"]  # production's scores are calibrated and clamped
+        assert {k: produced[k] for k in PRODUCTION_KEYS[1:]} == {k: mine[k] for k in PRODUCTION_KEYS[1:]}
+        assert produced["tier"] in {t.name for t in UPLIFTING_V4.tiers}
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_scores_are_the_reference_on_the_trained_input(server, tmp_path, reference, protocol):
@@ -82,9 +99,10 @@ def test_scores_are_the_reference_on_the_trained_input(server, tmp_path, referen
     assert done.returncode == 0, done.stderr
     got = np.array([list(json.loads(line)[UPLIFTING_V4.name]["scores"].values()) for line in done.stdout.splitlines()])
     expected = reference([UPLIFTING_V4.input_text(t, c) for t, c in MIXED_ARTICLES])
-    assert np.abs(got - expected).max() <= 1e-3
+    assert np.abs(got - expected).max() <= SERVED_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_labelled_records_keep_their_labels(server, tmp_path):
     """Scoring the project's own validation format must not overwrite the labels named like dimensions."""
@@ -99,6 +117,7 @@ def test_labelled_records_keep_their_labels(server, tmp_path):
     assert set(got[UPLIFTING_V4.name]["scores"]) == set(UPLIFTING_V4.dimensions)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_stdin_over_http(server, tmp_path):
     articles = sample_articles()[:3]
@@ -120,6 +139,7 @@ def test_unreachable_server_is_a_usage_error(tmp_path):
     assert "server at 127.0.0.1:1 is not reachable (grpc)" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_server_stopped_mid_run_loses_no_line(exported, tmp_path):
     total = 1000
@@ -180,6 +200,7 @@ def _assert_each_line_once_in_order(out_path: Path, errors_path: Path, good: lis
     assert [e["line"] for e in _jsonl(errors_path)] == sorted(BAD_LINES), "every bad line listed exactly once"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_output_file_puts_the_errors_beside_it_and_a_clean_run_keeps_them(server, tmp_path):
     source = tmp_path / "in.jsonl"
@@ -212,6 +233,7 @@ def test_unwritable_output_or_errors_fail_before_scoring_with_exit_3(tmp_path):
         assert "not reachable" not in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_full_disk_stops_the_run_with_exit_3(server, tmp_path):
     source = tmp_path / "in.jsonl"
@@ -233,6 +255,8 @@ def _nan_decision(path: Path, n_dims: int) -> None:
             helper.make_node("Mul", ["logits", "nan"], ["final_scores"]),
             helper.make_node("ReduceSum", ["final_scores", "axes"], ["weighted_average"], keepdims=1),
             helper.make_node("Greater", ["weighted_average", "zero"], ["gatekeeper_applied"]),
+            helper.make_node("Identity", ["weighted_average"], ["raw_weighted_average"]),
+            helper.make_node("Cast", ["gatekeeper_applied"], ["tier"], to=TensorProto.INT32),
         ],
         "nan_decision",
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n_dims])],
@@ -241,6 +265,8 @@ def _nan_decision(path: Path, n_dims: int) -> None:
             helper.make_tensor_value_info("final_scores", TensorProto.FLOAT, [None, n_dims]),
             helper.make_tensor_value_info("weighted_average", TensorProto.FLOAT, [None, 1]),
             helper.make_tensor_value_info("gatekeeper_applied", TensorProto.BOOL, [None, 1]),
+            helper.make_tensor_value_info("raw_weighted_average", TensorProto.FLOAT, [None, 1]),
+            helper.make_tensor_value_info("tier", TensorProto.INT32, [None, 1]),
         ],
         [
             helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),
@@ -253,6 +279,7 @@ def _nan_decision(path: Path, n_dims: int) -> None:
     onnx.save(model, str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_non_finite_numbers_never_reach_the_output(exported, tmp_path):
     repo = tmp_path / "repo"
@@ -290,6 +317,7 @@ def _stopped_mid_file(server: TritonServer, tmp_path: Path, stop_signal: int) ->
     return source, out, good, process.returncode, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ctrl_c_writes_the_finished_lines_says_where_and_resume_finishes(server, tmp_path):
     source, out, good, code, stderr = _stopped_mid_file(server, tmp_path, signal.SIGINT)
@@ -305,6 +333,7 @@ def test_ctrl_c_writes_the_finished_lines_says_where_and_resume_finishes(server,
     _assert_each_line_once_in_order(out, tmp_path / "out.jsonl.errors.jsonl", good)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_resume_after_the_scoring_process_is_killed_scores_each_line_exactly_once(server, tmp_path):
     source, out, good, code, _ = _stopped_mid_file(server, tmp_path, signal.SIGKILL)  # no handler, no flush, no goodbye
@@ -320,6 +349,7 @@ def test_resume_after_the_scoring_process_is_killed_scores_each_line_exactly_onc
     _assert_each_line_once_in_order(out, tmp_path / "out.jsonl.errors.jsonl", good)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_resume_refuses_what_it_cannot_continue(server, tmp_path):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

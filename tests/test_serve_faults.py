@@ -20,7 +20,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
@@ -31,13 +30,15 @@ from filterserve.serve import EXIT_GAVE_UP, TritonServer
 from filterserve.serve.assembly import ensemble_steps
 from filterserve.serve.process import live_stubs
 
+from helpers import CLIENTS, stub_of, text_inputs
 from slow_model import ENSEMBLE as SLOW, SLEEP_MODEL, build_slow_repository
 from toy_onnx import TOY_SPEC, build_toy_export
+
+pytestmark = pytest.mark.slow  # every test here starts a tritonserver
 
 DELAY_S = 0.1  # per request of the slow model: N queued requests take N × 0.1 s
 PROBE_S = 0.5  # the supervisor's probe deadline and interval in these tests
 DRAIN_REQUESTS = 16  # in flight at SIGTERM: 1.6 s of work, half over HTTP, half over gRPC
-CLIENTS = {"http": httpclient, "grpc": grpcclient}
 REFUSED = {"http": "403", "grpc": "StatusCode.UNAVAILABLE"}
 
 
@@ -62,10 +63,8 @@ def served(repo: Path):
         supervising.join(10)
 
 
-def _text(protocol: str, text: bytes = b"Volunteers rebuilt the school."):
-    tensor = CLIENTS[protocol].InferInput("TEXT", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[text]], dtype=object))
-    return [tensor]
+def _text(protocol: str):
+    return text_inputs(protocol, [b"Volunteers rebuilt the school."])
 
 
 def _send_many(server: TritonServer, model: str, n: int) -> tuple[list, threading.Event]:
@@ -137,12 +136,6 @@ class _ReadinessLog:
         self._thread.join()
 
 
-def _stub(server: TritonServer, model: str) -> psutil.Process:
-    stubs = [s for s in live_stubs(server.pid) if Path(s.cmdline()[1]).parents[1].name == model]
-    assert len(stubs) == 1, stubs
-    return stubs[0]
-
-
 # --- no one gets in ------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -176,7 +169,7 @@ def test_admin_apis_refuse_callers_without_the_key(served, protocol, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_hostile_http_bodies_never_get_other_scores_and_never_take_the_server_down(served):
-    """What tritonserver 2.51's own HTTP parser does with bodies no client library sends (README,
+    """What tritonserver 2.51's own HTTP parser does with bodies no client library sends (docs/design.md,
     "Bounded input"): a batch dimension of 2**32 or more is cut to its low 32 bits on the way in
     (2**32 + 1 is one row, 2**32 is read as one row too); the data must still fill the shape Triton
     read, so the one text sent is the one scored, never more and never another. Other shapes the
@@ -275,7 +268,7 @@ def test_a_killed_stub_is_recovered_within_seconds_without_failing_running_reque
     running, all_done = _send_many(served, SLOW, 30)  # 3 s of work in another model, in flight throughout
     time.sleep(0.3)
     with _ReadinessLog(served) as readiness:
-        stub = _stub(served, model)
+        stub = stub_of(served, model)
         stub.kill() if how == "kill" else stub.suspend()
         killed_at = time.monotonic()
         took = _wait_until(lambda: _scores(served), 15, f"{TOY_SPEC.name} scoring again after its {model} stub was killed")

@@ -29,6 +29,7 @@ def test_int8_without_validation_data_is_refused(standin, tmp_path):
     assert not (tmp_path / "repo").exists(), "refused before anything was written"
 
 
+@pytest.mark.slow  # trains the fixture, then quantizes and gates three variants
 @pytest.mark.timeout(600)
 def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
     # At a tolerance of 0.05 the tiny fixture's INT8 is admitted on the first rung, so all three
@@ -57,6 +58,7 @@ def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
     assert len(modes) == 7 and len(set(modes.values())) == 1, modes  # 3 variants with their data, the decision
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_variant_that_moves_the_mae_is_refused_with_its_figures(trained, tmp_path, monkeypatch):
     def broken_int8(fp32_path, int8_path, keep_fp32):

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from filterserve.filters import FilterSpec
 from filterserve.model_repository import write_repository
+from filterserve.model_repository.repository import RepositorySettings
 
 PAD_TOKEN = "<|endoftext|>"
 TOY_SPEC = FilterSpec(name="toy_v1", dimensions=("alpha", "beta", "gamma"), weights=(0.5, 0.3, 0.2), max_length=64)
@@ -106,12 +107,11 @@ def build_toy_export(root: Path, *, max_batch_size: int = 8, bucket: int = 16) -
     write_repository(
         repo,
         TOY_SPEC,
+        RepositorySettings(max_batch_size=max_batch_size, bucket=bucket),
         tokenizer_dir=tokenizer_dir,
         precisions=["fp32"],
         default_precision="fp32",
-        max_batch_size=max_batch_size,
         pad_token_id=pad_token_id,
         vocab_size=vocab_size,
-        bucket=bucket,
     )
     return ToyExport(repo, tokenizer_dir, TOY_SPEC, pad_token_id, vocab_size, max_batch_size)

@@ -1,9 +1,12 @@
 """Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask, n_tokens, truncated.
 
 It runs inside NVIDIA's container as well as beside the pytriton wheel, so it imports only
-``tokenizers`` and numpy, and reads everything it needs (template, max_length, pad id, bucket,
-size cap) from its model config. The server owns the filter's input template, so a plain Triton
-caller that sends TITLE and CONTENT gets exactly the input the filter was trained on.
+``tokenizers``, numpy and the copy of filterserve's ``head_tail.py`` beside it, and reads
+everything it needs (template, head+tail cut, max_length, pad id, bucket, size cap) from its model
+config. The server owns the filter's input template and head+tail cut, so a plain Triton caller
+that sends TITLE and CONTENT (or the joined TEXT) gets exactly the input the filter was trained on.
+Special tokens (Gemma's BOS) come from the tokenizer file's post-processor, as transformers adds
+them; padding uses the filter's pad id (Gemma's is 0), which the tensor model's pooling reads.
 
 Each request is padded to its own length, rounded up to a bucket: real news is short and uneven,
 and padding one request to another's length computes tokens nobody needs. The tensor model's
@@ -12,6 +15,7 @@ dynamic batcher joins only requests of identical shape, so requests of one bucke
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -21,6 +25,17 @@ from tokenizers import Tokenizer
 
 # A prefix this many characters per kept token is tried first when cutting an over-long text.
 CUT_CHARS_PER_TOKEN = 8
+
+
+def _sibling(name: str):
+    """A module shipped beside this file (Triton loads model.py by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location(f"filterserve_step_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+head_tail = _sibling("head_tail").head_tail
 
 
 def _param(config: dict, key: str) -> str:
@@ -55,6 +70,11 @@ class TritonPythonModel:
         self.bucket = int(_param(config, "bucket"))
         self.max_text_bytes = int(_param(config, "max_text_bytes"))
         self.template = _param(config, "text_template")
+        # A member of a shared-base group tells the group's tensor model, per row, which filter it is.
+        index = config["parameters"].get("filter_index", {}).get("string_value", "")
+        self.filter_index = int(index) if index else None
+        cut = config["parameters"].get("head_tail", {}).get("string_value", "")
+        self.head_tail = json.loads(cut) if cut else None
         tokenizer_file = Path(args["model_repository"]) / args["model_version"] / "tokenizer" / "tokenizer.json"
         # As transformers' ``tokenizer(text, max_length=L, truncation=True)``: the library truncates
         # (keeping any special tokens the post-processor adds); padding is done here, per request.
@@ -69,8 +89,8 @@ class TritonPythonModel:
         self.metric_families = [
             pb_utils.MetricFamily(name, description, pb_utils.MetricFamily.COUNTER)
             for name, description in (
-                ("filterserve_real_tokens_total", "Article tokens sent to the tensor model (attention-mask ones)"),
-                ("filterserve_computed_tokens_total", "Tokens the tensor model computes: rows times padded length"),
+                (_param(config, "real_tokens_metric"), "Article tokens sent to the tensor model (attention-mask ones)"),
+                (_param(config, "computed_tokens_metric"), "Tokens the tensor model computes: rows times padded length"),
             )
         ]
         self.real_tokens, self.computed_tokens = (family.Metric(labels=labels) for family in self.metric_families)
@@ -116,9 +136,20 @@ class TritonPythonModel:
             cut *= 2
         return text, False
 
+    def _model_text(self, text: str) -> tuple[str, bool]:
+        """The text as the model reads it, and whether it was cut.
+
+        With head+tail, the whole text is counted (its last tokens are read), so the prefix cut
+        does not apply: max_text_bytes bounds that work.
+        """
+        if self.head_tail is None:
+            return self._cut(text)
+        rule = self.head_tail
+        return head_tail(text, self.untruncated, rule["head_tokens"], rule["tail_tokens"], rule["separator"])
+
     def _encode(self, texts: list[str]) -> list[tuple[list[int], bool]]:
-        """Token ids the model reads, and whether the text ran past max_length."""
-        cuts = [self._cut(text) for text in texts]
+        """Token ids the model reads, and whether the model reads less than the whole text."""
+        cuts = [self._model_text(text) for text in texts]
         encodings = self.tokenizer.encode_batch([text for text, _ in cuts])
         return [(enc.ids, was_cut or bool(enc.overflowing)) for enc, (_, was_cut) in zip(encodings, cuts)]
 
@@ -143,6 +174,8 @@ class TritonPythonModel:
                 pb_utils.Tensor("n_tokens", n_tokens),
                 pb_utils.Tensor("truncated", np.array([[t] for _, t in rows], dtype=bool)),
             ]
+            + ([pb_utils.Tensor("filter_index", np.full((len(rows), 1), self.filter_index, dtype=np.int64))]
+               if self.filter_index is not None else [])
         )
 
     def execute(self, requests: list) -> list:

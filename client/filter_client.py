@@ -1,0 +1,151 @@
+"""One filter served by Triton: read its description from the server, score articles or tokens with it.
+
+It reads the filter (dimension names, weights, template, rules) from the served ensemble's config,
+so the same client scores any filter the export wrote, with no local copy to drift from the server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from filterserve.client.concurrency import Scorer
+from filterserve.client.endpoint import Protocol, TritonEndpoint
+from filterserve.client.errors import ClientError, ServerUnavailable
+from filterserve.client.items import Item, article_inputs
+from filterserve.client.results import FilterResult
+from filterserve.contract import (
+    CONTENT,
+    DECISION_OUTPUTS,
+    ENSEMBLE_OUTPUTS,
+    FILTER_PARAMETER,
+    LOGITS,
+    N_TOKENS,
+    SCORES,
+    TENSOR_OUTPUTS,
+    TEXT,
+    TITLE,
+    TOKEN_INPUTS,
+    TRUNCATED,
+    WEIGHTED_SCORE,
+)
+from filterserve.filters import FilterSpec
+
+
+class FilterClient(TritonEndpoint, Scorer):
+    """Scores articles with one filter served by Triton.
+
+    ``model`` names the filter's ensemble; left out, the server must serve exactly one filter.
+    ``tokenizer`` (a ``tokenizer.json``) tokenizes here with the filter's template and head+tail cut
+    and calls the ensemble's tensor model and decision step directly, for callers who skip the
+    tokenizer step.
+    ``connection`` takes :class:`TritonEndpoint`'s options (timeout_s, retries, TLS).
+    """
+
+    def __init__(
+        self, url: str, protocol: Protocol = "grpc", model: str | None = None, *, tokenizer: str | None = None, **connection: Any
+    ) -> None:
+        super().__init__(url, protocol, **connection)
+        try:
+            self._connect(model, tokenizer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, model: str | None, tokenizer: str | None) -> None:
+        """Reads the filter from the server, so a misconfigured one fails here, not mid-batch."""
+        self.model = model or self._only_filter()
+        self._require_ready(self.model)
+        config = self._config(self.model)
+        described = config.get("parameters", {}).get(FILTER_PARAMETER, {}).get("string_value")
+        if not described:
+            raise ClientError(f"model {self.model} has no '{FILTER_PARAMETER}' parameter: it is not a filterserve ensemble")
+        try:
+            self.spec = FilterSpec.from_dict(json.loads(described), source=f"the '{FILTER_PARAMETER}' parameter of {self.model}")
+        except json.JSONDecodeError as exc:
+            raise ClientError(f"model {self.model}: its '{FILTER_PARAMETER}' parameter is not JSON ({exc})") from None
+        # The composing models, as the ensemble names them: the step fed by token ids, the one fed by logits.
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        by_input = {key: step["model_name"] for step in steps for key in step.get("input_map", {})}
+        self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(LOGITS)
+        # What this ensemble answers: one exported before tiers and normalization has fewer outputs.
+        declared = {output.get("name") for output in config.get("output", [])}
+        self._outputs = [name for name in ENSEMBLE_OUTPUTS if name in declared] or list(ENSEMBLE_OUTPUTS)
+        self._decision_outputs = [name for name in DECISION_OUTPUTS if name in self._outputs]
+
+        self._tokenizer: Tokenizer | None = None
+        if tokenizer is not None:
+            if not self.tensor_model or not self.decision_model:
+                raise ClientError(f"model {self.model} names no tensor model or decision step to call with tokens")
+            try:
+                self._tokenizer = Tokenizer.from_file(str(tokenizer))
+            except Exception as exc:  # tokenizers raises plain Exception for missing or broken files
+                raise ClientError(f"cannot load tokenizer {tokenizer}: {exc}") from None
+            # As the server's tokenizer step (and transformers): the library truncates, no padding;
+            # the head+tail cut counts every token, with a copy that does neither.
+            self._counting = Tokenizer.from_str(self._tokenizer.to_str())
+            self._counting.no_truncation()
+            self._counting.no_padding()
+            self._tokenizer.enable_truncation(self.spec.max_length)
+            self._tokenizer.no_padding()
+            self._require_ready(self.tensor_model)
+            self._require_ready(self.decision_model)
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return self.spec.dimensions
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.spec.weights
+
+    def _only_filter(self) -> str:
+        candidates = self.served_filters()
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise ServerUnavailable(f"server at {self.url} serves no ready filter ensemble")
+        raise ClientError(f"server at {self.url} serves several filters, pick one with model=: {', '.join(candidates)}")
+
+    # --- scoring -----------------------------------------------------------------------------
+    def score(self, title: str, content: str) -> FilterResult:
+        """One article; the server joins title and content with the filter's template."""
+        return self.score_item((title, content))
+
+    def score_text(self, text: str) -> FilterResult:
+        """Text already joined as the filter expects (see ``spec.text_template``)."""
+        if not isinstance(text, str):
+            raise ClientError(f"bad input: text must be a string, got {type(text).__name__}")
+        return self.score_item(text)
+
+    def score_item(self, item: Item) -> FilterResult:
+        inputs = article_inputs(item)
+        if self._tokenizer is not None:
+            text = inputs[TEXT] if TEXT in inputs else self.spec.input_text(inputs[TITLE], inputs[CONTENT])
+            cut = False
+            if self.spec.head_tail is not None:
+                text, cut = self.spec.head_tail.apply(text, self._counting)
+            encoding = self._tokenizer.encode(text)
+            return self.score_tokens(encoding.ids, truncated=cut or bool(encoding.overflowing))
+        data = {name: np.array([[value.encode("utf-8")]], dtype=object) for name, value in inputs.items()}
+        return FilterResult.from_outputs(self._infer(self.model, data, self._outputs), self.spec, self.model)
+
+    def score_tokens(self, input_ids: Sequence[int], truncated: bool = False) -> FilterResult:
+        """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer.
+
+        Ids past max_length are cut here (and the result says ``truncated``).
+        """
+        if not input_ids or not self.tensor_model or not self.decision_model:
+            raise ClientError("bad input: no tokens" if not input_ids else f"model {self.model} has no tensor model step")
+        truncated = truncated or len(input_ids) > self.spec.max_length
+        ids = np.asarray(input_ids, dtype=np.int64)[: self.spec.max_length].reshape(1, -1)
+        tensor = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS)
+        decided = self._infer(self.decision_model, {LOGITS: tensor[LOGITS].astype(np.float32)}, self._decision_outputs)
+        # The outputs as the ensemble would name them: its SCORES are the tensor model's logits.
+        outputs = {SCORES: tensor[LOGITS], WEIGHTED_SCORE: tensor[WEIGHTED_SCORE], **decided,
+                   N_TOKENS: np.array(ids.shape[1]), TRUNCATED: np.array(truncated)}
+        return FilterResult.from_outputs(outputs, self.spec, self.tensor_model)

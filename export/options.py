@@ -1,0 +1,132 @@
+"""What an export is asked to do, as one value checked once: :class:`ExportOptions`.
+
+The CLI, :func:`filterserve.export.pipeline.export_filter` and every stage read the same value,
+so a new option (an engine's setting, a filter family's, a shared base's) is added here and read
+where it is used, without lengthening the signatures in between. Every check that needs nothing
+loaded is made when the value is made: a mistyped flag fails before the base model is read, and
+a value that exists is one the export can run. What the server is told (batch sizes, padding, the
+text limit, the device) is the repository's own value, :class:`RepositorySettings`, held whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from filterserve import contract
+from filterserve.errors import FilterServeError
+from filterserve.filters import UPLIFTING_V4, FilterSpec
+from filterserve.model_repository.repository import RepositorySettings
+
+# The order variants are built in: fp16 converts the merged PyTorch model in place, so it follows
+# fp32; int8 and the OpenVINO variants are made from the fp32 file after the PyTorch model is freed.
+BUILD_ORDER = ("fp32", "fp16", "int8", *contract.OPENVINO_PRECISIONS)
+# A variant made from another one's file: that one is built too, even when it was not asked for.
+MADE_FROM = {"int8": "fp32", **{p: "fp32" for p in contract.OPENVINO_PRECISIONS}}
+# Variants only the accuracy gate can admit (no parity bound of their own): they need --validation.
+GATED_ONLY = tuple(p for p, tolerance in contract.PARITY_TOLERANCES.items() if tolerance is None)
+
+
+def parse_precisions(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"fp32,fp16"`` or a list, lower-cased, each once, in the order given (the first may become the
+    default); ``ov-int8`` is read as ``ov_int8`` (the names become Triton model names)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [p.strip().lower().replace("-", "_") for p in items if p.strip()]
+    unknown = [p for p in items if p not in contract.PARITY_TOLERANCES]
+    if not items or unknown:
+        raise FilterServeError(
+            f"unknown precision {', '.join(unknown) or '(none)'}; choose from {', '.join(contract.PARITY_TOLERANCES)}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of one export. Paths and the precision list may be given as a user types them
+    (``"fp32,int8"``, ``"~/adapter"``); they are stored normalised.
+
+    ``precisions`` are the variants asked for, as listed: without validation data the first
+    becomes the default. ``default`` names the precision the ensemble serves, or ``auto``.
+    ``force`` lets the export replace a different export of the same filter.
+    ``quantization_data``: the articles ov_int8 is calibrated on (JSONL, title and content), never
+    the validation articles; None: filterserve's default set (:mod:`filterserve.export.quantization_data`).
+    """
+
+    base: str
+    adapter: Path
+    out: Path
+    spec: FilterSpec = UPLIFTING_V4
+    _: KW_ONLY
+    precisions: tuple[str, ...] = ("fp32",)
+    validation: Path | None = None
+    quantization_data: Path | None = None
+    gate_tolerance: float = contract.GATE_TOLERANCE
+    default: str = "auto"
+    force: bool = False
+    repository: RepositorySettings = RepositorySettings()
+    # Add the filter to the repository's shared-base group for ``base`` (filterserve.export.group)
+    # instead of exporting it merged: one copy of the base for every filter on it.
+    share_base: bool = False
+
+    def __post_init__(self) -> None:
+        normalised = {
+            "base": str(self.base),
+            "adapter": Path(self.adapter).expanduser(),
+            "out": Path(self.out).expanduser(),
+            "precisions": parse_precisions(self.precisions),
+            "validation": Path(self.validation) if self.validation is not None else None,
+            "quantization_data": Path(self.quantization_data) if self.quantization_data is not None else None,
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)  # frozen: normalising is part of making the value
+        self.repository.check(self.spec)
+        if self.default != "auto" and self.default not in self.precisions:
+            raise FilterServeError(f"--default {self.default} is not among the exported precisions {list(self.precisions)}")
+        gated_only = [p for p in self.precisions if p in GATED_ONLY]
+        if gated_only and self.validation is None:
+            raise FilterServeError(
+                f"{gated_only[0]} needs --validation VAL.jsonl (labelled articles): its drift can only be judged by the "
+                "accuracy gate on trained weights"
+            )
+        if self.validation is not None and not self.validation.is_file():
+            raise FilterServeError(f"validation data not found: {self.validation}")
+        self._check_openvino()
+        if self.share_base and self.precisions != ("fp32",):
+            raise FilterServeError(
+                f"--share-base builds fp32 only (asked: {', '.join(self.precisions)}): a group's lower precisions "
+                "would need the accuracy gate to admit every member; export those filters merged instead"
+            )
+
+    def _check_openvino(self) -> None:
+        """The OpenVINO variants' own rules: CPU only, a precision this CPU runs as named, calibration data that exists."""
+        asked = [p for p in self.precisions if p in contract.OPENVINO_PRECISIONS]
+        if self.quantization_data is not None:
+            if "ov_int8" not in self.precisions:
+                raise FilterServeError("--quantization-data calibrates ov_int8 alone, which was not asked for (--precision)")
+            if not self.quantization_data.is_file():
+                raise FilterServeError(f"quantization data not found: {self.quantization_data}")
+        if not asked:
+            return
+        if self.repository.gpu:
+            raise FilterServeError(
+                f"{', '.join(asked)} run on OpenVINO, which Triton serves on the CPU only: leave out --gpu or {', '.join(asked)}"
+            )
+        from filterserve.export.openvino_engine import cpu_support, expected_precision
+
+        for precision in asked:
+            expected_precision(precision, cpu_support())  # one line when this CPU cannot run it as named
+
+    @classmethod
+    def of(cls, *args: Any, **keywords: Any) -> ExportOptions:
+        """From flat keywords, as :func:`export_filter` has always taken them (``max_batch_size=16``):
+        those that name a :class:`RepositorySettings` field go to ``repository``."""
+        own = {f.name for f in fields(RepositorySettings)}
+        flat = {k: keywords.pop(k) for k in list(keywords) if k in own}
+        return cls(*args, **keywords, **({"repository": RepositorySettings(**flat)} if flat else {}))
+
+    @property
+    def build(self) -> tuple[str, ...]:
+        """What is built, in :data:`BUILD_ORDER`: the precisions asked for and what they are made from."""
+        needed = set(self.precisions) | {MADE_FROM[p] for p in self.precisions if p in MADE_FROM}
+        return tuple(p for p in BUILD_ORDER if p in needed)

@@ -1,0 +1,86 @@
+"""What several test modules share: the test-side decision reference, and talking to a running
+tritonserver with plain tritonclient (inputs, its stubs, counters that settle after the answer).
+
+Fixtures live in conftest.py; these are plain functions, imported by name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import psutil
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from filterserve.contract import FINAL_SCORES, GATEKEEPER_APPLIED, SCORES, TEXT, WEIGHTED_AVERAGE
+from filterserve.filters import FilterSpec
+from filterserve.serve import TritonServer
+from filterserve.serve.process import live_stubs
+
+CLIENTS = {"http": httpclient, "grpc": grpcclient}
+# What Triton answers a request it refuses as bad input, per protocol.
+BAD_REQUEST = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+
+T = TypeVar("T")
+
+
+def decide(spec: FilterSpec, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The filter's decision on raw scores, ``(final, average, applied)``: the decision graph run
+    with ONNX Runtime exactly as the server's decision step runs it (test_decision checks it by hand)."""
+    import onnxruntime as ort
+
+    from filterserve.model_repository.decision import decision_graph
+
+    session = ort.InferenceSession(decision_graph(spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    raw = np.asarray(rows, dtype=np.float32)
+    scores, final, average, applied = session.run([SCORES, FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED], {"logits": raw})
+    assert (scores == raw).all()  # passed through for the ensemble, unchanged
+    return final, average[:, 0], applied[:, 0]
+
+
+def triton_client(server: TritonServer, protocol: str):
+    """A plain tritonclient for one thread (neither client is shared between threads here)."""
+    if protocol == "http":
+        return httpclient.InferenceServerClient(server.http_url)
+    return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def bytes_input(protocol: str, name: str, values: list):
+    """One BYTES input of shape [len(values), 1]: a text (or a title, a content) per row."""
+    data = np.array([[v if isinstance(v, bytes) else v.encode()] for v in values], dtype=object)
+    tensor = CLIENTS[protocol].InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def text_inputs(protocol: str, texts: list) -> list:
+    """The ensemble's already-joined TEXT input."""
+    return [bytes_input(protocol, TEXT, texts)]
+
+
+def int_input(protocol: str, name: str, data: np.ndarray, datatype: str = "INT64"):
+    tensor = CLIENTS[protocol].InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data.astype(np.int64) if datatype == "INT64" else data)
+    return tensor
+
+
+def stub_of(server: TritonServer, model: str) -> psutil.Process:
+    """The live Python-backend stub process of one model (its command line names <repo>/<model>/1/model.py)."""
+    stubs = [s for s in live_stubs(server.pid) if Path(s.cmdline()[1]).parents[1].name == model]
+    assert len(stubs) == 1, stubs
+    return stubs[0]
+
+
+def settled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 10.0) -> T:
+    """``read()`` again until ``done`` holds of it or ``timeout_s`` passes; the last reading.
+
+    Triton updates its statistics and metrics just after a response goes out, so a count read
+    once, right after the last answer, can be one short."""
+    deadline = time.monotonic() + timeout_s
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value

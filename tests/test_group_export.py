@@ -1,0 +1,206 @@
+"""``filterserve export --share-base`` (issue 21): filters of one base in one group, beside merged filters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filterserve import contract
+from filterserve.errors import FilterServeError, ParityError
+from filterserve.export.pipeline import export_filter
+from filterserve.export.standin import build_standin
+from filterserve.filters import UPLIFTING_V4
+from filterserve.manifest import read_filter_records, read_group_records
+from filterserve.serve.assembly import read_model_config
+
+from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
+
+GROUP = "shared_base"
+MERGED = replace(UPLIFTING_V4, name="uplifting_merged")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "filterserve.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Two filters on one base: 8 dimensions at LoRA rank 16, 5 at rank 8."""
+    root = tmp_path_factory.mktemp("family")
+    eight = build_standin(root / "eight", UPLIFTING_V4, rank=16)
+    five = build_standin(root / "five", FIVE_DIMS, rank=8, on_base=eight, seed=1)
+    return eight, five
+
+
+@pytest.fixture(scope="module")
+def grouped(family, tmp_path_factory) -> Path:
+    """The two filters exported with --share-base (through the CLI, as a user would), and the 8-dimension one merged beside them."""
+    eight, five = family
+    repo = tmp_path_factory.mktemp("grouped") / "repo"
+    for standin, spec in ((eight, UPLIFTING_V4), (five, FIVE_DIMS)):
+        description = repo.parent / f"{spec.name}.json"
+        description.write_text(json.dumps(spec.to_dict()), encoding="utf-8")
+        done = _cli("export", "--base", str(standin.base_dir), "--adapter", str(standin.adapter_dir), "--filter", str(description),
+                    "--out", str(repo), "--share-base", "--max-batch-size", "16")
+        assert done.returncode == 0, done.stderr
+    export_filter(str(eight.base_dir), eight.adapter_dir, repo, MERGED, max_batch_size=16)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def references(family):
+    eight, five = family
+    return {UPLIFTING_V4.name: peft_scorer(eight, UPLIFTING_V4), FIVE_DIMS.name: peft_scorer(five, FIVE_DIMS)}
+
+
+def _copy(repo: Path, tmp_path: Path) -> Path:
+    shutil.copytree(repo, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def test_two_filters_of_different_sizes_share_one_tensor_model_beside_a_merged_filter(grouped):
+    records, groups = read_filter_records(grouped), read_group_records(grouped)
+    assert set(records) == {"investment_risk_v2", "uplifting_v4", "uplifting_merged"}
+    group = groups[GROUP]
+    assert group["members"] == ["investment_risk_v2", "uplifting_v4"] and group["width"] == 8
+    assert group["lora"] == {"investment_risk_v2": {"rank": 8, "layers": 14, "dimensions": 5},
+                             "uplifting_v4": {"rank": 16, "layers": 14, "dimensions": 8}}
+    for index, name in enumerate(group["members"]):
+        assert records[name]["group"]["filter_index"] == index and records[name]["tensor_models"] == {}
+        assert group["parity"]["fp32"][name]["max_abs_diff"] <= 1e-4
+        tokenizer = read_model_config(grouped / f"{name}_tokenizer" / "config.pbtxt")
+        assert tokenizer.parameters["filter_index"].string_value == str(index)
+        assert tokenizer.parameters["tensor_model"].string_value == f"{GROUP}_onnx"
+        decision = read_model_config(grouped / f"{name}_decision" / "config.pbtxt")
+        assert [list(t.dims) for t in decision.input] == [[8]]
+        ensemble = read_model_config(grouped / name / "config.pbtxt")
+        assert ensemble.ensemble_scheduling.step[1].model_name == f"{GROUP}_onnx"
+        assert "filter_index" in ensemble.ensemble_scheduling.step[1].input_map
+        assert [list(t.dims) for t in ensemble.output if t.name == contract.SCORES] == [[len(records[name]["filter"]["dimensions"])]]
+    tensor = read_model_config(grouped / f"{GROUP}_onnx" / "config.pbtxt")
+    assert [t.name for t in tensor.input] == ["input_ids", "attention_mask", "filter_index"]
+    assert json.loads(tensor.parameters["filters"].string_value) == group["members"]
+    assert tensor.parameters["max_length"].string_value == "512", "the longest member's (investment_risk_v2 reads 256)"
+    folders = {p.name for p in grouped.iterdir() if p.is_dir()}
+    assert "uplifting_v4_onnx" not in folders and "investment_risk_v2_onnx" not in folders
+    assert json.loads((grouped / "filterserve.json").read_text())["groups"] == {GROUP: f"{GROUP}.group.json"}
+
+
+def test_the_group_holds_about_one_base_plus_the_adapters(grouped, family):
+    """Its weights: one base (the merged model's) plus the members' LoRA, ranks padded to the largest (at most 2× here:
+    rank 8 stacked with 16); its graph a few more nodes per layer; beside it, the adapter copies it is rebuilt from."""
+    data = lambda model: (grouped / model / "1" / "model.onnx.data").stat().st_size  # noqa: E731
+    graph = lambda model: (grouped / model / "1" / "model.onnx").stat().st_size  # noqa: E731
+    lora = sum((s.adapter_dir / "adapter_model.safetensors").stat().st_size for s in family)
+    assert data("uplifting_merged_onnx") < data(f"{GROUP}_onnx") <= data("uplifting_merged_onnx") + 2 * lora
+    assert graph(f"{GROUP}_onnx") < 2 * graph("uplifting_merged_onnx")
+    copies = grouped / f"{GROUP}_onnx" / contract.GROUP_ADAPTERS
+    assert _folder_bytes(copies) == sum(_folder_bytes(s.adapter_dir) for s in family)
+
+
+def test_a_failed_add_leaves_the_repository_byte_identical(grouped, family, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    repo = _copy(grouped, tmp_path)
+    before = tree_digest(repo)
+    eight, _ = family
+    third = build_standin(tmp_path / "third", replace(FIVE_DIMS, name="third_filter"), rank=4, on_base=eight, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(str(third.adapter_dir))
+    tokenizer.add_tokens(["<|not_in_the_base|>"])
+    tokenizer.save_pretrained(third.adapter_dir)
+    with pytest.raises(FilterServeError, match=r"has another vocabulary than group shared_base's"):
+        export_filter(str(eight.base_dir), third.adapter_dir, repo, replace(FIVE_DIMS, name="third_filter"), share_base=True)
+    assert tree_digest(repo) == before
+
+    # Late: the rebuilt group's parity fails after the ONNX file was written in staging.
+    monkeypatch.setitem(contract.PARITY_TOLERANCES, "fp32", 1e-12)
+    with pytest.raises(ParityError, match=r"group shared_base fp32, member investment_risk_v2"):
+        export_filter(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True)
+    assert tree_digest(repo) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "third"], "no staging folder left behind"
+
+
+def test_a_member_is_exported_again_and_a_different_adapter_needs_force(grouped, family, tmp_path):
+    repo = _copy(grouped, tmp_path)
+    eight, five = family
+    merged_before = {k: v for k, v in tree_digest(repo).items() if k.startswith("uplifting_merged")}
+    record = export_filter(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True)
+    assert record["group"]["filter_index"] == 1
+    assert {k: v for k, v in tree_digest(repo).items() if k.startswith("uplifting_merged")} == merged_before
+    with pytest.raises(FilterServeError, match=r"already holds a different export of filter 'uplifting_v4'.*--force"):
+        export_filter(str(eight.base_dir), five.adapter_dir, repo, replace(FIVE_DIMS, name="uplifting_v4"), share_base=True)
+
+
+def test_a_member_cannot_be_exported_merged_while_in_its_group(grouped, family, tmp_path):
+    repo = _copy(grouped, tmp_path)
+    _, five = family
+    before = tree_digest(repo)
+    with pytest.raises(FilterServeError, match=r"investment_risk_v2 is a member of group shared_base.*--remove investment_risk_v2"):
+        export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, force=True)
+    assert tree_digest(repo) == before
+
+
+def test_removing_members_rebuilds_the_group_then_drops_it(grouped, family, tmp_path):
+    repo = _copy(grouped, tmp_path)
+    done = _cli("export", "--remove", "uplifting_v4", "--out", str(repo))
+    assert done.returncode == 0, done.stderr
+    group = read_group_records(repo)[GROUP]
+    assert group["members"] == ["investment_risk_v2"] and group["width"] == 5
+    assert not (repo / "uplifting_v4").exists() and not (repo / f"{GROUP}_onnx" / "adapters" / "uplifting_v4").exists()
+    assert set(read_filter_records(repo)) == {"investment_risk_v2", "uplifting_merged"}
+    assert [list(t.dims) for t in read_model_config(repo / "investment_risk_v2_decision" / "config.pbtxt").input] == [[5]]
+
+    done = _cli("export", "--remove", "investment_risk_v2", "--out", str(repo))
+    assert done.returncode == 0, done.stderr
+    assert read_group_records(repo) == {} and not (repo / f"{GROUP}_onnx").exists()
+    done = _cli("export", "--remove", "uplifting_merged", "--out", str(repo))
+    assert done.returncode == 0, done.stderr
+    assert read_filter_records(repo) == {} and sorted(p.name for p in repo.iterdir()) == ["filterserve.json"]
+    done = _cli("export", "--remove", "nope", "--out", str(repo))
+    assert done.returncode == 2 and "holds no filter 'nope'" in done.stderr
+
+
+def test_the_memory_estimate_counts_the_base_once(grouped):
+    from filterserve.serve.memory import estimate
+
+    found = estimate(grouped, available=1 << 40)
+    group = found.models[f"{GROUP}_onnx"]
+    merged = found.models["uplifting_merged_onnx"]
+    assert merged <= group <= 1.2 * merged, "one tensor model for both members, about one merged filter's"
+    assert {"uplifting_v4_onnx", "investment_risk_v2_onnx"}.isdisjoint(found.models)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_served_scores_are_each_members_own_reference_over_grpc_and_http(grouped, references, tmp_path):
+    """The issue's done-when: each filter of the group (and the merged one beside it) within contract's served tolerance of its PEFT reference."""
+    from filterserve.serve import TritonServer
+
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(json.dumps({"title": t, "content": c}, ensure_ascii=False) + "\n" for t, c in MIXED_ARTICLES),
+                      encoding="utf-8")
+    specs = {UPLIFTING_V4.name: UPLIFTING_V4, FIVE_DIMS.name: FIVE_DIMS}
+    expected = {name: references[name]([spec.input_text(t, c) for t, c in MIXED_ARTICLES]) for name, spec in specs.items()}
+    with TritonServer(grouped) as server:
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            done = subprocess.run([sys.executable, "-m", "filterserve.cli", "score", str(source), "--url", url, "--protocol",
+                                   protocol, "--concurrency", "4"], capture_output=True, text=True, timeout=240)
+            assert done.returncode == 0, done.stderr
+            lines = [json.loads(line) for line in done.stdout.splitlines()]
+            assert len(lines) == len(MIXED_ARTICLES)
+            for name, spec in specs.items():
+                got = np.array([[line[name]["scores"][d] for d in spec.dimensions] for line in lines])
+                assert np.abs(got - expected[name]).max() <= contract.SERVED_TOLERANCE, (protocol, name)
+            merged = np.array([[line["uplifting_merged"]["scores"][d] for d in UPLIFTING_V4.dimensions] for line in lines])
+            assert np.abs(merged - expected[UPLIFTING_V4.name]).max() <= contract.SERVED_TOLERANCE
