@@ -262,17 +262,23 @@ Engine = BatchEngine | ServedEngine
 
 
 def served_engines(repo: Repository, url: str | None, protocol: str, plain: bool = False) -> Iterator[ServedEngine]:
-    """The given server, or one started here on the repository (both protocols) and stopped after.
+    """The given server, or one started here on the filter's default variant (both protocols) and stopped after.
 
-    ``plain`` adds a bare tritonclient caller sending in random order (gRPC), to compare with the client.
+    A server started here loads that variant alone (:func:`variant_repository`): at 1.5B every
+    variant of a repository together does not fit in 24 GB. ``plain`` adds a bare tritonclient
+    caller sending in random order (gRPC), to compare with the client.
     """
-    arithmetic = PRECISION_ARITHMETIC.get(repo.manifest.get("default_precision", "fp32"), "fp32")
+    default = repo.manifest.get("default_precision", "fp32")
+    arithmetic = PRECISION_ARITHMETIC.get(default, "fp32")
     if url:
         yield ServedEngine(f"served_{protocol}", url, protocol, repo.spec, arithmetic=arithmetic)
         return
+    import tempfile
+
     from filterserve.serve import TritonServer
 
-    with TritonServer(repo.path) as server:
+    with tempfile.TemporaryDirectory(prefix=f"filterserve-{default}-") as tmp, \
+            TritonServer(variant_repository(repo, default, Path(tmp) / "repo")) as server:
         yield ServedEngine("served_grpc", server.grpc_url, "grpc", repo.spec, server.metrics_url, arithmetic)
         yield ServedEngine("served_http", server.http_url, "http", repo.spec, server.metrics_url, arithmetic)
         if plain:
@@ -284,8 +290,8 @@ def variant_repository(repo: Repository, precision: str, dest: Path) -> Path:
     """``dest`` serving one exported variant through the filter's ensemble: links to the tokenizer
     and decision steps and to the variant's folder, and an ensemble config that names the variant.
 
-    Only the served default has its own ensemble; this is how the other variants are measured
-    served, one server at a time (a 1.5B variant per server, not all of them).
+    Only the default has an ensemble of its own; this is how every variant is measured served,
+    one server at a time (one 1.5B variant per server, not all of them).
     """
     from google.protobuf import text_format
 

@@ -49,25 +49,26 @@ MB = 1 << 20
 
 
 def build_family(out: Path, count: int, shape: Any = None, tokenizer_file: Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """One random base and ``count`` adapters on it, alternating 8 dimensions at LoRA rank 16 and 5 at rank 8.
+    """One random base and ``count`` adapters on it, ``filter_1`` … : 8 dimensions at LoRA rank 16 (uplifting v4's)
+    and 5 at rank 8 (its first five) in turn.
 
     Written as ``out/base``, ``out/<filter>/adapter`` and ``out/<filter>/filter.json``, listed in
     ``out/family.json``: the input of :func:`run_shared_base`. Random weights: the figures are memory
     and speed, never scores.
     """
-    from filterserve.demo import INVESTMENT_RISK_V2
     from filterserve.export.standin import StandinShape, build_standin
     from filterserve.filters import UPLIFTING_V4
 
     if count < 1:
         raise FilterServeError(f"a family needs at least 1 filter, got {count}")
     shape = shape or StandinShape()
-    kinds = [(UPLIFTING_V4, 16), (INVESTMENT_RISK_V2, 8)]
+    five = FilterSpec("filter", UPLIFTING_V4.dimensions[:5], UPLIFTING_V4.weights[:5], text_template=UPLIFTING_V4.text_template)
+    kinds = [(UPLIFTING_V4, 16), (five, 8)]
     first = None
     members = []
     for k in range(count):
         spec, rank = kinds[k % 2]
-        spec = spec if k < 2 else replace(spec, name=f"{spec.name}_{k // 2 + 1}")
+        spec = replace(spec, name=f"filter_{k + 1}")
         made = build_standin(out if first is None else out / spec.name, spec, shape=shape, seed=seed + k,
                              tokenizer_file=tokenizer_file, rank=rank, on_base=first)
         if first is None:  # out/base is the family's; the first adapter moves beside the others
@@ -106,23 +107,14 @@ def _merged_subset(full: Path, names: Sequence[str], dest: Path) -> Path:
     return dest
 
 
-def build_repositories(base: str, members: list[MemberSource], counts: Sequence[int], work: Path, settings: Any, steps: Steps) -> dict[str, dict[int, Path]]:
-    """``{"merged": {N: repo}, "shared": {N: repo}}``; the merged filters are exported once each (their progress is not shown)."""
-    from filterserve.export.group import build_group
+def export_merged(base: str, members: list[MemberSource], work: Path, settings: Any, quiet: Any) -> Path:
+    """Every filter merged (a tensor model each) into one repository, its subsets are hard-linked from."""
     from filterserve.export.pipeline import export_filter
 
     full = work / "merged_all"
-    repos: dict[str, dict[int, Path]] = {"merged": {}, "shared": {}}
-    with open(os.devnull, "w") as quiet:
-        with steps.step(f"export {max(counts)} filters merged (one model each)"):
-            for member in members[: max(counts)]:
-                export_filter(base, member.adapter, full, member.spec, repository=settings, stream=quiet)
-        for n in counts:
-            repos["merged"][n] = _merged_subset(full, [m.spec.name for m in members[:n]], work / f"merged_{n}")
-            with steps.step(f"export a shared-base group of {n} filter(s)"):
-                build_group(base, members[:n], work / f"shared_{n}", settings, stream=quiet)
-            repos["shared"][n] = work / f"shared_{n}"
-    return repos
+    for member in members:
+        export_filter(base, member.adapter, full, member.spec, repository=settings, stream=quiet)
+    return full
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,29 +278,36 @@ def run_shared_base(
     if not counts or counts[0] < 1 or counts[-1] > len(members):
         raise FilterServeError(f"counts must lie between 1 and the {len(members)} filters given, got {list(counts)}")
     settings = RepositorySettings(max_batch_size=max(batch, 16))
-    steps = Steps(total=2 + len(counts) + 2 * len(counts) + 1)
+    steps = Steps(total=2 + 3 * len(counts))
     scratch = Path(work) if work else Path(tempfile.mkdtemp(prefix="filterserve-shared-bench-"))
     tokenizer = load_tokenizer(members[0].adapter)
     spec = members[0].spec
     mix = articles_of_lengths(tokenizer, spec, realistic_lengths(articles, seed=1), seed=1)
     latency_texts = {"median": texts_of_length(tokenizer, LATENCY_TOKENS, 1)[0],
                      "max_length": texts_of_length(tokenizer, spec.max_length, 1)[0]}
-    try:
-        repos = build_repositories(base, members, counts, scratch, settings, steps)
-        served: dict[str, dict[int, Any]] = {"merged": {}, "shared": {}}
-        for n in counts:
-            names = [m.spec.name for m in members[:n]]
-            for kind in ("merged", "shared"):
-                with steps.step(f"serve {n} filter(s) {kind}: memory, throughput, latency"):
-                    served[kind][n] = measure_served(repos[kind][n], names, mix, latency_texts, spec, batch, tokens,
-                                                     concurrency, requests)
-        with steps.step("the LoRA paths' cost in process (ONNX Runtime, the first filter)"):
-            from filterserve.manifest import read_group_records
+    from filterserve.export.group import build_group
+    from filterserve.manifest import read_group_records
 
-            group = next(iter(read_group_records(repos["shared"][counts[-1]]).values()))
-            cost = lora_cost(repos["merged"][counts[0]] / contract.tensor_model(spec.name) / "1" / "model.onnx",
-                             repos["shared"][counts[-1]] / group["tensor_model"] / "1" / "model.onnx",
-                             counts[-1], tokenizer, spec, mix, requests)
+    served: dict[str, dict[int, Any]] = {"merged": {}, "shared": {}}
+    try:
+        with open(os.devnull, "w") as quiet:  # the exports' own progress is not shown
+            with steps.step(f"export {counts[-1]} filters merged (a tensor model each)"):
+                full = export_merged(base, members[: counts[-1]], scratch, settings, quiet)
+            for n in counts:
+                names = [m.spec.name for m in members[:n]]
+                repos = {"merged": _merged_subset(full, names, scratch / f"merged_{n}"), "shared": scratch / f"shared_{n}"}
+                with steps.step(f"export a shared-base group of {n} filter(s)"):
+                    build_group(base, members[:n], repos["shared"], settings, stream=quiet)
+                for kind, repo in repos.items():
+                    with steps.step(f"serve {n} filter(s) {kind}: memory, throughput, latency"):
+                        served[kind][n] = measure_served(repo, names, mix, latency_texts, spec, batch, tokens, concurrency, requests)
+                if n != counts[-1] and work is None:  # a 1.5B group is GBs: keep only the largest, for the LoRA cost
+                    shutil.rmtree(repos["shared"])
+        with steps.step("the LoRA paths' cost in process (ONNX Runtime, the first filter)"):
+            largest = scratch / f"shared_{counts[-1]}"
+            group = next(iter(read_group_records(largest).values()))
+            cost = lora_cost(full / contract.tensor_model(spec.name) / "1" / "model.onnx",
+                             largest / group["tensor_model"] / "1" / "model.onnx", counts[-1], tokenizer, spec, mix, requests)
     finally:
         if work is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -22,6 +22,7 @@ from filterserve.contract import (
     CONTENT,
     DECISION_OUTPUTS,
     ENSEMBLE_OUTPUTS,
+    FILTER_INDEX,
     FILTER_PARAMETER,
     LOGITS,
     N_TOKENS,
@@ -77,6 +78,9 @@ class FilterClient(TritonEndpoint, Scorer):
         self._outputs = [name for name in ENSEMBLE_OUTPUTS if name in declared] or list(ENSEMBLE_OUTPUTS)
         self._decision_outputs = [name for name in DECISION_OUTPUTS if name in self._outputs]
 
+        # A shared-base group's member: its tokenizer step tells the group's tensor model which filter a row is.
+        indexing = next((step["model_name"] for step in steps if FILTER_INDEX in step.get("output_map", {})), None)
+        self._filter_index = None if indexing is None else int(self._config(indexing)["parameters"][FILTER_INDEX]["string_value"])
         self._tokenizer: Tokenizer | None = None
         if tokenizer is not None:
             if not self.tensor_model or not self.decision_model:
@@ -143,9 +147,13 @@ class FilterClient(TritonEndpoint, Scorer):
             raise ClientError("bad input: no tokens" if not input_ids else f"model {self.model} has no tensor model step")
         truncated = truncated or len(input_ids) > self.spec.max_length
         ids = np.asarray(input_ids, dtype=np.int64)[: self.spec.max_length].reshape(1, -1)
-        tensor = self._infer(self.tensor_model, dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids)))), TENSOR_OUTPUTS)
+        feeds = dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids))))
+        if self._filter_index is not None:
+            feeds[FILTER_INDEX] = np.array([[self._filter_index]], dtype=np.int64)
+        tensor = self._infer(self.tensor_model, feeds, TENSOR_OUTPUTS)
         decided = self._infer(self.decision_model, {LOGITS: tensor[LOGITS].astype(np.float32)}, self._decision_outputs)
-        # The outputs as the ensemble would name them: its SCORES are the tensor model's logits.
-        outputs = {SCORES: tensor[LOGITS], WEIGHTED_SCORE: tensor[WEIGHTED_SCORE], **decided,
+        # The outputs as the ensemble would name them: its SCORES are the tensor model's logits (a group's
+        # are as wide as its widest member: this filter's are the first columns).
+        outputs = {SCORES: tensor[LOGITS][..., : self.spec.num_labels], WEIGHTED_SCORE: tensor[WEIGHTED_SCORE], **decided,
                    N_TOKENS: np.array(ids.shape[1]), TRUNCATED: np.array(truncated)}
         return FilterResult.from_outputs(outputs, self.spec, self.tensor_model)

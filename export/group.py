@@ -113,6 +113,7 @@ class GroupChange:
     leaving: list[str]  # filters this change takes out of the repository
     validation: dict[str, Path] = field(default_factory=dict)  # member → labelled data to gate it on
     old_records: dict[str, dict[str, Any]] = field(default_factory=dict)  # member → its record before the change
+    old_group: dict[str, Any] | None = None  # the group's record before the change (None: a new group)
 
     @property
     def names(self) -> list[str]:
@@ -161,7 +162,8 @@ def plan_add(base: str, adapter: Path, repo: Path, spec: FilterSpec, force: bool
     sources[name] = adapter_source
     ordered = [members[n] for n in sorted(members)]
     old = {n: records[n] for n in members if n in records}
-    return GroupChange(repo, group, base, base_source, ordered, sources, [], {name: validation} if validation else {}, old)
+    return GroupChange(repo, group, base, base_source, ordered, sources, [], {name: validation} if validation else {}, old,
+                       groups.get(group))
 
 
 def plan_removal(repo: Path, name: str, base: str | None) -> GroupChange | None:
@@ -185,19 +187,27 @@ def plan_removal(repo: Path, name: str, base: str | None) -> GroupChange | None:
     del members[name]
     ordered = [members[n] for n in sorted(members)]
     sources = {n: records[n]["sources"]["adapter"] for n in members}
-    return GroupChange(repo, owner, base, base_source, ordered, sources, [name], {}, {n: records[n] for n in members})
+    return GroupChange(repo, owner, base, base_source, ordered, sources, [name], {}, {n: records[n] for n in records if n in members
+                       or n == name}, group)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building and writing
 
 
-def _copy_adapter(source: Path, dest: Path) -> None:
-    """The adapter folder's files (not its sub-folders: training checkpoints), hard-linked where possible."""
+def _copy_adapter(source: Path, dest: Path, repo: Path) -> None:
+    """The adapter folder's files (not its sub-folders: training checkpoints).
+
+    The repository's own copies are hard-linked (nothing writes them in place); a user's folder is
+    copied, since saving over a file there (safetensors does) would change a linked copy too.
+    """
     dest.mkdir(parents=True)
+    ours = source.resolve().is_relative_to(repo.resolve())
     for path in sorted(source.iterdir()):
         if path.is_file():
             try:
+                if not ours:
+                    raise OSError
                 os.link(path, dest / path.name)
             except OSError:
                 shutil.copy2(path, dest / path.name)
@@ -266,7 +276,7 @@ def _write(change: GroupChange, staging: Path, loaded: Any, settings: Repository
     records = {}
     for index, member in enumerate(change.members):
         name = member.spec.name
-        _copy_adapter(member.adapter, staging / model / contract.GROUP_ADAPTERS / name)
+        _copy_adapter(member.adapter, staging / model / contract.GROUP_ADAPTERS / name, change.repo)
         with tempfile.TemporaryDirectory() as tmp:
             load_tokenizer(member.adapter).save_pretrained(tmp)
             write_member_steps(staging, member.spec, settings, group=change.group, index=index, width=width(change.members),
@@ -303,22 +313,33 @@ def _write(change: GroupChange, staging: Path, loaded: Any, settings: Repository
     return group, records
 
 
-def apply_change(change: GroupChange, settings: RepositorySettings, gate_tolerance: float = contract.GATE_TOLERANCE,
-                 stream: TextIO | None = None) -> dict[str, Any] | None:
+def total_steps(change: GroupChange) -> int:
+    """Per member a load, then build, parity, a gate per validated member, and the write (with the validation read first)."""
+    if not change.members:
+        return 1
+    return len(change.members) + 3 + len(change.validation) + bool(change.validation)
+
+
+def _read_validation(change: GroupChange, steps: Steps) -> dict[str, Any]:
+    if not change.validation:
+        return {}
+    members = {m.spec.name: m for m in change.members}
+    with steps.step(f"read the validation data of {', '.join(change.validation)}"):
+        return {n: read_labelled(path, members[n].spec, load_tokenizer(members[n].adapter)) for n, path in change.validation.items()}
+
+
+def apply_change(change: GroupChange, settings: RepositorySettings, steps: Steps,
+                 gate_tolerance: float = contract.GATE_TOLERANCE) -> dict[str, Any] | None:
     """Build the group as ``change`` says (or drop it when no member is left), check it, and swap it in.
 
     Returns the group's record (None when the group was dropped).
     """
     started = time.perf_counter()
-    building = bool(change.members)
-    steps = Steps(total=1 + (len(change.members) + 3 + len(change.validation) if building else 0), stream=stream)
+    steps.total = total_steps(change)
     with staging_folder(change.repo, change.group) as staging:
         group_record, records = None, {}
-        if building:
-            with steps.step("read the members' validation data"):
-                labelled = {n: read_labelled(path, next(m.spec for m in change.members if m.spec.name == n),
-                                             load_tokenizer(next(m.adapter for m in change.members if m.spec.name == n)))
-                            for n, path in change.validation.items()}
+        if change.members:
+            labelled = _read_validation(change, steps)
             loaded = load_members(change.base, change.members, change.group, steps, {n: d.texts for n, d in labelled.items()})
             onnx_path = staging / contract.tensor_model(change.group) / "1" / "model.onnx"
             with steps.step(f"build the group's tensor model: one base, {len(change.members)} member(s), LoRA per row ({PRECISION})"):
@@ -329,20 +350,28 @@ def apply_change(change: GroupChange, settings: RepositorySettings, gate_toleran
                 steps.say(", ".join(f"{n} max |Δ| = {p['max_abs_diff']:.2e}" for n, p in parity.items()))
             gates = _gate(change, onnx_path, loaded, labelled, gate_tolerance, steps)
         with steps.step(f"write group {change.group} and its members' steps, then swap them in"):
-            if building:
+            if change.members:
                 group_record, records = _write(change, staging, loaded, settings, parity, gates, steps, started)
                 del loaded
                 gc.collect()
             commit_changes(change.repo, staging, group=change.group, group_record=group_record, records=records,
-                           leaving=change.leaving, expected=change.old_records)
-            steps.say(f"group {change.group} in {change.repo}: " + (", ".join(change.names) if building else "removed (no member left)"))
+                           leaving=change.leaving, expected=change.old_records, expected_group=change.old_group)
+            steps.say(f"group {change.group} in {change.repo}: " + (", ".join(change.names) or "removed with its last member"))
     return group_record
+
+
+def _planning(stream: TextIO | None) -> Steps:
+    """The plan reads and checksums the sources before the steps can be counted: it is announced, not numbered."""
+    steps = Steps(total=0, stream=stream)
+    steps.say("check the inputs and the repository, checksum the sources")
+    return steps
 
 
 def export_shared(options: ExportOptions, stream: TextIO | None = None) -> dict[str, Any]:
     """``filterserve export --share-base``: returns the filter's record as written."""
+    steps = _planning(stream)
     change = plan_add(options.base, options.adapter, options.out, options.spec, options.force, options.validation)
-    apply_change(change, options.repository, options.gate_tolerance, stream)
+    apply_change(change, options.repository, steps, options.gate_tolerance)
     return read_filter_records(options.out)[options.spec.name]
 
 
@@ -365,7 +394,7 @@ def build_group(base: str, members: list[MemberSource], repo: Path, settings: Re
     ordered = sorted(members, key=lambda m: m.spec.name)
     change = GroupChange(Path(repo), _free_name(Path(repo), base, {}, {}), base, base_source, ordered,
                          {m.spec.name: describe_source(str(m.adapter)) for m in ordered}, [])
-    return apply_change(change, settings, stream=stream)
+    return apply_change(change, settings, Steps(total=0, stream=stream))
 
 
 def remove_filter(repo: Path, name: str, base: str | None = None, stream: TextIO | None = None) -> dict[str, Any] | None:
@@ -374,12 +403,14 @@ def remove_filter(repo: Path, name: str, base: str | None = None, stream: TextIO
     Returns the group's record after the removal (None for a merged filter, or a group left empty).
     """
     repo = Path(repo)
+    steps = _planning(stream)
     change = plan_removal(repo, name, base)
     if change is None:
         with staging_folder(repo, name) as staging:
-            commit_changes(repo, staging, group=None, group_record=None, records={}, leaving=[name], expected={})
+            commit_changes(repo, staging, group=None, group_record=None, records={}, leaving=[name],
+                           expected={name: read_filter_records(repo)[name]})
         return None
-    return apply_change(change, RepositorySettings(**_settings_of(read_group_records(repo)[change.group])), stream=stream)
+    return apply_change(change, RepositorySettings(**_settings_of(read_group_records(repo)[change.group])), steps)
 
 
 def _settings_of(group: dict[str, Any]) -> dict[str, Any]:

@@ -150,6 +150,11 @@ def read_execution(compiled: Any, properties: Mapping[str, Any]) -> Execution:
     )
 
 
+def _first_line(exc: Exception) -> str:
+    """OpenVINO's messages run to a C++ stack of source locations; the first line says what failed."""
+    return next(iter(str(exc).splitlines()), type(exc).__name__)
+
+
 def read_model(path: Path) -> Any:
     """An ONNX file (external data beside it) or an IR, as OpenVINO reads it; one line when it cannot."""
     if not Path(path).is_file():
@@ -157,7 +162,7 @@ def read_model(path: Path) -> Any:
     try:
         return core().read_model(str(path))
     except RuntimeError as exc:  # OpenVINO reports every read failure as RuntimeError
-        raise FilterServeError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise FilterServeError(f"OpenVINO cannot read {path}: {_first_line(exc)}") from None
 
 
 class OpenVinoModel:
@@ -167,7 +172,7 @@ class OpenVinoModel:
         try:
             self.compiled = core().compile_model(read_model(path), device, dict(properties))
         except RuntimeError as exc:
-            raise FilterServeError(f"OpenVINO cannot compile {path} for {device}: {str(exc).splitlines()[0]}") from None
+            raise FilterServeError(f"OpenVINO cannot compile {path} for {device}: {_first_line(exc)}") from None
         self.request = self.compiled.create_infer_request()
         self.outputs = [self.compiled.output(name) for name in contract.TENSOR_OUTPUTS]
         self.execution = read_execution(self.compiled, properties)

@@ -224,26 +224,29 @@ def commit_changes(
     records: dict[str, dict[str, Any]],
     leaving: list[str],
     expected: dict[str, dict[str, Any]],
+    expected_group: dict[str, Any] | None = None,
 ) -> None:
     """Swap a shared-base group's change into ``repo`` at once: its tensor model, every member's steps, the records.
 
     ``records``: member → its new record, its folders built in ``staging``; ``group_record``: the
     group's new record (its tensor model in ``staging``), or None to drop ``group`` (or when no
     group is involved: a merged filter's removal); ``leaving``: filters whose folders and records
-    go. ``expected``: the records the change was planned from: the commit is refused if one
-    changed since (another export committed), as it is when a member's folders would overwrite
-    another filter's. Members' ensembles move in last, so a polling server finds their steps first.
+    go. ``expected`` and ``expected_group``: the records the change was planned from (the group's:
+    None for a new group): the commit is refused if one changed since (another export committed),
+    as it is when a member's folders would overwrite another filter's. Members' ensembles move in last, so a polling server finds their steps first.
     """
     repo.mkdir(parents=True, exist_ok=True)
     with _locked(repo):
         current = read_filter_records(repo) if is_repository(repo) else {}
         groups = repository_groups(repo)
-        for name, record in expected.items():
-            if current.get(name) != record:
-                raise FilterServeError(
-                    f"filter {name!r} in {repo} changed while this was being built (another export committed); "
-                    "nothing was written: run it again"
-                )
+        changed = [n for n, r in expected.items() if current.get(n) != r]
+        if group is not None and read_group_records(repo).get(group) != expected_group:
+            changed.append(f"group {group}")
+        if changed:
+            raise FilterServeError(
+                f"{', '.join(changed)} in {repo} changed while this was being built (another export committed); "
+                "nothing was written: run it again"
+            )
         owners = {m: n for n, r in current.items() for m in r.get("models", []) if n not in records and n not in leaving}
         into = [m for r in records.values() for m in r["models"]]
         clash = sorted(m for m in into if m in owners)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from filterserve.errors import EXIT_USER_ERROR, FilterServeError, describe_os_error
 
 # Modules that only the extras install; a missing one means the install is client-only.
-EXTRAS_MODULES = {"tensorrt", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "pytriton", "matplotlib", "safetensors"}
+EXTRAS_MODULES = {"tensorrt", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "pytriton",
+                  "matplotlib", "safetensors"}
 
 # subcommand → (module holding add_<x>_arguments and <x>_command, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

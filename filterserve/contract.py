@@ -2,8 +2,9 @@
 client and any plain Triton caller agree on.
 
 They are public (README, docs/scoring.md): renaming one breaks every deployed client, so they live in one
-place and every module reads them from here. The stand-in ONNX Runtime backend and the tokenizer
-step run inside Triton without this package; they read the names from their model config.
+place and every module reads them from here. The tokenizer step runs inside Triton without this
+package and reads the names from its model config; the stand-in backends (used only under
+``filterserve serve``) import it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ TENSOR_OUTPUTS = (LOGITS, WEIGHTED_SCORE)
 # (INT64 [1], the member's index in its group record); its outputs are TENSOR_OUTPUTS, with
 # LOGITS as wide as the group's widest member (each member's decision step reads its first n_dims).
 FILTER_INDEX = "filter_index"
+# The group tensor model's config parameter listing its members in filter_index order (JSON list);
+# a member's tokenizer step holds its index in the parameter FILTER_INDEX.
+GROUP_MEMBERS_PARAMETER = "filters"
 # Inside <group>_onnx: each member's adapter folder as exported, from which the group is rebuilt
 # (never loaded by the server).
 GROUP_ADAPTERS = "adapters"
@@ -50,11 +54,12 @@ REAL_TOKENS_METRIC, COMPUTED_TOKENS_METRIC = "filterserve_real_tokens_total", "f
 # The OpenVINO variants: ov_fp32 fuses and reorders f32 arithmetic (1e-4 measured at
 # Qwen2.5-1.5B width, 4 layers, scores up to 37); ov_int8, like int8, only the gate can admit.
 # bf16 keeps 8 significant bits, so its error grows with the scores: its bound is relative (see
-# RELATIVE_PARITY), measured 0.5% on the trained fixture and 1.4% at Qwen2.5-1.5B width. It
-# catches a broken kernel (openvinotoolkit/openvino#38256: wrong bf16 MatMul), not a drift:
-# that is the accuracy gate's.
+# RELATIVE_PARITY). OpenVINO bf16 measured 0.5% of the largest |score| on the trained fixture and
+# 1.4% at Qwen2.5-1.5B width, 4 layers (PyTorch bf16 there: 2.6%; at the full 28 layers: 3.5%).
+# 10% catches a broken kernel (openvinotoolkit/openvino#38256: wrong bf16 MatMul, off by the
+# scores' own size), not a drift: that is the accuracy gate's.
 PARITY_TOLERANCES: dict[str, float | None] = {
-    "fp32": 1e-4, "fp16": 0.05, "int8": None, "bf16": 0.05, "ov_fp32": 1e-3, "ov_int8": None,
+    "fp32": 1e-4, "fp16": 0.05, "int8": None, "bf16": 0.1, "ov_fp32": 1e-3, "ov_int8": None,
 }
 # Variants whose PARITY_TOLERANCES entry is a share of the reference's largest |score|.
 RELATIVE_PARITY = frozenset({"bf16"})

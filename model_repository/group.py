@@ -30,12 +30,6 @@ from filterserve.model_repository.repository import (
     write_tensor_model,
 )
 
-# The tensor model's parameter listing the members in filter_index order (JSON list): the stand-in
-# backend refuses an index outside it, and a reader of the config sees which row is which filter.
-MEMBERS_PARAMETER = "filters"
-INDEX_PARAMETER = "filter_index"
-
-
 def group_tensor_config(
     name: str,
     members: list[FilterSpec],
@@ -62,7 +56,7 @@ def group_tensor_config(
     _add_tensor(config.input, contract.FILTER_INDEX, mc.TYPE_INT64, [1])
     for warmup in config.model_warmup:  # index 0 is every group's first member
         warmup.inputs[contract.FILTER_INDEX].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[1], zero_data=True))
-    _set_params(config, {MEMBERS_PARAMETER: json.dumps([spec.name for spec in members])})
+    _set_params(config, {contract.GROUP_MEMBERS_PARAMETER: json.dumps([spec.name for spec in members])})
     return config
 
 
@@ -77,7 +71,7 @@ def _with_filter_index(configs: dict[str, mc.ModelConfig], spec: FilterSpec, ind
     """Amend a merged filter's step configs into a member's (see the module's docstring)."""
     tokenizer = configs[contract.tokenizer_model(spec.name)]
     _add_tensor(tokenizer.output, contract.FILTER_INDEX, mc.TYPE_INT64, [1])
-    _set_params(tokenizer, {INDEX_PARAMETER: index})
+    _set_params(tokenizer, {contract.FILTER_INDEX: index})  # the client reads it too
     decision = configs[contract.decision_model(spec.name)]
     logits = next(t for t in decision.input if t.name == contract.LOGITS)
     del logits.dims[:]

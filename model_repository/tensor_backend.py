@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from filterserve import contract
+
 
 def cpu_allowance() -> int:
     """CPUs this process may use: its affinity, capped by a cgroup v2 quota (a pod's CPU limit).
@@ -102,7 +104,7 @@ class TensorBackend:
         self.output_names = [tensor["name"] for tensor in config["output"]]
         self.token_rules: TokenRules | None = None
         # A shared-base group's tensor model lists its members: each row's filter_index must name one.
-        members = config.get("parameters", {}).get("filters", {}).get("string_value")
+        members = config.get("parameters", {}).get(contract.GROUP_MEMBERS_PARAMETER, {}).get("string_value")
         self.members: int | None = len(json.loads(members)) if members else None
         self.load(Path(args["model_repository"]), args["model_version"], config, args)
 
@@ -118,7 +120,7 @@ class TensorBackend:
             return None
         error = self.token_rules.check(feeds["input_ids"], feeds["attention_mask"])
         if error is None and self.members is not None:
-            index = feeds["filter_index"]
+            index = feeds[contract.FILTER_INDEX]
             if index.shape != (feeds["input_ids"].shape[0], 1):
                 return f"filter_index must have shape [batch, 1], got {list(index.shape)}"
             if ((index < 0) | (index >= self.members)).any():  # ONNX Gather would wrap a negative index to another filter

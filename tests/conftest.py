@@ -70,8 +70,8 @@ def exported(standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
 def server(exported):
     """The real tritonserver serving ``exported``: one per test module that asks, stopped after it.
 
-    Modules that serve something else (a renamed copy, several filters, Qwen's tokenizer) define
-    their own ``server``."""
+    A module that serves another export overrides ``exported`` (test_qwen_tokenizer); one that
+    serves a changed copy or several filters defines its own ``server``."""
     from filterserve.serve import TritonServer
 
     with TritonServer(exported[0]) as running:

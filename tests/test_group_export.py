@@ -204,3 +204,79 @@ def test_served_scores_are_each_members_own_reference_over_grpc_and_http(grouped
                 assert np.abs(got - expected[name]).max() <= contract.SERVED_TOLERANCE, (protocol, name)
             merged = np.array([[line["uplifting_merged"]["scores"][d] for d in UPLIFTING_V4.dimensions] for line in lines])
             assert np.abs(merged - expected[UPLIFTING_V4.name]).max() <= contract.SERVED_TOLERANCE
+
+        # A caller that tokenizes itself calls the group's tensor model with the member's index, then its decision step.
+        from filterserve.client import FilterClient
+
+        tokenizer = grouped / "investment_risk_v2_tokenizer" / "1" / "tokenizer" / "tokenizer.json"
+        with FilterClient(server.grpc_url, "grpc", model="investment_risk_v2", tokenizer=str(tokenizer)) as client:
+            got = np.array([[client.score(t, c).scores[d] for d in FIVE_DIMS.dimensions] for t, c in MIXED_ARTICLES])
+        assert np.abs(got - expected[FIVE_DIMS.name]).max() <= contract.SERVED_TOLERANCE
+
+        # A plain caller naming no filter of the group gets a clear refusal, not another filter's scores.
+        import tritonclient.grpc as grpcclient
+
+        ids = np.array([[5, 6, 7]], dtype=np.int64)
+        inputs = []
+        for name, data in (("input_ids", ids), ("attention_mask", np.ones_like(ids)), ("filter_index", np.array([[-1]]))):
+            inputs.append(grpcclient.InferInput(name, list(data.shape), "INT64"))
+            inputs[-1].set_data_from_numpy(data.astype(np.int64))
+        with pytest.raises(Exception, match=r"filter_index -1 names no filter of this group \[0, 2\)"):
+            grpcclient.InferenceServerClient(server.grpc_url).infer(f"{GROUP}_onnx", inputs)
+
+
+def _labelled(path: Path, spec) -> Path:
+    """Sample articles with made-up labels: the gate compares the group's MAE with the reference's on the same labels."""
+    from filterserve.data import sample_articles
+
+    rng = np.random.default_rng(0)
+    rows = [{"title": a["title"], "content": a["content"], **{d: float(rng.uniform(0, 10)) for d in spec.dimensions}}
+            for a in sample_articles()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_the_member_added_goes_through_the_accuracy_gate_on_its_own_rows(grouped, family, tmp_path):
+    from filterserve.gate import AccuracyGateRefusal
+
+    repo = _copy(grouped, tmp_path)
+    _, five = family
+    data = _labelled(tmp_path / "val.jsonl", FIVE_DIMS)
+    record = export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, validation=data)
+    report = record["accuracy_gate"]["report"]
+    assert report["n_articles"] == 8 and abs(report["variants"]["fp32"]["mae_delta"]) <= 1e-4
+    before = tree_digest(repo)
+    with pytest.raises(AccuracyGateRefusal, match=r"fp32: overall MAE .*> tolerance -1"):
+        export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, validation=data, gate_tolerance=-1.0)
+    assert tree_digest(repo) == before
+    with pytest.raises(FilterServeError, match=r"--share-base builds fp32 only \(asked: fp32, fp16\)"):
+        export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, precisions="fp32,fp16")
+
+
+@pytest.mark.timeout(240)
+def test_bench_memory_reads_the_group_model_once(grouped, tmp_path):
+    from filterserve.cli import main
+
+    assert main(["bench", "memory", "--model-repository", str(grouped), "--batch", "4", "--tokens", "64", "--out", str(tmp_path)]) == 0
+    models = json.loads((tmp_path / "memory.json").read_text())["models"]
+    group = models[f"{GROUP}_onnx"]
+    assert group["kind"] == f"tensor fp32 (group {GROUP})" and group["filter"] == "investment_risk_v2, uplifting_v4"
+    assert group["after_batch"]["rss_mb"] >= group["loaded"]["rss_mb"] - 1
+    for name in ("uplifting_v4", "investment_risk_v2"):
+        assert models[f"{name}_tokenizer"]["loaded"]["uss_mb"] > 0 and f"{name}_onnx" not in models
+
+
+def test_a_change_planned_before_another_export_committed_is_refused(grouped, family, tmp_path):
+    """Two exports into one group at once: the later commit would drop what the first added, so it writes nothing."""
+    from filterserve.export.group import apply_change, plan_add
+    from filterserve.model_repository.repository import RepositorySettings
+    from filterserve.progress import Steps
+
+    repo = _copy(grouped, tmp_path)
+    eight, _ = family
+    planned = plan_add(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, False, None)
+    export_filter(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True)  # the other export
+    after = tree_digest(repo)
+    with pytest.raises(FilterServeError, match=r"investment_risk_v2, uplifting_v4, group shared_base in .* changed while this was being built"):
+        apply_change(planned, RepositorySettings(max_batch_size=16), Steps(total=0))
+    assert tree_digest(repo) == after

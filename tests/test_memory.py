@@ -53,7 +53,8 @@ def test_models_that_cannot_fit_are_refused_with_the_figures(exported):
     repo, _ = exported
     with pytest.raises(FilterServeError, match=(
         r"the models in .* need about \d+\.\d GB once served \(uplifting_v4_onnx.*GB.*plus 10% headroom\) "
-        r"but only 0\.0 GB is available: serve fewer filters, their int8 variants, or export with a smaller --max-batch-size"
+        r"but only 0\.0 GB is available: serve fewer filters, their int8 variants, filters of one base as one group "
+            r"\(export --share-base\), or export with a smaller --max-batch-size"
     )):
         check_memory(repo, available=10 * MB)
     only_fp32 = check_memory(repo, models=["uplifting_v4_onnx"], available=4 * GB)

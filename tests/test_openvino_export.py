@@ -48,7 +48,7 @@ def test_every_engine_is_built_checked_gated_and_the_fastest_served(ov_export, t
     bf16, ov_int8 = record["parity"]["bf16"], record["parity"]["ov_int8"]
     assert bf16["execution"]["precision"] == "bf16" and set(bf16["execution"]["compute_layers"]) == {"bf16"}
     assert bf16["relative"] and bf16["tolerance"] == contract.PARITY_TOLERANCES["bf16"]
-    assert 1e-4 < bf16["max_abs_diff"] <= bf16["limit"] < 1.0  # 5% of scores of a few units: bf16 ran, within its bound
+    assert 1e-4 < bf16["max_abs_diff"] <= bf16["limit"] < 1.5  # 10% of scores of a few units: bf16 ran, within its bound
     assert ov_int8["execution"]["precision"] == "bf16" and {"i8", "u8"} & set(ov_int8["execution"]["compute_layers"])
     assert ov_int8["tolerance"] is None and "cannot pin a precision" in ov_int8["execution"]["served_precision"]
     assert any(flag in bf16["execution"]["cpu"]["flags"] for flag in ove.BF16_FLAGS)

@@ -17,7 +17,7 @@ def test_merged_and_shared_side_by_side_in_one_report(tmp_path):
     assert main(["bench", "family", "--out", str(family), "--count", "3"]) == 0
     listed = json.loads((family / "family.json").read_text())
     assert [(m["filter"], m["dimensions"], m["rank"]) for m in listed["members"]] == [
-        ("uplifting_v4", 8, 16), ("investment_risk_v2", 5, 8), ("uplifting_v4_2", 8, 16)]
+        ("filter_1", 8, 16), ("filter_2", 5, 8), ("filter_3", 8, 16)]
 
     out = tmp_path / "report"
     assert main(["bench", "shared-base", "--family", str(family), "--counts", "1,3", "--articles", "6", "--requests", "2",
