@@ -48,7 +48,6 @@ from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
 from filterserve.manifest import (
     GROUP_FORMAT,
-    filter_record_name,
     group_record_name,
     is_repository,
     read_filter_records,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx
