@@ -155,3 +155,14 @@ def perturb_head(src: Path, dst: Path, column: int, factor: float) -> None:
     head.CopyFrom(numpy_helper.from_array(weights, head.name))
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Two filters on one base (the shared-base tests): 8 dimensions at LoRA rank 16 (scaling 1), 5 at rank 8 (scaling 2)."""
+    from filterserve.export.standin import build_standin
+
+    root = tmp_path_factory.mktemp("family")
+    eight = build_standin(root / "eight", UPLIFTING_V4, rank=16)
+    five = build_standin(root / "five", FIVE_DIMS, rank=8, on_base=eight, seed=1)
+    return eight, five

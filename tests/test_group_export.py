@@ -35,15 +35,6 @@ def _folder_bytes(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """Two filters on one base: 8 dimensions at LoRA rank 16, 5 at rank 8."""
-    root = tmp_path_factory.mktemp("family")
-    eight = build_standin(root / "eight", UPLIFTING_V4, rank=16)
-    five = build_standin(root / "five", FIVE_DIMS, rank=8, on_base=eight, seed=1)
-    return eight, five
-
-
-@pytest.fixture(scope="module")
 def grouped(family, tmp_path_factory) -> Path:
     """The two filters exported with --share-base (through the CLI, as a user would), and the 8-dimension one merged beside them."""
     eight, five = family

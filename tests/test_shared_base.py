@@ -29,15 +29,6 @@ from conftest import FIVE_DIMS
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """Two filters on one base: 8 dimensions at LoRA rank 16 (scaling 1) and 5 at rank 8 (scaling 2)."""
-    root = tmp_path_factory.mktemp("family")
-    eight = build_standin(root / "eight", UPLIFTING_V4, rank=16)
-    five = build_standin(root / "five", FIVE_DIMS, rank=8, on_base=eight, seed=1)
-    return eight, five
-
-
-@pytest.fixture(scope="module")
 def group(family, tmp_path_factory):
     eight, five = family
     members = [MemberSource(UPLIFTING_V4, eight.adapter_dir), MemberSource(FIVE_DIMS, five.adapter_dir)]
