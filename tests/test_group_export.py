@@ -22,6 +22,8 @@ from filterserve.serve.assembly import read_model_config
 
 from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
 
+pytestmark = pytest.mark.slow  # every test here exports a group (or more) of its own, through the CLI
+
 GROUP = "shared_base"
 MERGED = replace(UPLIFTING_V4, name="uplifting_merged")
 
@@ -172,7 +174,6 @@ def test_the_memory_estimate_counts_the_base_once(grouped):
     assert {"uplifting_v4_onnx", "investment_risk_v2_onnx"}.isdisjoint(found.models)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_served_scores_are_each_members_own_reference_over_grpc_and_http(grouped, references, tmp_path):
     """The issue's done-when: each filter of the group (and the merged one beside it) within contract's served tolerance of its PEFT reference."""

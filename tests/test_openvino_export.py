@@ -24,7 +24,8 @@ from conftest import MIXED_ARTICLES, export_into, peft_scorer
 
 SPEC = UPLIFTING_V4
 needs_bf16 = pytest.mark.skipif(not ove.cpu_support().bf16, reason="this CPU has no bf16 arithmetic")
-pytestmark = needs_bf16
+# every test here runs whole exports (OpenVINO, NNCF) on a trained filter: slow
+pytestmark = [needs_bf16, pytest.mark.slow]
 ASKED = ("fp32", "bf16", "int8", "ov_int8")
 
 
@@ -98,7 +99,6 @@ def test_the_default_quantization_data_is_recorded(trained, tmp_path):
     assert record["ov_int8"]["calibration"] == {"data": DEFAULT_SOURCE, "articles": 64, "of": 64}
 
 
-@pytest.mark.slow
 def test_filterserve_score_through_the_openvino_standin(ov_export, trained, tmp_path):
     """Each OpenVINO variant served through the filter's ensemble; ``filterserve score``'s scores
     against in-process OpenVINO on the tokens the server's tokenizer step made (1e-5), and against
