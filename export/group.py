@@ -251,10 +251,7 @@ def _member_record(change: GroupChange, member: MemberSource, index: int, loaded
         "pad_token_id": loaded.pad_token_id,
         "vocab_size": loaded.vocab_size,
         "max_length": spec.max_length,
-        "max_batch_size": settings.max_batch_size,
-        "max_batch_tokens": settings.max_batch_tokens,
-        "bucket": settings.bucket,
-        "max_text_bytes": settings.max_text_bytes,
+        **settings.record_fields(),
         "sources": {"base": change.base_source, "adapter": change.adapter_sources[name]},
         "versions": versions(),
         "parity": {PRECISION: parity},
@@ -295,10 +292,7 @@ def _write(change: GroupChange, staging: Path, loaded: Any, settings: Repository
         "pad_token_id": loaded.pad_token_id,
         "vocab_size": loaded.vocab_size,
         "max_length": max(spec.max_length for spec in specs),
-        "max_batch_size": settings.max_batch_size,
-        "max_batch_tokens": settings.max_batch_tokens,
-        "bucket": settings.bucket,
-        "max_text_bytes": settings.max_text_bytes,
+        **settings.record_fields(),
         "sources": {"base": change.base_source},
         "lora": {w.spec.name: {"rank": w.rank, "layers": len(w.lora), "dimensions": w.spec.num_labels} for w in loaded.weights},
         "parity": {PRECISION: parity},
@@ -414,4 +408,4 @@ def remove_filter(repo: Path, name: str, base: str | None = None, stream: TextIO
 
 def _settings_of(group: dict[str, Any]) -> dict[str, Any]:
     """A removal keeps the group's serving settings."""
-    return {k: group[k] for k in ("max_batch_size", "max_batch_tokens", "bucket", "max_text_bytes") if k in group}
+    return {k: group[k] for k in RepositorySettings().record_fields() if k in group}
