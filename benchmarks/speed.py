@@ -30,7 +30,7 @@ from filterserve.benchmarks.engines import (
     served_engines,
     served_variants,
 )
-from filterserve.benchmarks.peaks import matmul_peaks
+from filterserve.benchmarks.peaks import matmul_peaks, model_shapes
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 
 CARD = "pytorch_peft"
@@ -109,7 +109,7 @@ def _speed_run(
     FLOP/s are derived afterwards: the parameter count comes from the merged model, which
     exists only once the card's recipe has been measured.
     """
-    context: dict[str, Any] = {"peaks": matmul_peaks()}
+    context: dict[str, Any] = {"peaks": matmul_peaks(model_shapes(repo.base))}
     results: dict[str, Any] = {}
     with tqdm(total=_n_engines(repo, url) * units_per_engine, desc=kind, unit="req") as bar:
         for engine in _engines(repo, url, protocol, context):
@@ -208,7 +208,7 @@ def run_throughput(
     """
     repo = open_repository(repository, base, adapter, filter_name)
     spec = repo.spec
-    context: dict[str, Any] = {"peaks": matmul_peaks()}
+    context: dict[str, Any] = {"peaks": matmul_peaks(model_shapes(repo.base))}
     results: dict[str, dict[str, dict[str, Any]]] = {mix: {} for mix in mixes}
     articles: dict[str, list[tuple[str, str]]] = {}
     levels = [str(level) for level in concurrency]

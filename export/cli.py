@@ -27,7 +27,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model repository to add the filter to (or replace it in); other filters stay")
     parser.add_argument("--share-base", action="store_true", help="add the filter to the repository's shared-base group for "
                         "--base (created if needed): one copy of the base serves every filter on it, each row with its own "
-                        "LoRA and head; the group is rebuilt with all its members and swapped in at once (fp32)")
+                        "LoRA and head; the group is rebuilt with all its members and swapped in at once, at the one "
+                        "--precision given: fp32 (ONNX Runtime) or bf16 (OpenVINO)")
     parser.add_argument("--remove", metavar="NAME", help="take filter NAME out of --out instead of exporting: a merged "
                         "filter's models go; a group member's group is rebuilt without it (dropped with its last member)")
     parser.add_argument("--name", help="Triton model name (default: the filter's name)")

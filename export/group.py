@@ -17,7 +17,12 @@ member's in at once (:func:`filterserve.export.staging.commit_changes`): a failu
 repository as it was. Members are indexed in name order; the settings of the latest change
 (batch sizes, bucket, text limit) apply to the whole group.
 
-Only fp32 is built for a group for now: the lower precisions' gate would have to admit every member.
+A group runs one precision (:data:`contract.GROUP_PRECISIONS`): fp32 on ONNX Runtime, or bf16 on
+OpenVINO (the CPU engine, :mod:`filterserve.export.openvino_engine`), compiled from the fp32 file
+as Triton's OpenVINO backend compiles it; the whole graph then runs bf16, the LoRA paths too, and
+each member's parity (bf16's relative bound) and gate are measured as it will be served. The
+fp32 file is always checked first, so a bf16 failure is bf16's. fp16 and int8 are not built for a
+group (one line says so): their gate would have to admit every member at once.
 """
 
 from __future__ import annotations
@@ -41,8 +46,17 @@ from filterserve.errors import FilterServeError
 from filterserve.export.load import adapter_weights_path, load_tokenizer
 from filterserve.export.manifest import describe_source, folder_checksums, new_record, versions
 from filterserve.export.options import ExportOptions
-from filterserve.export.parity import ort_scores, ort_session, score_in_batches
-from filterserve.export.shared_base import MemberSource, check_group_parity, export_group, load_members, width
+from filterserve.export.parity import score_in_batches
+from filterserve.export import openvino_engine
+from filterserve.export.shared_base import (
+    GroupScorer,
+    MemberSource,
+    check_group_parity,
+    export_group,
+    load_members,
+    onnx_group_scorer,
+    width,
+)
 from filterserve.export.staging import commit_changes, plan_replacement, staging_folder
 from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
@@ -54,11 +68,11 @@ from filterserve.manifest import (
     read_group_records,
 )
 from filterserve.model_repository.group import write_group_tensor_model, write_member_steps
+from filterserve.model_repository.openvino import MODEL_FILE as OPENVINO_MODEL_FILE
 from filterserve.model_repository.repository import RepositorySettings
 from filterserve.progress import Steps
 
 GROUP_PREFIX = "shared_"
-PRECISION = "fp32"
 GATE_BATCH = 16
 
 
@@ -113,6 +127,7 @@ class GroupChange:
     validation: dict[str, Path] = field(default_factory=dict)  # member → labelled data to gate it on
     old_records: dict[str, dict[str, Any]] = field(default_factory=dict)  # member → its record before the change
     old_group: dict[str, Any] | None = None  # the group's record before the change (None: a new group)
+    precision: str = "fp32"  # what the whole group runs after the change (contract.GROUP_PRECISIONS)
 
     @property
     def names(self) -> list[str]:
@@ -137,8 +152,11 @@ def _existing_members(repo: Path, group: dict[str, Any], records: dict[str, dict
     return members
 
 
-def plan_add(base: str, adapter: Path, repo: Path, spec: FilterSpec, force: bool, validation: Path | None) -> GroupChange:
-    """Add ``spec`` (or export it again) to the group of ``base`` in ``repo``; refusals before anything loads."""
+def plan_add(base: str, adapter: Path, repo: Path, spec: FilterSpec, force: bool, validation: Path | None,
+             precision: str = "fp32") -> GroupChange:
+    """Add ``spec`` (or export it again) to the group of ``base`` in ``repo``; refusals before anything loads.
+
+    The group is rebuilt at ``precision``, as the latest change's settings apply to the whole group."""
     adapter_weights_path(adapter)
     records, groups = _repository(repo)
     base_source = describe_source(base)
@@ -162,7 +180,7 @@ def plan_add(base: str, adapter: Path, repo: Path, spec: FilterSpec, force: bool
     ordered = [members[n] for n in sorted(members)]
     old = {n: records[n] for n in members if n in records}
     return GroupChange(repo, group, base, base_source, ordered, sources, [], {name: validation} if validation else {}, old,
-                       groups.get(group))
+                       groups.get(group), precision)
 
 
 def plan_removal(repo: Path, name: str, base: str | None) -> GroupChange | None:
@@ -187,7 +205,7 @@ def plan_removal(repo: Path, name: str, base: str | None) -> GroupChange | None:
     ordered = [members[n] for n in sorted(members)]
     sources = {n: records[n]["sources"]["adapter"] for n in members}
     return GroupChange(repo, owner, base, base_source, ordered, sources, [name], {}, {n: records[n] for n in records if n in members
-                       or n == name}, group)
+                       or n == name}, group, group.get("precision", "fp32"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +230,10 @@ def _copy_adapter(source: Path, dest: Path, repo: Path) -> None:
                 shutil.copy2(path, dest / path.name)
 
 
-def _gate(change: GroupChange, onnx_path: Path, loaded: Any, labelled: dict[str, Any], tolerance: float, steps: Steps) -> dict[str, Any]:
-    """Each member with validation data through the accuracy gate, on its own rows of the group's model."""
+def _gate(change: GroupChange, score_rows: GroupScorer, loaded: Any, labelled: dict[str, Any], tolerance: float,
+          steps: Steps) -> dict[str, Any]:
+    """Each member with validation data through the accuracy gate, on its own rows of the group's model as served."""
     reports = {}
-    session = ort_session(onnx_path)
     for index, (member, reference) in enumerate(zip(change.members, loaded.references)):
         data = labelled.get(member.spec.name)
         if data is None:
@@ -223,10 +241,10 @@ def _gate(change: GroupChange, onnx_path: Path, loaded: Any, labelled: dict[str,
         with steps.step(f"accuracy gate, member {member.spec.name}, on {change.validation[member.spec.name]}"):
             def score(ids, mask):
                 rows = np.full((ids.shape[0], 1), index, dtype=np.int64)
-                return ort_scores(session, ids, mask, rows)[0][:, : member.spec.num_labels]
+                return score_rows(ids, mask, rows)[0][:, : member.spec.num_labels]
 
             scored = score_in_batches(score, loaded.tokenizer, data.texts, member.spec.max_length, GATE_BATCH)
-            report = build_report(member.spec, data.truth, reference.validation, {PRECISION: scored})
+            report = build_report(member.spec, data.truth, reference.validation, {change.precision: scored})
             refused = refusals(report, tolerance)
             if refused:
                 raise AccuracyGateRefusal(refused)
@@ -237,9 +255,12 @@ def _gate(change: GroupChange, onnx_path: Path, loaded: Any, labelled: dict[str,
 
 def _member_record(change: GroupChange, member: MemberSource, index: int, loaded: Any, settings: RepositorySettings,
                    parity: dict[str, Any], gate: dict[str, Any] | None) -> dict[str, Any]:
+    """``parity``: ``{precision: this member's parity record}``."""
     spec, name = member.spec, member.spec.name
     previous = change.old_records.get(name, {})
-    carried = previous.get("accuracy_gate") if name not in change.validation and "group" in previous else None
+    # The same precision in the group is the same arithmetic as before the rebuild (parity holds it): a gate run carries over.
+    same = "group" in previous and previous.get("default_precision") == change.precision
+    carried = previous.get("accuracy_gate") if name not in change.validation and same else None
     return new_record({
         "filter": spec.to_dict(),
         "models": member_models(name),
@@ -247,16 +268,15 @@ def _member_record(change: GroupChange, member: MemberSource, index: int, loaded
         "tensor_models": {},  # the group's serves it: see "group"
         "group": {"name": change.group, "tensor_model": contract.tensor_model(change.group), "filter_index": index,
                   "record": group_record_name(change.group)},
-        "default_precision": PRECISION,
+        "default_precision": change.precision,
         "pad_token_id": loaded.pad_token_id,
         "vocab_size": loaded.vocab_size,
         "max_length": spec.max_length,
         **settings.record_fields(),
         "sources": {"base": change.base_source, "adapter": change.adapter_sources[name]},
         "versions": versions(),
-        "parity": {PRECISION: parity},
+        "parity": parity,
         "parity_texts": len(loaded.references[index].texts),
-        # fp32 in the group is the same arithmetic as before the rebuild (parity holds it within 1e-4): a gate run carries over.
         "accuracy_gate": gate or carried,
         "refused": {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -264,11 +284,15 @@ def _member_record(change: GroupChange, member: MemberSource, index: int, loaded
 
 
 def _write(change: GroupChange, staging: Path, loaded: Any, settings: RepositorySettings, parity: dict[str, Any],
-           gates: dict[str, Any], steps: Steps, started: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The group's tensor model config and adapter copies, every member's steps, and the records."""
+           execution: Any, gates: dict[str, Any], steps: Steps, started: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The group's tensor model config and adapter copies, every member's steps, and the records.
+
+    ``parity``: ``{precision: {member: record}}``; ``execution``: what OpenVINO ran (None on ONNX Runtime)."""
     specs = [m.spec for m in change.members]
     model = contract.tensor_model(change.group)
-    write_group_tensor_model(staging, change.group, specs, settings, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size)
+    write_group_tensor_model(staging, change.group, specs, settings, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size,
+                             precision=change.precision, execution_precision=execution.precision if execution else None)
+    executed = {"execution": openvino_engine.execution_record(execution)} if execution else {}
     records = {}
     for index, member in enumerate(change.members):
         name = member.spec.name
@@ -277,7 +301,8 @@ def _write(change: GroupChange, staging: Path, loaded: Any, settings: Repository
             load_tokenizer(member.adapter).save_pretrained(tmp)
             write_member_steps(staging, member.spec, settings, group=change.group, index=index, width=width(change.members),
                                tokenizer_dir=Path(tmp), pad_token_id=loaded.pad_token_id)
-        records[name] = _member_record(change, member, index, loaded, settings, parity[name], gates.get(name))
+        own = {p: by_member[name] | (executed if p == change.precision else {}) for p, by_member in parity.items()}
+        records[name] = _member_record(change, member, index, loaded, settings, own, gates.get(name))
     folder = staging / model
     files = {"model": sum(p.stat().st_size for p in (folder / "1").rglob("*") if p.is_file()),
              "adapters": sum(p.stat().st_size for p in (folder / contract.GROUP_ADAPTERS).rglob("*") if p.is_file())}
@@ -288,14 +313,15 @@ def _write(change: GroupChange, staging: Path, loaded: Any, settings: Repository
         "models": [model],
         "members": change.names,
         "width": width(change.members),
-        "precision": PRECISION,
+        "precision": change.precision,
+        **executed,
         "pad_token_id": loaded.pad_token_id,
         "vocab_size": loaded.vocab_size,
         "max_length": max(spec.max_length for spec in specs),
         **settings.record_fields(),
         "sources": {"base": change.base_source},
         "lora": {w.spec.name: {"rank": w.rank, "layers": len(w.lora), "dimensions": w.spec.num_labels} for w in loaded.weights},
-        "parity": {PRECISION: parity},
+        "parity": parity,
         "files_bytes": files,
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -310,7 +336,7 @@ def total_steps(change: GroupChange) -> int:
     """Per member a load, then build, parity, a gate per validated member, and the write (with the validation read first)."""
     if not change.members:
         return 1
-    return len(change.members) + 3 + len(change.validation) + bool(change.validation)
+    return len(change.members) + 3 + (change.precision != "fp32") + len(change.validation) + bool(change.validation)
 
 
 def _read_validation(change: GroupChange, steps: Steps) -> dict[str, Any]:
@@ -335,22 +361,48 @@ def apply_change(change: GroupChange, settings: RepositorySettings, steps: Steps
             labelled = _read_validation(change, steps)
             loaded = load_members(change.base, change.members, change.group, steps, {n: d.texts for n, d in labelled.items()})
             onnx_path = staging / contract.tensor_model(change.group) / "1" / "model.onnx"
-            with steps.step(f"build the group's tensor model: one base, {len(change.members)} member(s), LoRA per row ({PRECISION})"):
+            with steps.step(f"build the group's tensor model: one base, {len(change.members)} member(s), LoRA per row (fp32)"):
                 batch = export_group(change.base, loaded, onnx_path)
-            with steps.step("parity per member (ONNX Runtime, rows mixing the members) vs its own PyTorch + PEFT"):
-                parity = check_group_parity(onnx_path, loaded.references, batch, contract.PARITY_TOLERANCES[PRECISION],
-                                            f"group {change.group} {PRECISION}")
-                steps.say(", ".join(f"{n} max |Δ| = {p['max_abs_diff']:.2e}" for n, p in parity.items()))
-            gates = _gate(change, onnx_path, loaded, labelled, gate_tolerance, steps)
+            score_rows = onnx_group_scorer(onnx_path)
+            parity, execution = {"fp32": _parity(change, "ONNX Runtime fp32", score_rows, loaded, batch, steps, "fp32")}, None
+            if change.precision != "fp32":
+                model = _openvino_group(onnx_path, change.precision, steps)
+                score_rows, execution = model.scores, model.execution
+                parity[change.precision] = _parity(change, f"OpenVINO {change.precision}", score_rows, loaded, batch, steps,
+                                                   change.precision)
+            gates = _gate(change, score_rows, loaded, labelled, gate_tolerance, steps)
+            del score_rows
         with steps.step(f"write group {change.group} and its members' steps, then swap them in"):
             if change.members:
-                group_record, records = _write(change, staging, loaded, settings, parity, gates, steps, started)
+                group_record, records = _write(change, staging, loaded, settings, parity, execution, gates, steps, started)
                 del loaded
                 gc.collect()
             commit_changes(change.repo, staging, group=change.group, group_record=group_record, records=records,
                            leaving=change.leaving, expected=change.old_records, expected_group=change.old_group)
             steps.say(f"group {change.group} in {change.repo}: " + (", ".join(change.names) or "removed with its last member"))
     return group_record
+
+
+def _parity(change: GroupChange, engine: str, score_rows: GroupScorer, loaded: Any, batch: Any, steps: Steps,
+            precision: str) -> dict[str, Any]:
+    """Every member's rows of the mixed batch, on ``engine``, against its own PyTorch + PEFT reference."""
+    with steps.step(f"parity per member ({engine}, rows mixing the members) vs its own PyTorch + PEFT"):
+        parity = check_group_parity(score_rows, loaded.references, batch, precision, f"group {change.group} {precision}")
+        steps.say(", ".join(f"{n} max |Δ| = {p['max_abs_diff']:.2e}" for n, p in parity.items()))
+    return parity
+
+
+def _openvino_group(onnx_path: Path, precision: str, steps: Steps) -> openvino_engine.OpenVinoModel:
+    """The group's fp32 file as OpenVINO IR in its place (Triton's OpenVINO backend reads ``model.xml``),
+    compiled as that backend compiles the config written for it, and refused unless it runs ``precision``."""
+    with steps.step(f"{precision}: the group's fp32 file as OpenVINO IR, compiled as Triton's OpenVINO backend compiles it"):
+        xml = openvino_engine.onnx_to_ir(onnx_path, onnx_path.with_name(OPENVINO_MODEL_FILE))
+        for onnx_file in onnx_path.parent.glob("model.onnx*"):
+            onnx_file.unlink()
+        gc.collect()
+        model = openvino_engine.served_model(precision, xml)
+        steps.say(f"OpenVINO runs {model.execution.precision} (CPU flags {', '.join(model.execution.cpu.flags) or 'none'})")
+    return model
 
 
 def _planning(stream: TextIO | None) -> Steps:
@@ -363,7 +415,8 @@ def _planning(stream: TextIO | None) -> Steps:
 def export_shared(options: ExportOptions, stream: TextIO | None = None) -> dict[str, Any]:
     """``filterserve export --share-base``: returns the filter's record as written."""
     steps = _planning(stream)
-    change = plan_add(options.base, options.adapter, options.out, options.spec, options.force, options.validation)
+    change = plan_add(options.base, options.adapter, options.out, options.spec, options.force, options.validation,
+                      options.precisions[0])
     apply_change(change, options.repository, steps, options.gate_tolerance)
     return read_filter_records(options.out)[options.spec.name]
 
@@ -379,14 +432,14 @@ def refuse_member(repo: Path, name: str) -> None:
 
 
 def build_group(base: str, members: list[MemberSource], repo: Path, settings: RepositorySettings = RepositorySettings(),
-                stream: TextIO | None = None) -> dict[str, Any]:
+                stream: TextIO | None = None, precision: str = "fp32") -> dict[str, Any]:
     """A group of exactly ``members`` in a new repository ``repo`` (benchmarks build one per N this way)."""
     if _repository(Path(repo)) != ({}, {}):
         raise FilterServeError(f"{repo} already holds filters: build_group writes a new repository")
     base_source = describe_source(base)
     ordered = sorted(members, key=lambda m: m.spec.name)
     change = GroupChange(Path(repo), _free_name(Path(repo), base, {}, {}), base, base_source, ordered,
-                         {m.spec.name: describe_source(str(m.adapter)) for m in ordered}, [])
+                         {m.spec.name: describe_source(str(m.adapter)) for m in ordered}, [], precision=precision)
     return apply_change(change, settings, Steps(total=0, stream=stream))
 
 

@@ -177,8 +177,12 @@ class OpenVinoModel:
         self.outputs = [self.compiled.output(name) for name in contract.TENSOR_OUTPUTS]
         self.execution = read_execution(self.compiled, properties)
 
-    def scores(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        result = self.request.infer(dict(zip(contract.TOKEN_INPUTS, (ids, mask))))
+    def scores(self, ids: np.ndarray, mask: np.ndarray, filter_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A shared-base group's model also takes each row's ``filter_index`` [batch, 1]."""
+        feeds = dict(zip(contract.TOKEN_INPUTS, (ids, mask)))
+        if filter_index is not None:
+            feeds[contract.FILTER_INDEX] = filter_index
+        result = self.request.infer(feeds)
         logits, weighted = (np.array(result[output], copy=True) for output in self.outputs)
         return logits, weighted
 

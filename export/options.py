@@ -92,10 +92,11 @@ class ExportOptions:
         if self.validation is not None and not self.validation.is_file():
             raise FilterServeError(f"validation data not found: {self.validation}")
         self._check_openvino()
-        if self.share_base and self.precisions != ("fp32",):
+        if self.share_base and (len(self.precisions) != 1 or self.precisions[0] not in contract.GROUP_PRECISIONS):
             raise FilterServeError(
-                f"--share-base builds fp32 only (asked: {', '.join(self.precisions)}): a group's lower precisions "
-                "would need the accuracy gate to admit every member; export those filters merged instead"
+                f"--share-base builds one precision for the whole group, {' or '.join(contract.GROUP_PRECISIONS)} "
+                f"(asked: {', '.join(self.precisions)}); fp16 and int8 of a group would need the accuracy gate to admit "
+                "every member at once: export those filters merged instead"
             )
 
     def _check_openvino(self) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -422,22 +422,38 @@ def mixed_batch(references: list[MemberReference], pad_token_id: int) -> MixedBa
     return MixedBatch(ids, mask, index, rows)
 
 
-def check_group_parity(path: Path, references: list[MemberReference], batch: MixedBatch, tolerance: float, variant: str) -> dict[str, Any]:
+# A group's tensor model as the export checks it: ``(input_ids, attention_mask, filter_index) → (logits, weighted_score)``.
+GroupScorer = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def onnx_group_scorer(path: Path) -> GroupScorer:
+    """The group's ONNX file on ONNX Runtime (its fp32 variant, as the stand-in and Triton's backend run it)."""
+    session = ort_session(path)
+    return lambda ids, mask, rows: ort_scores(session, ids, mask, rows)
+
+
+def check_group_parity(score: GroupScorer, references: list[MemberReference], batch: MixedBatch, precision: str,
+                       variant: str) -> dict[str, Any]:
     """Per member, its rows of the mixed batch against its own reference: raw scores, weighted score, and zeros past its dimensions.
 
-    Raises :class:`ParityError` naming the member; returns each member's parity record.
+    The bound is ``precision``'s (:func:`contract.parity_limit`: bf16's is relative to each
+    member's own largest |score|). Raises :class:`ParityError` naming the member; returns each
+    member's parity record.
     """
-    logits, weighted = ort_scores(ort_session(path), batch.ids, batch.mask, batch.filter_index)
+    logits, weighted = score(batch.ids, batch.mask, batch.filter_index)
+    tolerance = contract.PARITY_TOLERANCES[precision]
     results = {}
     for i, reference in enumerate(references):
         rows, n = batch.rows[i], reference.spec.num_labels
+        limit = contract.parity_limit(precision, float(np.abs(reference.scores).max()))
         label = f"{variant}, member {reference.spec.name} (rows mixed with {len(references) - 1} other filters)"
-        result = compare(label, logits[rows, :n], reference.scores, tolerance)
-        compare(f"{label} weighted_score", weighted[rows], reference.weighted[:, None], tolerance)
+        result = compare(label, logits[rows, :n], reference.scores, limit)
+        compare(f"{label} weighted_score", weighted[rows], reference.weighted[:, None], limit)
         if logits.shape[1] > n:
             compare(f"{label} columns past its {n} dimensions", logits[rows, n:], np.zeros_like(logits[rows, n:]), 0.0,
                     against="zero")
-        results[reference.spec.name] = result.to_dict() | {"tolerance": tolerance}
+        results[reference.spec.name] = result.to_dict() | {"tolerance": tolerance} | (
+            {"relative": True, "limit": limit} if precision in contract.RELATIVE_PARITY else {})
     return results
 
 

@@ -66,6 +66,9 @@ RELATIVE_PARITY = frozenset({"bf16"})
 MERGE_TOLERANCE = 1e-4
 # Variants that run on OpenVINO (Triton's backend "openvino"); fp32, fp16 and int8 run on ONNX Runtime.
 OPENVINO_PRECISIONS = ("bf16", "ov_fp32", "ov_int8")
+# What a shared-base group can run, the whole group at once: fp32 (ONNX Runtime) or bf16 (OpenVINO). fp16
+# and int8 are not offered: one quantization of the shared base would have to pass every member's gate.
+GROUP_PRECISIONS = ("fp32", "bf16")
 # Max |Δ| of what a server answers (raw scores, weighted score, final scores, weighted average)
 # against the PyTorch + PEFT reference run one text at a time. Looser than the fp32 parity bound
 # because a served request is padded to its length bucket, may share a batch with others (or be

@@ -21,10 +21,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.filters import FilterSpec
+from filterserve.model_repository import openvino
 from filterserve.model_repository.repository import (
+    WARMUP_BATCH,
     RepositorySettings,
     _add_tensor,
     _set_params,
+    openvino_model_config,
+    openvino_rules,
     tensor_model_config,
     write_filter_steps,
     write_tensor_model,
@@ -37,34 +41,54 @@ def group_tensor_config(
     *,
     pad_token_id: int,
     vocab_size: int,
+    precision: str = "fp32",
 ) -> mc.ModelConfig:
-    """As a merged tensor model's, for the widest member at the longest member's max_length, plus ``filter_index``."""
+    """As a merged tensor model's, for the widest member at the longest member's max_length, plus ``filter_index``.
+
+    fp32 runs on ONNX Runtime and lists the members in a parameter (the stand-in checks each row's
+    index against them); bf16 on Triton's OpenVINO backend, whose config holds only that backend's
+    parameters (its stand-in reads the members from :data:`openvino.STANDIN_FILE`).
+    """
     import json
 
     widest = max(members, key=lambda spec: spec.num_labels)
     shape = replace(widest, name=name, max_length=max(spec.max_length for spec in members))
-    config = tensor_model_config(
-        shape,
-        contract.tensor_model(name),
-        precision="fp32",
-        max_batch_size=settings.max_batch_size,
-        pad_token_id=pad_token_id,
-        vocab_size=vocab_size,
-        gpu=settings.gpu,
-        max_batch_tokens=settings.max_batch_tokens,
-    )
-    _add_tensor(config.input, contract.FILTER_INDEX, mc.TYPE_INT64, [1])
+    if precision in contract.OPENVINO_PRECISIONS:
+        config = openvino_model_config(shape, contract.tensor_model(name), precision=precision)
+        _add_tensor(config.input, contract.FILTER_INDEX, mc.TYPE_INT64, [-1, 1])
+        index_dims = [WARMUP_BATCH, 1]
+    else:
+        config = tensor_model_config(
+            shape,
+            contract.tensor_model(name),
+            precision=precision,
+            max_batch_size=settings.max_batch_size,
+            pad_token_id=pad_token_id,
+            vocab_size=vocab_size,
+            gpu=settings.gpu,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+        _add_tensor(config.input, contract.FILTER_INDEX, mc.TYPE_INT64, [1])
+        _set_params(config, {contract.GROUP_MEMBERS_PARAMETER: json.dumps([spec.name for spec in members])})
+        index_dims = [1]
     for warmup in config.model_warmup:  # index 0 is every group's first member
-        warmup.inputs[contract.FILTER_INDEX].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=[1], zero_data=True))
-    _set_params(config, {contract.GROUP_MEMBERS_PARAMETER: json.dumps([spec.name for spec in members])})
+        warmup.inputs[contract.FILTER_INDEX].CopyFrom(mc.ModelWarmup.Input(data_type=mc.TYPE_INT64, dims=index_dims, zero_data=True))
     return config
 
 
 def write_group_tensor_model(repo: Path, name: str, members: list[FilterSpec], settings: RepositorySettings, *,
-                             pad_token_id: int, vocab_size: int) -> None:
-    """The config beside the group's ONNX file, which the export already wrote into ``repo/<name>_onnx/1``."""
-    config = group_tensor_config(name, members, settings, pad_token_id=pad_token_id, vocab_size=vocab_size)
-    write_tensor_model(repo / contract.tensor_model(name), config)
+                             pad_token_id: int, vocab_size: int, precision: str = "fp32",
+                             execution_precision: str | None = None) -> None:
+    """The config beside the group's model file (ONNX, or OpenVINO's IR for bf16), which the export
+    already wrote into ``repo/<name>_onnx/1``; for bf16 also the stand-in's file, with the precision gated."""
+    config = group_tensor_config(name, members, settings, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                                 precision=precision)
+    model_dir = repo / contract.tensor_model(name)
+    write_tensor_model(model_dir, config)
+    if precision in contract.OPENVINO_PRECISIONS:
+        max_length = max(spec.max_length for spec in members)
+        openvino.write_standin_file(model_dir, openvino_rules(settings, max_length, pad_token_id, vocab_size),
+                                    execution_precision, [spec.name for spec in members])
 
 
 def _with_filter_index(configs: dict[str, mc.ModelConfig], spec: FilterSpec, index: int, width: int) -> None:

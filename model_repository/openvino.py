@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from filterserve import contract
 from filterserve.errors import FilterServeError
 
 BACKEND = "openvino"
@@ -109,9 +110,13 @@ def target_device(parameters: Mapping[str, str]) -> str:
     return parameters.get("TARGET_DEVICE", "").strip().upper() or "CPU"
 
 
-def write_standin_file(model_dir: Path, rules: Mapping[str, int], execution_precision: str | None) -> None:
-    """The stand-in's input rules (vocab_size, pad_token_id, max_length, max_batch_tokens) and the gated precision."""
-    body = {**rules, "execution_precision": execution_precision}
+def write_standin_file(model_dir: Path, rules: Mapping[str, int], execution_precision: str | None,
+                       members: list[str] | None = None) -> None:
+    """The stand-in's input rules (vocab_size, pad_token_id, max_length, max_batch_tokens), the gated precision,
+    and a shared-base group's members (the ONNX Runtime stand-in reads them from a config parameter,
+    which this backend's config may not hold), so a row's ``filter_index`` is checked the same way."""
+    body = {**rules, "execution_precision": execution_precision,
+            **({contract.GROUP_MEMBERS_PARAMETER: members} if members is not None else {})}
     (model_dir / STANDIN_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
 
 

@@ -262,6 +262,12 @@ def openvino_model_config(spec: FilterSpec, model_name: str, *, precision: str) 
     return config
 
 
+def openvino_rules(settings: RepositorySettings, max_length: int, pad_token_id: int, vocab_size: int) -> dict[str, int]:
+    """The input rules the OpenVINO stand-in checks, as the ONNX Runtime stand-in reads them from its config."""
+    return {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "max_length": max_length,
+            "max_batch_tokens": settings.max_batch_tokens or settings.max_batch_size * max_length}
+
+
 def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
     _add_text_inputs(config)
@@ -353,9 +359,8 @@ def write_repository(
             if not (model_dir / "1" / openvino.MODEL_FILE).is_file():
                 raise FilterServeError(f"{precision} tensor model missing: expected {model_dir / '1' / openvino.MODEL_FILE}")
             write_tensor_model(model_dir, openvino_model_config(spec, model_name, precision=precision))
-            rules = {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "max_length": spec.max_length,
-                     "max_batch_tokens": settings.max_batch_tokens or max_batch_size * spec.max_length}
-            openvino.write_standin_file(model_dir, rules, (executions or {}).get(precision))
+            openvino.write_standin_file(model_dir, openvino_rules(settings, spec.max_length, pad_token_id, vocab_size),
+                                        (executions or {}).get(precision))
             continue
         if not (model_dir / "1" / "model.onnx").is_file():
             raise FilterServeError(f"{precision} tensor model missing: expected {model_dir / '1' / 'model.onnx'}")

@@ -14,6 +14,7 @@ import pytest
 
 from filterserve import contract
 from filterserve.errors import FilterServeError, ParityError
+from filterserve.export import openvino_engine as ove
 from filterserve.export.pipeline import export_filter
 from filterserve.export.standin import build_standin
 from filterserve.filters import UPLIFTING_V4
@@ -241,7 +242,7 @@ def test_the_member_added_goes_through_the_accuracy_gate_on_its_own_rows(grouped
     with pytest.raises(AccuracyGateRefusal, match=r"fp32: overall MAE .*> tolerance -1"):
         export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, validation=data, gate_tolerance=-1.0)
     assert tree_digest(repo) == before
-    with pytest.raises(FilterServeError, match=r"--share-base builds fp32 only \(asked: fp32, fp16\)"):
+    with pytest.raises(FilterServeError, match=r"--share-base builds one precision for the whole group, fp32 or bf16 \(asked: fp32, fp16\)"):
         export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, precisions="fp32,fp16")
 
 
@@ -272,3 +273,57 @@ def test_a_change_planned_before_another_export_committed_is_refused(grouped, fa
     with pytest.raises(FilterServeError, match=r"investment_risk_v2, uplifting_v4, group shared_base in .* changed while this was being built"):
         apply_change(planned, RepositorySettings(max_batch_size=16), Steps(total=0))
     assert tree_digest(repo) == after
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not ove.cpu_support().bf16, reason="this CPU has no bf16 arithmetic")
+def test_a_bf16_group_runs_on_openvino_and_is_served_as_gated(family, references, tmp_path):
+    """The CPU engine's bf16 for a whole group: one OpenVINO model (IR only, the backend's parameters
+    only), each member held to its own reference at bf16's bound and gated; ``filterserve score``
+    through the OpenVINO stand-in agrees with in-process OpenVINO on the server's own tokens (1e-5)
+    and with PyTorch + PEFT within each member's recorded bound."""
+    import tritonclient.grpc as grpcclient
+
+    from filterserve.model_repository import openvino as backend
+    from filterserve.serve import TritonServer
+
+    from helpers import text_inputs
+
+    eight, five = family
+    repo = tmp_path / "repo"
+    data = _labelled(tmp_path / "val.jsonl", FIVE_DIMS)
+    export_filter(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True, precisions="bf16", max_batch_size=16)
+    export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, precisions="bf16", max_batch_size=16,
+                  validation=data)
+    group = read_group_records(repo)[GROUP]
+    assert group["precision"] == "bf16" and group["execution"]["precision"] == "bf16"
+    assert set(group["parity"]) == {"fp32", "bf16"}  # the fp32 file the IR came from is checked first
+    folder = repo / f"{GROUP}_onnx"
+    assert sorted(p.name for p in (folder / "1").iterdir()) == ["model.bin", "model.xml"]
+    config = read_model_config(folder / "config.pbtxt")
+    assert config.backend == "openvino" and set(config.parameters) <= set(backend.BACKEND_PARAMETERS)
+    assert backend.read_standin_file(folder)[contract.GROUP_MEMBERS_PARAMETER] == ["investment_risk_v2", "uplifting_v4"]
+    records = read_filter_records(repo)
+    assert records[FIVE_DIMS.name]["accuracy_gate"]["report"]["variants"]["bf16"]["mae_delta"] <= contract.GATE_TOLERANCE
+    assert records[UPLIFTING_V4.name]["accuracy_gate"] is None  # exported without validation data: parity vouches, nothing else
+
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(json.dumps({"title": t, "content": c}, ensure_ascii=False) + "\n" for t, c in MIXED_ARTICLES),
+                      encoding="utf-8")
+    local = ove.served_model("bf16", folder / "1" / "model.xml")
+    with TritonServer(repo) as server:
+        done = subprocess.run([sys.executable, "-m", "filterserve.cli", "score", str(source), "--url", server.grpc_url],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for spec in (UPLIFTING_V4, FIVE_DIMS):
+            texts = [spec.input_text(t, c) for t, c in MIXED_ARTICLES]
+            got = np.array([[line[spec.name]["scores"][d] for d in spec.dimensions] for line in lines])
+            for i, text in enumerate(texts):
+                tokens = client.infer(contract.tokenizer_model(spec.name), text_inputs("grpc", [text]))
+                expected, _ = local.scores(*(tokens.as_numpy(n) for n in (*contract.TOKEN_INPUTS, contract.FILTER_INDEX)))
+                assert np.abs(got[i] - expected[0, : spec.num_labels]).max() <= 1e-5, (spec.name, i)
+            bound = records[spec.name]["parity"]["bf16"]["limit"]
+            assert np.abs(got - references[spec.name](texts)).max() <= bound, spec.name
+        client.close()

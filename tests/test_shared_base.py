@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 
-from filterserve.contract import PARITY_TOLERANCES
 from filterserve.errors import FilterServeError, ParityError
 from filterserve.export.parity import ort_scores, ort_session
 from filterserve.export.shared_base import (
@@ -20,6 +19,7 @@ from filterserve.export.shared_base import (
     check_trained_on,
     export_group,
     load_members,
+    onnx_group_scorer,
 )
 from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4
@@ -41,7 +41,7 @@ def group(family, tmp_path_factory):
 def test_every_member_matches_its_own_peft_reference_on_rows_that_mix_filters(group):
     path, loaded, batch = group
     assert batch.filter_index[:4, 0].tolist() == [0, 1, 0, 1], "neighbouring rows belong to different filters"
-    parity = check_group_parity(path, loaded.references, batch, PARITY_TOLERANCES["fp32"], "shared fp32")
+    parity = check_group_parity(onnx_group_scorer(path), loaded.references, batch, "fp32", "shared fp32")
     assert set(parity) == {"uplifting_v4", "investment_risk_v2"}
     for record in parity.values():
         assert record["passed"] and record["max_abs_diff"] <= 1e-4 and record["n_texts"] == 7
@@ -95,7 +95,7 @@ def test_a_member_off_its_reference_fails_naming_it(group):
     eight, five = loaded.references
     off = MemberReference(five.spec, five.texts, five.rows, five.scores + 2e-4)
     with pytest.raises(ParityError, match=r"member investment_risk_v2 .* max \|Δ\| = 0\.0002\d* > tolerance 0\.0001"):
-        check_group_parity(path, [eight, off], batch, PARITY_TOLERANCES["fp32"], "shared fp32")
+        check_group_parity(onnx_group_scorer(path), [eight, off], batch, "fp32", "shared fp32")
 
 
 def test_an_adapter_made_for_another_base_is_refused(family, tmp_path):
@@ -156,5 +156,5 @@ def test_a_gemma3_family_shares_its_base_too(tmp_path):
     assert loaded.pad_token_id == 0 and [w.rank for w in loaded.weights] == [16, 8]
     path = tmp_path / "gemma_onnx" / "1" / "model.onnx"
     batch = export_group(str(eight.base_dir), loaded, path)
-    parity = check_group_parity(path, loaded.references, batch, PARITY_TOLERANCES["fp32"], "shared fp32")
+    parity = check_group_parity(onnx_group_scorer(path), loaded.references, batch, "fp32", "shared fp32")
     assert all(p["max_abs_diff"] <= 1e-4 for p in parity.values())

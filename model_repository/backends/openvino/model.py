@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.model_repository import openvino as backend
 from filterserve.model_repository.tensor_backend import TensorBackend, TokenRules
@@ -49,6 +50,8 @@ class TritonPythonModel(TensorBackend):
                 f"{config['name']} would run {running} on this CPU, but its export gated {gated}: export it again on this machine"
             )
         self.token_rules = TokenRules.from_mapping(recorded)
+        if contract.GROUP_MEMBERS_PARAMETER in recorded:
+            self.members = len(recorded[contract.GROUP_MEMBERS_PARAMETER])
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feeds)
