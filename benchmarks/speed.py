@@ -397,6 +397,8 @@ def _throughput_figure(report: dict[str, Any]) -> Any:
     fig, axes = plt.subplots(2, len(mixes), figsize=(6.5 * len(mixes), 8), squeeze=False)
     for column, mix in enumerate(mixes):
         speed, waste = axes[0][column], axes[1][column]
+        for ax in (speed, waste):  # a dozen engines: the default ten colours would repeat
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for engine, row in report["engines"][mix].items():
             levels = [int(c) for c in row]
             speed.plot(levels, [s["articles_per_s"] for s in row.values()], marker="o", label=engine)
@@ -406,7 +408,7 @@ def _throughput_figure(report: dict[str, Any]) -> Any:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency (in process: batch size)")
             ax.set_ylabel(label)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         speed.set_title(f"{mix} lengths: throughput")
         waste.set_title(f"{mix} lengths: padding waste")
     fig.tight_layout()
