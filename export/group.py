@@ -366,6 +366,7 @@ def apply_change(change: GroupChange, settings: RepositorySettings, steps: Steps
             score_rows = onnx_group_scorer(onnx_path)
             parity, execution = {"fp32": _parity(change, "ONNX Runtime fp32", score_rows, loaded, batch, steps, "fp32")}, None
             if change.precision != "fp32":
+                del score_rows  # the fp32 session's weights go before OpenVINO reads and compiles its own copy
                 model = _openvino_group(onnx_path, change.precision, steps)
                 score_rows, execution = model.scores, model.execution
                 parity[change.precision] = _parity(change, f"OpenVINO {change.precision}", score_rows, loaded, batch, steps,
@@ -399,7 +400,6 @@ def _openvino_group(onnx_path: Path, precision: str, steps: Steps) -> openvino_e
         xml = openvino_engine.onnx_to_ir(onnx_path, onnx_path.with_name(OPENVINO_MODEL_FILE))
         for onnx_file in onnx_path.parent.glob("model.onnx*"):
             onnx_file.unlink()
-        gc.collect()
         model = openvino_engine.served_model(precision, xml)
         steps.say(f"OpenVINO runs {model.execution.precision} (CPU flags {', '.join(model.execution.cpu.flags) or 'none'})")
     return model

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from filterserve.contract import FILTER_INDEX, TENSOR_OUTPUTS, TOKEN_INPUTS
+from filterserve.contract import FILTER_INDEX, PARITY_TOLERANCES, RELATIVE_PARITY, TENSOR_OUTPUTS, TOKEN_INPUTS
 from filterserve.errors import ParityError
 
 from filterserve.filters import FilterSpec
@@ -212,6 +213,15 @@ class ParityResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
+
+
+def parity_record(result: ParityResult, precision: str, limit: float) -> dict[str, Any]:
+    """What a variant's record keeps of its parity check (a merged filter's or a group member's):
+    the result, the precision's tolerance, and for a relative bound (bf16) the absolute limit it came to."""
+    record = result.to_dict() | {"tolerance": PARITY_TOLERANCES[precision]}
+    if precision in RELATIVE_PARITY:
+        record |= {"relative": True, "limit": limit}
+    return record
 
 
 def compare(

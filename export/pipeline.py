@@ -61,6 +61,7 @@ from filterserve.export.parity import (
     encode,
     ort_scores,
     ort_session,
+    parity_record,
     parity_texts,
     reference_scores,
     score_in_batches,
@@ -275,9 +276,7 @@ def check_parity(precision: str, path: Path, reference: Reference, steps: Steps)
     bound = "the accuracy gate" if tolerance is None else f"{limit:.3g}" + (
         f" = {tolerance:g} × the largest |score|" if precision in contract.RELATIVE_PARITY else "")
     steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {bound})")
-    record = result.to_dict() | {"tolerance": tolerance}
-    if precision in contract.RELATIVE_PARITY:
-        record |= {"relative": True, "limit": limit}
+    record = parity_record(result, precision, limit)
     if model is not None:
         record["execution"] = openvino_engine.execution_record(model.execution)
         steps.say(f"OpenVINO runs {model.execution.precision} (compute layers {model.execution.layers}; "

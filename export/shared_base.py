@@ -38,7 +38,7 @@ from filterserve.errors import FilterServeError
 from filterserve.export.load import Loaded, check_adapter_config, load_reference, load_tokenizer
 from filterserve.export.manifest import folder_checksums
 from filterserve.export.onnx_export import export_graph
-from filterserve.export.parity import compare, ort_scores, ort_session, parity_texts, reference_scores
+from filterserve.export.parity import compare, ort_scores, ort_session, parity_record, parity_texts, reference_scores
 from filterserve.filters import FilterSpec
 from filterserve.progress import Steps
 
@@ -441,7 +441,6 @@ def check_group_parity(score: GroupScorer, references: list[MemberReference], ba
     member's parity record.
     """
     logits, weighted = score(batch.ids, batch.mask, batch.filter_index)
-    tolerance = contract.PARITY_TOLERANCES[precision]
     results = {}
     for i, reference in enumerate(references):
         rows, n = batch.rows[i], reference.spec.num_labels
@@ -452,8 +451,7 @@ def check_group_parity(score: GroupScorer, references: list[MemberReference], ba
         if logits.shape[1] > n:
             compare(f"{label} columns past its {n} dimensions", logits[rows, n:], np.zeros_like(logits[rows, n:]), 0.0,
                     against="zero")
-        results[reference.spec.name] = result.to_dict() | {"tolerance": tolerance} | (
-            {"relative": True, "limit": limit} if precision in contract.RELATIVE_PARITY else {})
+        results[reference.spec.name] = parity_record(result, precision, limit)
     return results
 
 
