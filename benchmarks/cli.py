@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from filterserve import defaults
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.filters import load_filter
 
@@ -71,10 +72,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                             "LoRA ranks 16 and 8), the input of bench shared-base")
     family.add_argument("--out", required=True, help="folder for base/, a folder per filter and family.json")
     family.add_argument("--count", type=int, default=6, help="how many filters (default: 6)")
-    family.add_argument("--shape", choices=["tiny", "qwen2.5-1.5b", "gemma3-1b"], default="tiny",
+    family.add_argument("--shape", choices=defaults.STANDIN_SHAPES, default=defaults.STANDIN_SHAPE,
                         help="tiny (seconds), or a real base's dimensions with random weights")
     family.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
-    family.add_argument("--tokenizer", help="a real tokenizer.json (Qwen2.5's): the real vocabulary and token lengths")
+    family.add_argument("--tokenizer", help="a real tokenizer.json (Qwen2.5's, or Gemma-3's for the gemma3 shapes): the real vocabulary and token lengths")
 
     shared = sub.add_parser("shared-base", help="N filters of one base served merged vs as one shared-base group: "
                             "served memory, throughput, single-filter latency, what the LoRA paths cost")
@@ -120,16 +121,10 @@ def bench_command(args: argparse.Namespace) -> int:
         print(json.dumps({n: {"mae": v["mae"], "mae_delta": v["mae_delta"]} for n, v in report["variants"].items()}, indent=2))
         return 0
     if args.bench == "family":
-        from dataclasses import replace
-
         from filterserve.benchmarks.shared_base import build_family
-        from filterserve.export.standin import QWEN25_VOCAB_SIZE, StandinShape
+        from filterserve.export.standin import standin_shape
 
-        shape = {"tiny": StandinShape, "qwen2.5-1.5b": StandinShape.qwen25_1_5b, "gemma3-1b": StandinShape.gemma3_1b}[args.shape]()
-        if args.layers is not None:
-            shape = replace(shape, num_hidden_layers=args.layers)
-        if args.tokenizer:
-            shape = replace(shape, vocab_size=max(shape.vocab_size, QWEN25_VOCAB_SIZE))
+        shape = standin_shape(args.shape, args.layers, bool(args.tokenizer))
         family = build_family(Path(args.out), args.count, shape, Path(args.tokenizer) if args.tokenizer else None)
         print(json.dumps(family, indent=2))
         return 0

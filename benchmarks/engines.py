@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from filterserve.errors import FilterServeError
-from filterserve.manifest import read_filter_record
 from filterserve.filters import FilterSpec
+from filterserve.manifest import read_filter_record
 
 # In-process engines score at most this many texts in one padded batch when not told otherwise.
 ACCURACY_BATCH = 16

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from filterserve.benchmarks.articles import REALISTIC_MIX, articles_of_lengths, realistic_lengths, texts_of_length
 from filterserve.benchmarks.engines import (
-    PRECISION_ARITHMETIC,
     BatchEngine,
     Engine,
     Repository,

@@ -67,7 +67,7 @@ class MultiFilterClient:
     def specs(self) -> dict[str, FilterSpec]:
         return {name: client.spec for name, client in self.clients.items()}
 
-    def __enter__(self) -> "MultiFilterClient":
+    def __enter__(self) -> MultiFilterClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from filterserve.client.errors import ClientError
-from filterserve.errors import FilterServeError
 from filterserve.contract import (
     FINAL_SCORES,
     GATEKEEPER_APPLIED,
@@ -27,6 +26,7 @@ from filterserve.contract import (
     WEIGHTED_AVERAGE,
     WEIGHTED_SCORE,
 )
+from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 
 # The result schemas ``filterserve score --schema`` writes: filterserve's own (every field below), and
@@ -62,7 +62,7 @@ class FilterResult:
     normalized: bool
 
     @classmethod
-    def from_outputs(cls, outputs: Mapping[str, np.ndarray], spec: FilterSpec, model: str) -> "FilterResult":
+    def from_outputs(cls, outputs: Mapping[str, np.ndarray], spec: FilterSpec, model: str) -> FilterResult:
         """One article's outputs, named as the ensemble names them, checked before anyone reads them.
 
         ``spec`` is the served filter (its dimensions and tiers); ``model`` the model that answered,

@@ -139,7 +139,7 @@ class ServerPool(Scorer):
             if server.client is not None:
                 server.client.close()
 
-    def __enter__(self) -> "ServerPool":
+    def __enter__(self) -> ServerPool:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from filterserve import defaults
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
 from filterserve.export.options import ExportOptions
@@ -121,13 +122,9 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# --shape → the StandinShape constructor of that name (None: the tiny default).
-STANDIN_SHAPES = {"tiny": None, "qwen2.5-1.5b": "qwen25_1_5b", "gemma3-tiny": "gemma3_tiny", "gemma3-1b": "gemma3_1b"}
-
-
 def add_standin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write base/ and adapter/ into")
-    parser.add_argument("--shape", choices=list(STANDIN_SHAPES), default="tiny",
+    parser.add_argument("--shape", choices=defaults.STANDIN_SHAPES, default=defaults.STANDIN_SHAPE,
                         help="tiny and gemma3-tiny (seconds), or the real Qwen2.5-1.5B (~6 GB) or Gemma-3-1B (~4 GB) "
                         "dimensions; random weights. The Gemma-3 shapes are saved as the hub's Gemma3ForCausalLM")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
@@ -139,19 +136,9 @@ def add_standin_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def standin_command(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from filterserve.export.standin import build_standin, standin_shape
 
-    from filterserve.export.standin import GEMMA3, GEMMA3_VOCAB_SIZE, QWEN25_VOCAB_SIZE, StandinShape, build_standin
-
-    made_by = STANDIN_SHAPES[args.shape]
-    shape = getattr(StandinShape, made_by)() if made_by else StandinShape()
-    if args.layers is not None:
-        if args.layers < 1:
-            raise FilterServeError(f"--layers must be at least 1, got {args.layers}")
-        shape = replace(shape, num_hidden_layers=args.layers)
-    if args.tokenizer:
-        real = GEMMA3_VOCAB_SIZE if shape.architecture == GEMMA3 else QWEN25_VOCAB_SIZE
-        shape = replace(shape, vocab_size=max(shape.vocab_size, real))
+    shape = standin_shape(args.shape, args.layers, bool(args.tokenizer))
     print(f"building a random-weight stand-in ({shape}); its scores mean nothing", file=sys.stderr)
     made = build_standin(
         Path(args.out),

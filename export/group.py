@@ -43,11 +43,11 @@ import numpy as np
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
+from filterserve.export import openvino_engine
 from filterserve.export.load import adapter_weights_path, load_tokenizer
 from filterserve.export.manifest import describe_source, folder_checksums, new_record, versions
 from filterserve.export.options import ExportOptions
 from filterserve.export.parity import score_in_batches
-from filterserve.export import openvino_engine
 from filterserve.export.shared_base import (
     GroupScorer,
     MemberSource,

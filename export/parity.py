@@ -17,7 +17,6 @@ import torch
 
 from filterserve.contract import FILTER_INDEX, PARITY_TOLERANCES, RELATIVE_PARITY, TENSOR_OUTPUTS, TOKEN_INPUTS
 from filterserve.errors import ParityError
-
 from filterserve.filters import FilterSpec
 
 _SENTENCE = (

@@ -48,12 +48,12 @@ import numpy as np
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
+from filterserve.export import openvino_engine, quantization_data
 from filterserve.export.group import export_shared, refuse_member
 from filterserve.export.load import Loaded, adapter_weights_path, load_reference
 from filterserve.export.manifest import describe_source, new_record, versions
 from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
-from filterserve.export import openvino_engine, quantization_data
 from filterserve.export.options import MADE_FROM, ExportOptions
 from filterserve.export.options import parse_precisions as parse_precisions  # its name here before options.py
 from filterserve.export.parity import (

@@ -21,12 +21,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from filterserve import defaults
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 
@@ -67,18 +68,38 @@ class StandinShape:
     sliding_window: int | None = None
 
     @classmethod
-    def qwen25_1_5b(cls) -> "StandinShape":
+    def qwen25_1_5b(cls) -> StandinShape:
         return cls(1536, 28, 12, 2, 8960, QWEN25_VOCAB_SIZE, 32768)
 
     @classmethod
-    def gemma3_tiny(cls) -> "StandinShape":
+    def gemma3_tiny(cls) -> StandinShape:
         """Gemma-3's layout (one key/value head, a sliding and a full attention layer) at toy width."""
         return cls(64, 2, 4, 1, 128, 2048, 1024, GEMMA3, head_dim=16, sliding_window=512)
 
     @classmethod
-    def gemma3_1b(cls) -> "StandinShape":
+    def gemma3_1b(cls) -> StandinShape:
         """gemma-3-1b-pt: hidden 1152, 26 layers, 4 heads of 256, 1 key/value head, intermediate 6912."""
         return cls(1152, 26, 4, 1, 6912, GEMMA3_VOCAB_SIZE, 32768, GEMMA3, head_dim=256, sliding_window=512)
+
+
+# The --shape names (filterserve.defaults.STANDIN_SHAPES) → the StandinShape constructor.
+_CONSTRUCTORS = {"tiny": "__call__", "qwen2.5-1.5b": "qwen25_1_5b", "gemma3-tiny": "gemma3_tiny", "gemma3-1b": "gemma3_1b"}
+assert tuple(_CONSTRUCTORS) == defaults.STANDIN_SHAPES
+
+
+def standin_shape(name: str, layers: int | None = None, real_tokenizer: bool = False) -> StandinShape:
+    """The shape a user named, with ``layers`` decoder layers if given; a real tokenizer grows the vocabulary
+    to that architecture's real size (Qwen2.5's or Gemma-3's), never the other's."""
+    made_by = _CONSTRUCTORS[name]
+    shape = StandinShape() if made_by == "__call__" else getattr(StandinShape, made_by)()
+    if layers is not None:
+        if layers < 1:
+            raise FilterServeError(f"--layers must be at least 1, got {layers}")
+        shape = replace(shape, num_hidden_layers=layers)
+    if real_tokenizer:
+        real = GEMMA3_VOCAB_SIZE if shape.architecture == GEMMA3 else QWEN25_VOCAB_SIZE
+        shape = replace(shape, vocab_size=max(shape.vocab_size, real))
+    return shape
 
 
 @dataclass(frozen=True)

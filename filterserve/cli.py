@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from filterserve import defaults
 from filterserve.errors import EXIT_USER_ERROR, FilterServeError, describe_os_error
 
 # Modules that only the extras install; a missing one means the install is client-only.
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="filterserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=defaults.HelpFormatter)
         sub_parser.set_defaults(_module=module, _name=name.replace("-", "_"))
         try:
             getattr(importlib.import_module(module), f"add_{name.replace('-', '_')}_arguments")(sub_parser)

@@ -61,7 +61,7 @@ class Gatekeeper:
         return {"dimension": self.dimension, "below": self.below, "cap": self.cap, "unless": dict(self.unless)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Gatekeeper":
+    def from_dict(cls, data: dict[str, Any]) -> Gatekeeper:
         unless = data.get("unless") or {}
         if not isinstance(unless, dict):
             raise FilterServeError(f"gatekeeper 'unless' must map dimensions to thresholds, got {unless!r}")
@@ -132,7 +132,7 @@ class HeadTail:
         return {"head_tokens": self.head_tokens, "tail_tokens": self.tail_tokens, "separator": self.separator}
 
     @classmethod
-    def from_dict(cls, data: object) -> "HeadTail":
+    def from_dict(cls, data: object) -> HeadTail:
         if not isinstance(data, dict):
             raise FilterServeError(f'head_tail must be {{"head_tokens": 256, "tail_tokens": 256, "separator": " [...] "}}, got {data!r}')
         made = cls(data.get("head_tokens", HEAD_TOKENS), data.get("tail_tokens", TAIL_TOKENS), data.get("separator", SEPARATOR))
@@ -152,7 +152,7 @@ class Tier:
         return {"name": self.name, "threshold": self.threshold, "description": self.description}
 
     @classmethod
-    def from_dict(cls, data: object) -> "Tier":
+    def from_dict(cls, data: object) -> Tier:
         if not isinstance(data, dict) or "name" not in data or "threshold" not in data:
             raise FilterServeError(f'a tier must be {{"name": ..., "threshold": ..., "description": ...}}, got {data!r}')
         return cls(str(data["name"]), _number(data["threshold"], f"threshold of tier {data['name']!r}"), str(data.get("description", "")))
@@ -196,7 +196,7 @@ class Normalization:
         return {"method": self.method, "score_scale_factor": self.score_scale_factor}
 
     @classmethod
-    def from_dict(cls, data: object) -> "Normalization":
+    def from_dict(cls, data: object) -> Normalization:
         if not isinstance(data, dict) or data.get("method") not in NORMALIZATION_METHODS:
             raise FilterServeError(
                 'normalization must be {"method": "percentile", "x": [...], "y": [...]} or '
@@ -327,7 +327,7 @@ class FilterSpec:
             raise FilterServeError(f"tier index {index} is outside filter {self.name!r}'s {len(self.tiers)} tiers")
         return self.tiers[index]
 
-    def with_calibration(self, path: str | Path) -> "FilterSpec":
+    def with_calibration(self, path: str | Path) -> FilterSpec:
         """This filter with the per-dimension breakpoints of a ``calibration.json`` (flat or nested)."""
         return replace(self, calibration=read_calibration(Path(path), self))
 
@@ -346,7 +346,7 @@ class FilterSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "filter description") -> "FilterSpec":
+    def from_dict(cls, data: dict[str, Any], source: str = "filter description") -> FilterSpec:
         """Also reads records written before head_tail, tiers and normalization (and with one ``gatekeeper``)."""
         try:
             dims = data["dimensions"]

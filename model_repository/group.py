@@ -34,6 +34,7 @@ from filterserve.model_repository.repository import (
     write_tensor_model,
 )
 
+
 def group_tensor_config(
     name: str,
     members: list[FilterSpec],

@@ -12,9 +12,8 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from filterserve import contract
+from filterserve import contract, head_tail
 from filterserve.errors import FilterServeError
-from filterserve import head_tail
 from filterserve.filters import FilterSpec
 from filterserve.model_repository import openvino
 from filterserve.model_repository.decision import write_decision_model

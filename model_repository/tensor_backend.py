@@ -49,7 +49,7 @@ class TokenRules:
     max_batch_tokens: int | None = None
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "TokenRules":
+    def from_mapping(cls, values: dict[str, Any]) -> TokenRules:
         return cls(
             vocab_size=int(values["vocab_size"]),
             pad_token_id=int(values["pad_token_id"]),

@@ -27,10 +27,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -366,7 +366,7 @@ class Supervisor:
 
     def _outdated(self, name: str, probe: _Probe) -> bool:
         """Sent to an earlier tritonserver, or before one of the ensemble's models was reloaded."""
-        reloaded = max((self._reloaded_at.get(m, 0.0) for m in [name, *ensemble_steps(self.configs[name])]))
+        reloaded = max(self._reloaded_at.get(m, 0.0) for m in [name, *ensemble_steps(self.configs[name])])
         return probe.launch != self.process.launches or reloaded > probe.sent_at
 
     def _send_probe(self, name: str, now: float) -> None:

@@ -79,7 +79,7 @@ class AdminKey:
     value: str = field(repr=False)
 
     @classmethod
-    def generate(cls) -> "AdminKey":
+    def generate(cls) -> AdminKey:
         return cls(secrets.token_hex(32))  # hex: no ':' or '=' that would break the flag's syntax
 
     def flags(self) -> list[str]:

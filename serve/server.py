@@ -101,13 +101,13 @@ class TritonServer:
         return filter_ensembles(self.configs)
 
     # --- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         """Start, wait until ready, and check every filter with a test inference."""
         if self._started:
             raise FilterServeError("this server is already started")

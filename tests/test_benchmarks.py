@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import export_into, perturb_head
 
 from filterserve.benchmarks.trained_fixture import TrainedFixture, single_thread
 from filterserve.cli import main
 from filterserve.export.standin import LORA_TARGETS
 from filterserve.filters import UPLIFTING_V4
 from filterserve.gate import REFERENCE, build_report, read_jsonl, refusals
-
-from conftest import export_into, perturb_head
 
 SPEC = UPLIFTING_V4
 # pytorch_bf16: the card's recipe in bf16; openvino_f32: OpenVINO on the fp32 file, in process;

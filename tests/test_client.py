@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MIXED_ARTICLES
+from helpers import decide
 
 from filterserve.client import ClientError, FilterClient, FilterResult, ScoreError, ServerUnavailable
 from filterserve.contract import (
@@ -21,8 +23,8 @@ from filterserve.contract import (
     GATEKEEPER_APPLIED,
     N_TOKENS,
     RAW_WEIGHTED_AVERAGE,
-    TIER,
     SCORES,
+    TIER,
     TRUNCATED,
     WEIGHTED_AVERAGE,
     WEIGHTED_SCORE,
@@ -30,9 +32,6 @@ from filterserve.contract import (
 from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES
-from helpers import decide
 
 PROTOCOLS = ["grpc", "http"]
 LONG_TEXT = " ".join(["Volunteers rebuilt the village school after the flood."] * 120)  # > max_length tokens

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import decide
 
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, Breakpoints, FilterSpec, Gatekeeper, load_filter
-
-from helpers import decide
 
 # Rows below are in uplifting v4's order: agency, progress, collective_benefit, connection,
 # innovation, justice, resilience, wonder.

@@ -14,12 +14,12 @@ import importlib.metadata
 import inspect
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from filterserve import contract

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIVE_DIMS
 
+from filterserve.cli import build_parser, main
 from filterserve.data import sample_articles
 from filterserve.errors import FilterServeError, ParityError
-from filterserve.cli import build_parser, main
 from filterserve.export import pipeline
 from filterserve.export.cli import export_options
 from filterserve.export.load import load_reference
@@ -24,8 +25,6 @@ from filterserve.export.parity import encode, ort_scores, ort_session, parity_te
 from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4, load_filter
 from filterserve.model_repository.repository import RepositorySettings
-
-from conftest import FIVE_DIMS
 
 ARTICLE_TEXTS = [UPLIFTING_V4.input_text(a["title"], a["content"]) for a in sample_articles()]
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MIXED_ARTICLES, export_into, peft_scorer
+from helpers import bytes_input, int_input, triton_client
 
 from filterserve.contract import (
     CONTENT,
@@ -32,9 +34,6 @@ from filterserve.contract import (
 from filterserve.export.parity import _offsets, head_tail_articles
 from filterserve.filters import UPLIFTING_V4, HeadTail
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES, export_into, peft_scorer
-from helpers import bytes_input, int_input, triton_client
 
 pytestmark = pytest.mark.slow  # the real tritonserver, started here
 

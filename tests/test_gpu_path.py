@@ -17,7 +17,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from conftest import perturb_head, tree_digest
 from google.protobuf import text_format
+from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve.cli import main
@@ -38,11 +40,8 @@ from filterserve.export.tensorrt_engine import (
 )
 from filterserve.manifest import read_filter_records
 from filterserve.model_repository import write_repository
-from filterserve.model_repository.repository import RepositorySettings
 from filterserve.model_repository.gpu import ShapeProfile, engine_cache_dir, onnx_checksum, serving_profile
-from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
-
-from conftest import perturb_head, tree_digest
+from filterserve.model_repository.repository import RepositorySettings
 
 # ONNX Runtime's TensorRT execution provider options, as documented in the "Execution Provider
 # Options" table of https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
 
 from filterserve import contract
 from filterserve.errors import FilterServeError, ParityError
@@ -20,8 +21,6 @@ from filterserve.export.standin import build_standin
 from filterserve.filters import UPLIFTING_V4
 from filterserve.manifest import read_filter_records, read_group_records
 from filterserve.serve.assembly import read_model_config
-
-from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
 
 pytestmark = pytest.mark.slow  # every test here exports a group (or more) of its own, through the CLI
 
@@ -283,11 +282,10 @@ def test_a_bf16_group_runs_on_openvino_and_is_served_as_gated(family, references
     through the OpenVINO stand-in agrees with in-process OpenVINO on the server's own tokens (1e-5)
     and with PyTorch + PEFT within each member's recorded bound."""
     import tritonclient.grpc as grpcclient
+    from helpers import text_inputs
 
     from filterserve.model_repository import openvino as backend
     from filterserve.serve import TritonServer
-
-    from helpers import text_inputs
 
     eight, five = family
     repo = tmp_path / "repo"

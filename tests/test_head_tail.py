@@ -15,13 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import MIXED_ARTICLES
 from tokenizers import Tokenizer
 
 from filterserve.export.parity import _offsets, head_tail_articles, parity_articles, parity_texts
 from filterserve.filters import UPLIFTING_V4, HeadTail
 from filterserve.head_tail import head_tail
-
-from conftest import MIXED_ARTICLES
 
 SPEC = replace(UPLIFTING_V4, name="head_tail_filter", head_tail=HeadTail())
 

@@ -14,6 +14,8 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from conftest import MIXED_ARTICLES, export_into
+from helpers import BAD_REQUEST, bytes_input, int_input, stub_of, triton_client
 from tritonclient.utils import InferenceServerException
 
 from filterserve.client import FilterClient
@@ -22,9 +24,6 @@ from filterserve.contract import COMPUTED_TOKENS_METRIC, REAL_TOKENS_METRIC, SER
 from filterserve.filters import UPLIFTING_V4
 from filterserve.model_repository.repository import DEFAULT_MAX_TEXT_BYTES
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES, export_into
-from helpers import BAD_REQUEST, bytes_input, int_input, stub_of, triton_client
 
 pytestmark = pytest.mark.slow  # the real tritonserver, started here
 

@@ -9,14 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import FIVE_DIMS, tree_digest
 
 from filterserve.benchmarks.engines import open_repository
 from filterserve.errors import FilterServeError, ParityError
 from filterserve.export import pipeline
 from filterserve.filters import UPLIFTING_V4, load_filter
 from filterserve.manifest import read_filter_records
-
-from conftest import FIVE_DIMS, tree_digest
 
 NAMES = ["investment_risk_v2", "uplifting_v4"]
 

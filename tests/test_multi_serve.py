@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
+from helpers import decide
 
 from filterserve.client import ClientError, FilterClient, FilterResult, MultiFilterClient, ScoreError
 from filterserve.contract import SERVED_TOLERANCE
@@ -22,9 +24,6 @@ from filterserve.export.standin import build_standin
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.serve import TritonServer
 from filterserve.serve.process import ADMIN_HEADER
-
-from conftest import FIVE_DIMS, MIXED_ARTICLES, peft_scorer, tree_digest
-from helpers import decide
 
 pytestmark = pytest.mark.slow  # the real tritonserver, started here
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MIXED_ARTICLES
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -22,8 +23,6 @@ from filterserve.export.quantize import EXCLUSION_LADDER
 from filterserve.filters import UPLIFTING_V4
 from filterserve.model_repository import openvino as backend
 from filterserve.model_repository.repository import RepositorySettings, openvino_model_config, write_repository
-
-from conftest import MIXED_ARTICLES
 
 SPEC = UPLIFTING_V4
 BF16_CPU = ove.cpu_support().bf16
@@ -242,13 +241,12 @@ def ov_repo(exported, standin, ir, int8_ir, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_served_openvino_standin_matches_in_process_openvino(ov_repo):
     import tritonclient.grpc as grpcclient
+    from helpers import int_input, text_inputs
     from tritonclient.utils import InferenceServerException
 
     from filterserve.client import FilterClient
     from filterserve.serve import TritonServer
     from filterserve.serve.assembly import read_configs
-
-    from helpers import int_input, text_inputs
 
     configs = read_configs(ov_repo)
     openvino_models = {name: c for name, c in configs.items() if c.backend == "openvino"}

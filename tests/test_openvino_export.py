@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MIXED_ARTICLES, export_into, peft_scorer
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
@@ -19,8 +20,6 @@ from filterserve.export.quantization_data import DEFAULT_SOURCE
 from filterserve.filters import UPLIFTING_V4
 from filterserve.model_repository import openvino as backend
 from filterserve.serve.assembly import read_configs
-
-from conftest import MIXED_ARTICLES, export_into, peft_scorer
 
 SPEC = UPLIFTING_V4
 needs_bf16 = pytest.mark.skipif(not ove.cpu_support().bf16, reason="this CPU has no bf16 arithmetic")
@@ -104,11 +103,10 @@ def test_filterserve_score_through_the_openvino_standin(ov_export, trained, tmp_
     against in-process OpenVINO on the tokens the server's tokenizer step made (1e-5), and against
     PyTorch + PEFT within the variant's recorded parity bound."""
     import tritonclient.grpc as grpcclient
+    from helpers import text_inputs
 
     from filterserve.benchmarks.engines import open_repository, variant_repository
     from filterserve.serve import TritonServer
-
-    from helpers import text_inputs
 
     repo, record = ov_export
     opened = open_repository(repo)

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MIXED_ARTICLES
 
 from filterserve.contract import SERVED_TOLERANCE
 from filterserve.data import sample_articles
 from filterserve.filter_folder import read_filter_folder
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES
 
 pytestmark = pytest.mark.slow  # exports through the CLI, starts the real tritonserver
 

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from conftest import MIXED_ARTICLES, export_into, peft_scorer
+from helpers import bytes_input
 from tokenizers import Tokenizer
 
 from filterserve.contract import tokenizer_model
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES, export_into, peft_scorer
-from helpers import bytes_input
 
 SPEC = UPLIFTING_V4
 PAD_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645

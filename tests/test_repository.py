@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract, head_tail
@@ -15,7 +16,6 @@ from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 from filterserve.model_repository import write_repository
 from filterserve.model_repository.repository import RepositorySettings
-from toy_onnx import TOY_SPEC, build_onnx, build_tokenizer, build_toy_export
 
 SPEC = TOY_SPEC
 

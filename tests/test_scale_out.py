@@ -15,13 +15,12 @@ import time
 
 import numpy as np
 import pytest
+from helpers import settled
 
 from filterserve.client import FilterClient, FilterResult, ScoreError, ServerUnavailable
 from filterserve.client.servers import ServerPool
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
-
-from helpers import settled
 
 ARTICLES = [{"id": i, "title": f"Story {i}", "content": f"Volunteers rebuilt {i} homes. " * (1 + i % 40)} for i in range(400)]
 
@@ -145,6 +144,7 @@ def test_score_cli_takes_several_urls(exported, tmp_path, expected):
 @pytest.mark.timeout(420)
 def test_ray_data_scores_a_corpus_across_two_servers_exactly_once(exported, expected):
     import ray
+
     from filterserve.client.ray_data import ERROR_COLUMN, FilterScorer
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MIXED_ARTICLES
 
 from filterserve.contract import SERVED_TOLERANCE
 from filterserve.data import sample_articles
 from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES
 
 RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "raw_weighted_average", "tier",
                "tier_description", "gatekeeper_applied", "n_tokens", "truncated"]

@@ -17,6 +17,8 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.http as httpclient
+from conftest import MIXED_ARTICLES
+from helpers import BAD_REQUEST, CLIENTS, bytes_input, decide, int_input, settled, stub_of, text_inputs, triton_client
 from tritonclient.utils import InferenceServerException
 
 from filterserve.contract import (
@@ -36,9 +38,6 @@ from filterserve.contract import (
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.serve import TritonServer
-
-from conftest import MIXED_ARTICLES
-from helpers import BAD_REQUEST, CLIENTS, bytes_input, decide, int_input, settled, stub_of, text_inputs, triton_client
 
 pytestmark = pytest.mark.slow  # the real tritonserver, started here
 

@@ -24,15 +24,15 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from helpers import CLIENTS, stub_of, text_inputs
+from slow_model import ENSEMBLE as SLOW
+from slow_model import SLEEP_MODEL, build_slow_repository
+from toy_onnx import TOY_SPEC, build_toy_export
 from tritonclient.utils import InferenceServerException
 
 from filterserve.serve import EXIT_GAVE_UP, TritonServer
 from filterserve.serve.assembly import ensemble_steps
 from filterserve.serve.process import live_stubs
-
-from helpers import CLIENTS, stub_of, text_inputs
-from slow_model import ENSEMBLE as SLOW, SLEEP_MODEL, build_slow_repository
-from toy_onnx import TOY_SPEC, build_toy_export
 
 pytestmark = pytest.mark.slow  # every test here starts a tritonserver
 
@@ -127,7 +127,7 @@ class _ReadinessLog:
         while not self._stop.wait(0.05):
             self.seen.append(_ready(url))
 
-    def __enter__(self) -> "_ReadinessLog":
+    def __enter__(self) -> _ReadinessLog:
         self._thread.start()
         return self
 

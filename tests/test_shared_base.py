@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from conftest import FIVE_DIMS
 
 from filterserve.errors import FilterServeError, ParityError
 from filterserve.export.parity import ort_scores, ort_session
@@ -24,8 +25,6 @@ from filterserve.export.shared_base import (
 from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4
 from filterserve.progress import Steps
-
-from conftest import FIVE_DIMS
 
 
 @pytest.fixture(scope="module")

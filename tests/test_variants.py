@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import perturb_head
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -12,8 +13,6 @@ from filterserve.errors import FilterServeError
 from filterserve.export import pipeline
 from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
 from filterserve.filters import UPLIFTING_V4
-
-from conftest import perturb_head
 
 SPEC = UPLIFTING_V4
 

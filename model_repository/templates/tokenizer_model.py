@@ -42,7 +42,7 @@ def _param(config: dict, key: str) -> str:
     return config["parameters"][key]["string_value"]
 
 
-def _invalid(message: str) -> "pb_utils.InferenceResponse":
+def _invalid(message: str) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
 
 
@@ -157,7 +157,7 @@ class TritonPythonModel:
         rounded = -(-max(longest, 1) // self.bucket) * self.bucket
         return min(rounded, self.max_length)
 
-    def _response(self, rows: list[tuple[list[int], bool]]) -> "pb_utils.InferenceResponse":
+    def _response(self, rows: list[tuple[list[int], bool]]) -> pb_utils.InferenceResponse:
         length = self._padded_length(max(len(ids) for ids, _ in rows))
         input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(rows), length), dtype=np.int64)

@@ -1,0 +1,43 @@
+"""Every default a user can change, in one place: the CLI's ``--help`` shows these values, and the
+code below the CLI takes them from here (or from the options value the CLI built), never from a
+literal of its own.
+
+Names the outside world relies on (Triton models, tensors, metrics) are not defaults: they live in
+:mod:`filterserve.contract`. This module imports only the standard library, so the client-only install can read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default where it has one and its help does not already say it.
+
+    Every parser and sub-parser of the CLI uses it, so a default changed here shows in ``--help``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or "default" in text \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+# ---- stand-ins (`filterserve standin`, `filterserve bench family`) ---------------------------------
+# The --shape names; filterserve.export.standin maps each to its dimensions.
+STANDIN_SHAPES = ("tiny", "qwen2.5-1.5b", "gemma3-tiny", "gemma3-1b")
+STANDIN_SHAPE = "tiny"
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+
+# ---- serve -----------------------------------------------------------------------------------------
+
+
+# ---- client and `filterserve score` ----------------------------------------------------------------
+
+
+# ---- benchmarks and the demo -----------------------------------------------------------------------
+
