@@ -37,6 +37,9 @@ STANDIN_SHAPE = "tiny"
 
 
 # ---- client and `filterserve score` ----------------------------------------------------------------
+# Requests in flight at once, per filter: `filterserve score`, the clients' bulk scoring, and the
+# benchmarks' served runs, which measure what `score` does.
+CONCURRENCY = 16
 
 
 # ---- benchmarks and the demo -----------------------------------------------------------------------
