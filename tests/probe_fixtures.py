@@ -36,10 +36,14 @@ class MLPProbe(nn.Module):
         return self.network(x)
 
 
-def embeddings(n: int, seed: int, dim: int = E5_SMALL_DIM) -> np.ndarray:
-    """Unit-length FP32 vectors, as e5's normalize step gives, around a common direction (as e5's are)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, dim)) * 0.05 + rng.normal(size=dim)
+def embeddings(n: int, seed: int, dim: int = E5_SMALL_DIM, spread: float = 0.5) -> np.ndarray:
+    """Unit-length FP32 vectors, as e5's normalize step gives, around one common direction.
+
+    e5's embeddings of unrelated texts have cosine similarities around 0.8: ``spread`` 0.5 gives
+    that; a large spread gives directions uniform on the sphere.
+    """
+    common = np.random.default_rng(0).normal(size=dim)
+    x = np.random.default_rng(seed).normal(size=(n, dim)) * spread + common
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
