@@ -4,6 +4,8 @@ model of its own, with the scaler folded in")."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,24 @@ def test_onnx_probe_signature(tmp_path: Path):
     assert (inp.name, inp.type.tensor_type.elem_type, shape(inp)) == (PROBE_INPUT, onnx.TensorProto.FLOAT, ["batch", E5_SMALL_DIM])
     assert (out.name, out.type.tensor_type.elem_type, shape(out)) == (PROBE_OUTPUT, onnx.TensorProto.FLOAT, ["batch", 6])
     assert [n.op_type for n in graph.node] == ["Gemm", "Relu", "Gemm", "Relu", "Gemm"]
+
+
+def test_reading_and_converting_need_neither_torch_nor_sklearn(tmp_path: Path):
+    """The export reads the pickle and writes the ONNX with torch and sklearn made unimportable."""
+    scaler, model = production_probe(6, seed=21)
+    pickle_path = write_production_probe(tmp_path / "probe.pkl", scaler, model)
+    onnx_path = tmp_path / "probe.onnx"
+    script = (
+        "import sys\n"
+        "for name in ('torch', 'sklearn'):\n"
+        "    sys.modules[name] = None\n"
+        "from pathlib import Path\n"
+        "from filterserve.probe_pickle import load_probe\n"
+        "from filterserve.export.probe_onnx import write_probe_onnx\n"
+        f"write_probe_onnx(load_probe({str(pickle_path)!r}), Path({str(onnx_path)!r}))\n"
+        "assert not any(m == 'torch' or m.startswith(('torch.', 'sklearn')) for m in sys.modules if sys.modules[m] is not None)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    x = embeddings(32, seed=22)
+    (got,) = _session(onnx_path).run([PROBE_OUTPUT], {PROBE_INPUT: x})
+    assert float(np.max(np.abs(got - reference_scores(scaler, model, x)))) <= PARITY
