@@ -232,6 +232,13 @@ class _Reader:
             f"{self.config_path} {self.key}.{key} = {_show(self.stage1.get(key))}; using {_show(runtime_value)}"
         )
 
+    def configured(self, key: str, default: str) -> str:
+        """config.yaml's stage1 ``key``, else the file's ``.get(key, default)`` default, else load_stage1_config's."""
+        value = self.stage1.get(key, self.source.get_default(key) or default)
+        if not isinstance(value, str) or not value:
+            raise FilterServeError(f"{self.config_path} {self.key}.{key} must be a non-empty string, got {_show(value)}")
+        return value
+
     def threshold(self) -> tuple[float, str, bool]:
         default = self.source.threshold_default()
         file = self.source.path
@@ -272,10 +279,7 @@ class _Reader:
                 self.differ("stage-1 embedding model", f"{self.source.path} _get_embedding_stage_config", literal, "embedding_model")
             return literal
         if self.source.reads_hybrid_section():
-            value = self.stage1.get("embedding_model", self.source.get_default("embedding_model") or DEFAULT_EMBEDDER)
-            if not isinstance(value, str) or not value:
-                raise FilterServeError(f"{self.config_path} {self.key}.embedding_model must be a model name, got {_show(value)}")
-            return value
+            return self.configured("embedding_model", DEFAULT_EMBEDDER)
         raise FilterServeError(f"{self.source.path}: no embedding model name can be read from _get_embedding_stage_config")
 
     def probe(self) -> Path:
@@ -287,10 +291,7 @@ class _Reader:
                 self.differ("stage-1 probe", f"{self.source.path} Path(__file__).parent", "/".join(parts), "probe_path")
             return probe
         if self.source.reads_hybrid_section():
-            value = self.stage1.get("probe_path", self.source.get_default("probe_path") or DEFAULT_PROBE_PATH)
-            if not isinstance(value, str) or not value:
-                raise FilterServeError(f"{self.config_path} {self.key}.probe_path must be a path, got {_show(value)}")
-            return self.folder / value
+            return self.folder / self.configured("probe_path", DEFAULT_PROBE_PATH)
         raise FilterServeError(f"{self.source.path}: the stage-1 probe's path cannot be read without running the file")
 
     def checked_sha256(self, probe: Path, threshold: float) -> str:

@@ -108,6 +108,16 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path: Path
     assert marker.read_text() == "ran"
 
 
+def _probe_with_last_bias(tmp_path: Path, bias: object) -> Path:
+    """A production-format probe (2 dimensions, hidden [2]) whose last bias is ``bias``, pickled as it reduces."""
+    scaler, model = production_probe(output_dim=2, seed=5, hidden_sizes=(2,))
+    state = model.state_dict()
+    state["network.3.bias"] = bias
+    path = tmp_path / "probe.pkl"
+    path.write_bytes(pickle.dumps({"scaler": scaler, "state_dict": state, "model_config": {"input_dim": 384, "output_dim": 2}}))
+    return path
+
+
 def test_code_hidden_inside_a_torch_storage_is_refused(tmp_path: Path):
     """torch.storage._load_from_bytes's bytes are themselves pickles; production torch.loads them unrestricted."""
     marker = tmp_path / "marker"
@@ -121,19 +131,13 @@ def test_code_hidden_inside_a_torch_storage_is_refused(tmp_path: Path):
         def __reduce__(self):
             return torch._utils._rebuild_tensor_v2, (_Storage(), 0, (2,), (1,), False, {})
 
-    scaler, model = production_probe(output_dim=2, seed=5, hidden_sizes=(2,))
-    state = model.state_dict()
-    state["network.3.bias"] = _Tensor()
-    path = tmp_path / "probe.pkl"
-    path.write_bytes(pickle.dumps({"scaler": scaler, "state_dict": state, "model_config": {"input_dim": 384, "output_dim": 2}}))
     with pytest.raises(FilterServeError, match=r"refused probe .*global (__builtin__|builtins)\.exec"):
-        load_probe(path)
+        load_probe(_probe_with_last_bias(tmp_path, _Tensor()))
     assert not marker.exists()
 
 
 def test_a_tensor_view_past_its_storage_is_refused(tmp_path: Path):
     """A size/stride reaching beyond the storage would read memory that is not the probe's."""
-    scaler, model = production_probe(output_dim=2, seed=6, hidden_sizes=(2,))
     storage = torch.zeros(4).untyped_storage()
 
     class _Tensor:
@@ -141,12 +145,8 @@ def test_a_tensor_view_past_its_storage_is_refused(tmp_path: Path):
             return torch._utils._rebuild_tensor_v2, (torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32,
                                                                                  _internal=True), 3, (2,), (1000,), False, {})
 
-    state = model.state_dict()
-    state["network.3.bias"] = _Tensor()
-    path = tmp_path / "probe.pkl"
-    path.write_bytes(pickle.dumps({"scaler": scaler, "state_dict": state, "model_config": {"input_dim": 384, "output_dim": 2}}))
     with pytest.raises(FilterServeError, match=r"reaches element 1003 of a storage of 4"):
-        load_probe(path)
+        load_probe(_probe_with_last_bias(tmp_path, _Tensor()))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not a dict", "no scaler", "layer mismatch"])
