@@ -40,6 +40,18 @@ def test_production_probe_loads_to_the_same_numbers(tmp_path: Path, protocol: in
         np.testing.assert_array_equal(layer.bias, linear.bias.detach().numpy())
 
 
+def test_numpy_2_names(tmp_path: Path):
+    """Production's probes are written under numpy 2, whose pickles name ``numpy._core`` (numpy 1: ``numpy.core``)."""
+    scaler, model = production_probe(output_dim=6, seed=1, hidden_sizes=(16,))
+    path = write_production_probe(tmp_path / "p.pkl", scaler, model, protocol=2)  # GLOBAL opcodes: names are plain text
+    numpy1 = path.read_bytes()
+    assert b"cnumpy.core.multiarray\n" in numpy1
+    path.write_bytes(numpy1.replace(b"cnumpy.core.", b"cnumpy._core."))
+    probe = load_probe(path)
+    np.testing.assert_array_equal(probe.scaler.mean, scaler.mean_)
+    np.testing.assert_array_equal(probe.layers[0].weight, model.network[0].weight.detach().numpy())
+
+
 def test_scaler_without_mean_or_std(tmp_path: Path):
     scaler, model = production_probe(output_dim=5, seed=2, hidden_sizes=(32,), with_mean=False)
     probe = load_probe(write_production_probe(tmp_path / "p.pkl", scaler, model))
