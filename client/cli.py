@@ -5,9 +5,13 @@ errors file (with its line number and the reason); blank lines are skipped. Both
 flushed line by line, so a crash loses nothing already written, and ``--resume`` continues a
 partial output where it stopped: it counts the complete lines of the output (a torn last line is
 cut), skips as many input lines (and the failed ones the errors file lists before them), checks
-that the last written line is the input line it should be, and scores the rest.
+that the last written line is the input line it should be, and scores the rest; the earlier run's
+failed lines are kept, and counted in the report and the exit code.
 
-Exit codes: 0 every line scored; 1 some lines failed (listed in the errors file); 2 usage or
+A file is written only when it says something: the output once the server has answered, the
+errors file at the first failed line.
+
+Exit codes: 0 every line scored; 1 some lines failed (listed in the errors file, by this run or the one resumed); 2 usage or
 server error; 3 the output or errors file cannot be written (checked before scoring, and on
 every write: a full disk stops the run); 130 interrupted (Ctrl-C or SIGTERM).
 """
