@@ -75,7 +75,7 @@ class FilterClient(Scorer):
         self.model = model
         if served is None or model not in served.configs:
             self._require_ready(model)
-        config = served.configs[model] if served is not None and model in served.configs else endpoint.config(model)
+        config = self._config(model, served)
         described = config.get("parameters", {}).get(FILTER_PARAMETER, {}).get("string_value")
         if not described:
             raise ClientError(f"model {self.model} has no '{FILTER_PARAMETER}' parameter: it is not a filterserve ensemble")
@@ -94,11 +94,7 @@ class FilterClient(Scorer):
 
         # A shared-base group's member: its tokenizer step tells the group's tensor model which filter a row is.
         indexing = next((step["model_name"] for step in steps if FILTER_INDEX in step.get("output_map", {})), None)
-        if indexing is None:
-            self._filter_index = None
-        else:
-            indexing_config = served.configs[indexing] if served is not None and indexing in served.configs else endpoint.config(indexing)
-            self._filter_index = int(indexing_config["parameters"][FILTER_INDEX]["string_value"])
+        self._filter_index = None if indexing is None else int(self._config(indexing, served)["parameters"][FILTER_INDEX]["string_value"])
         self._tokenizer: Tokenizer | None = None
         if tokenizer is not None:
             if not self.tensor_model or not self.decision_model:
@@ -116,6 +112,10 @@ class FilterClient(Scorer):
             self._tokenizer.no_padding()
             self._require_ready(self.tensor_model)
             self._require_ready(self.decision_model)
+
+    def _config(self, model: str, served: Served | None) -> dict[str, Any]:
+        """As discovery read it, if it did; else asked of the server."""
+        return served.configs[model] if served is not None and model in served.configs else self.endpoint.config(model)
 
     def _require_ready(self, model: str) -> None:
         if not self.endpoint.is_ready(model):
