@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, BinaryIO
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from filterserve import defaults
 from filterserve.client.endpoint import PROTOCOLS, Protocol

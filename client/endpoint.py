@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from gevent.exceptions import InvalidThreadUseError
+from gevent.exceptions import InvalidThreadUseError  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from filterserve import defaults
