@@ -131,8 +131,9 @@ class ScoreOptions:
                                        ("--retries", self.retries, defaults.RETRIES), ("--schema", self.schema, defaults.SCHEMA)):
             if value != default:
                 words += [option, f"{value:g}" if isinstance(value, float) else str(value)]
-        hint = f"continue with: {shlex.join(words)}"
-        return hint if self.input is not None else f"{hint} < (the same input)"
+        if self.input is None:
+            return f"continue, with the same input on stdin, with: {shlex.join(words)}"
+        return f"continue with: {shlex.join(words)}"
 
 
 class OutputError(FilterServeError):
