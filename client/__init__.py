@@ -6,7 +6,8 @@ filterserve's core, so scoring never needs torch. The modules, by job:
 - ``results``: the result schema (``FilterResult``, ``ScoreError``), read from the served outputs;
 - ``items``: the article forms a caller hands in, and what each sends;
 - ``errors``: ``ClientError`` and ``ServerUnavailable`` (try another server);
-- ``endpoint``: one server's transport, TLS, timeouts, retries, and what each failure means;
+- ``endpoint``: one server's address (as people write it), transport, TLS, timeouts, retries, what each
+  failure means, and what it serves (read once, shared by the clients on that connection);
 - ``concurrency``: many articles in flight, longest first, results in input order;
 - ``filter_client``: one filter; ``multi``: several filters; ``servers``: several servers;
 - ``ray_data``: Ray Data batch scoring; ``cli``: ``filterserve score``.

@@ -5,9 +5,13 @@ errors file (with its line number and the reason); blank lines are skipped. Both
 flushed line by line, so a crash loses nothing already written, and ``--resume`` continues a
 partial output where it stopped: it counts the complete lines of the output (a torn last line is
 cut), skips as many input lines (and the failed ones the errors file lists before them), checks
-that the last written line is the input line it should be, and scores the rest.
+that the last written line is the input line it should be, and scores the rest; the earlier run's
+failed lines are kept, and counted in the report and the exit code.
 
-Exit codes: 0 every line scored; 1 some lines failed (listed in the errors file); 2 usage or
+A file is written only when it says something: the output once the server has answered, the
+errors file at the first failed line.
+
+Exit codes: 0 every line scored; 1 some lines failed (listed in the errors file, by this run or the one resumed); 2 usage or
 server error; 3 the output or errors file cannot be written (checked before scoring, and on
 every write: a full disk stops the run); 130 interrupted (Ctrl-C or SIGTERM).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 from collections import deque
@@ -26,8 +31,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, BinaryIO
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
+from filterserve import defaults
+from filterserve.client.endpoint import PROTOCOLS, Protocol
 from filterserve.client.multi import MultiFilterClient
 from filterserve.client.results import SCHEMAS, FilterResult, ScoreError
 from filterserve.errors import FilterServeError
@@ -42,9 +49,11 @@ EXIT_CODES = (
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES
     parser.add_argument("input", nargs="?", default="-", help="JSONL file with title and content per line; - for stdin")
-    parser.add_argument("--url", required=True, help="server address HOST:PORT, or several comma-separated "
-                        "(each article goes to the least busy one; a server that dies is failed over)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: grpc")
+    parser.add_argument("--url", required=True, help="server address HOST[:PORT], or several comma-separated (each article "
+                        "goes to the least busy one; a server that dies is failed over); http:// or grpc:// picks the "
+                        f"protocol; without a port, {defaults.PORTS['grpc']} for gRPC and {defaults.PORTS['http']} for HTTP")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help=f"default: the URL's scheme, else {defaults.PROTOCOL}")
     parser.add_argument(
         "--filter", "--model", dest="filters",
         help="comma-separated filters to score with (default: every filter the server serves)",
@@ -52,19 +61,79 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", help="where scored lines go (default: stdout)")
     parser.add_argument(
         "--errors",
-        help="where failed lines go (default: <OUTPUT>.errors.jsonl, else <INPUT>.errors.jsonl; "
-        "reading stdin and writing stdout: stderr only)",
+        help="where failed lines go, written only if a line fails (default: <OUTPUT>.errors.jsonl, else "
+        "<INPUT>.errors.jsonl; reading stdin and writing stdout: stderr only)",
     )
     parser.add_argument("--resume", action="store_true", help="continue a partial --output (needs --output FILE)")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once, per filter (default: 16)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: 30)")
-    parser.add_argument("--retries", type=int, default=3, help="retries while the server is unreachable (default: 3)")
+    parser.add_argument("--concurrency", type=int, default=defaults.CONCURRENCY, help="requests in flight at once, per filter")
+    parser.add_argument("--timeout", type=float, default=defaults.TIMEOUT_S, help="seconds per request")
+    parser.add_argument("--retries", type=int, default=defaults.RETRIES, help="retries while the server is unreachable")
     parser.add_argument(
-        "--schema", choices=SCHEMAS, default="filterserve",
-        help="the object written under each filter's name: filterserve's (raw and final scores, tier, tokens; default), "
+        "--schema", choices=SCHEMAS, default=defaults.SCHEMA,
+        help="the object written under each filter's name: filterserve's (raw and final scores, tier, tokens), "
         "or production: exactly the production scorer's fields (scores calibrated and clamped, weighted_average, tier, "
         "tier_description, gatekeeper_applied, and raw_weighted_average where the filter normalizes)",
     )
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """``filterserve score``'s options, checked once: what the code below the parser takes whole."""
+
+    input: Path | None  # None: stdin
+    url: str
+    protocol: Protocol | None  # None: the URL's scheme says, else defaults.PROTOCOL
+    filters: tuple[str, ...] | None  # None: every served filter
+    output: Path | None  # None: stdout
+    errors: Path | None  # None: stderr only
+    resume: bool = False
+    concurrency: int = defaults.CONCURRENCY
+    timeout_s: float = defaults.TIMEOUT_S
+    retries: int = defaults.RETRIES
+    schema: str = defaults.SCHEMA
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ScoreOptions:
+        if args.concurrency < 1:
+            raise FilterServeError(f"--concurrency must be at least 1, got {args.concurrency}")
+        source = None if args.input == "-" else Path(args.input)
+        if source is not None and source.is_dir():
+            raise FilterServeError(f"the input {source} is a folder: give a JSONL file (or - for stdin)")
+        if source is not None and not source.is_file():
+            raise FilterServeError(f"input file not found: {source}")
+        output = Path(args.output) if args.output and args.output != "-" else None
+        if args.resume and output is None:
+            raise FilterServeError("--resume continues a partial output file: give it with --output FILE")
+        if output is not None and source is not None and output.exists() and output.resolve() == source.resolve():
+            raise FilterServeError(f"--output {output} is the input file")
+        if args.errors:
+            errors: Path | None = Path(args.errors)
+        elif output is not None:
+            errors = Path(f"{output}.errors.jsonl")
+        else:
+            errors = None if source is None else Path(f"{source}.errors.jsonl")
+        filters = tuple(f.strip() for f in args.filters.split(",") if f.strip()) if args.filters else None
+        return cls(source, args.url, args.protocol, filters or None, output, errors, args.resume, args.concurrency,
+                   args.timeout, args.retries, args.schema)
+
+    def resume_hint(self, filters: list[str]) -> str:
+        """The command that continues this run, runnable as printed: every option that matters, quoted."""
+        if self.output is None:
+            return "write to a file with --output to be able to --resume"
+        words = ["filterserve", "score", str(self.input or "-"), "--output", str(self.output), "--resume", "--url", self.url]
+        if self.protocol is not None:
+            words += ["--protocol", self.protocol]
+        words += ["--filter", ",".join(filters)]  # the filters this output holds, even if the server's change
+        if self.errors != Path(f"{self.output}.errors.jsonl"):
+            words += ["--errors", str(self.errors)]
+        for option, value, default in (("--concurrency", self.concurrency, defaults.CONCURRENCY),
+                                       ("--timeout", self.timeout_s, defaults.TIMEOUT_S),
+                                       ("--retries", self.retries, defaults.RETRIES), ("--schema", self.schema, defaults.SCHEMA)):
+            if value != default:
+                words += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+        if self.input is None:
+            return f"continue, with the same input on stdin, with: {shlex.join(words)}"
+        return f"continue with: {shlex.join(words)}"
 
 
 class OutputError(FilterServeError):
@@ -116,12 +185,32 @@ def _open(path: Path, mode: str, what: str) -> IO[str]:
         raise OutputError(f"cannot write the {what} {path}: {exc.strerror or exc}") from None
 
 
-class Sink:
-    """The output and errors streams, written in input order, one flushed line at a time."""
+def _check_writable(path: Path, what: str) -> None:
+    """Refuses a file that cannot be written, before anything is sent, without creating it."""
+    folder = path.parent
+    if path.is_dir():
+        reason = "Is a directory"
+    elif not folder.is_dir():
+        reason = "No such file or directory"
+    elif not os.access(path if path.exists() else folder, os.W_OK):
+        reason = "Permission denied"
+    else:
+        return
+    raise OutputError(f"cannot write the {what} {path}: {reason}")
 
-    def __init__(self, out: IO[str], out_name: str, errors: IO[str] | None, errors_name: str | None) -> None:
-        self.out, self.out_name, self.errors, self.errors_name = out, out_name, errors, errors_name
+
+class Sink:
+    """The output and errors streams, written in input order, one flushed line at a time.
+
+    The errors file is opened on the first failed line: a run where nothing fails leaves none.
+    ``kept_scored`` and ``kept_failed`` are the lines an earlier run wrote, which ``--resume`` keeps.
+    """
+
+    def __init__(self, out: IO[str], out_name: str, errors_path: Path | None, kept_scored: int = 0, kept_failed: int = 0) -> None:
+        self.out, self.out_name, self.errors_path = out, out_name, errors_path
+        self.errors: IO[str] | None = None
         self.scored = self.failed = 0
+        self.kept_scored, self.kept_failed = kept_scored, kept_failed
         self.last_line = 0  # the last input line written to either stream
 
     def _write(self, stream: IO[str], name: str, line: str) -> None:
@@ -138,9 +227,11 @@ class Sink:
 
     def failed_line(self, number: int, message: str, raw: str) -> None:
         tqdm.write(f"line {number}: {message}", file=sys.stderr)
-        if self.errors is not None:
+        if self.errors_path is not None:
+            if self.errors is None:
+                self.errors = _open(self.errors_path, "a", "errors file")
             entry = {"line": number, "error": message, "input": raw}
-            self._write(self.errors, self.errors_name or "", json.dumps(entry, ensure_ascii=False) + "\n")
+            self._write(self.errors, str(self.errors_path), json.dumps(entry, ensure_ascii=False) + "\n")
         self.failed += 1
         self.last_line = number
 
@@ -151,6 +242,27 @@ class Sink:
                     stream.flush()
                 except OSError:
                     pass
+
+    def close(self) -> None:
+        for stream in (self.out, self.errors):
+            if stream is not None and stream is not sys.stdout:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def summary(self) -> str:
+        """What the output and the errors file hold now, an earlier run's lines (``--resume``) included."""
+        failed = self.failed + self.kept_failed
+        text = f"scored {self.scored} lines"
+        if self.kept_scored or self.kept_failed:
+            text += f" ({self.scored + self.kept_scored} in {self.out_name} with the earlier run's)"
+        text += f"; {failed} failed"
+        if failed:
+            text += f", listed in {self.errors_path}" if self.errors_path is not None else " (reported above)"
+        if self.kept_failed:
+            text += f" ({self.kept_failed} of them by the earlier run)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -186,15 +298,16 @@ def find_resume_point(lines: Iterator[tuple[int, bytes]], output: Path, errors: 
     failed = set(failed_lines)
     last, count = 0, 0
     if written:
+        reached: Line | None = None
         for number, raw_bytes in lines:
             parsed = parse_line(number, raw_bytes)
             if parsed is None or number in failed:
                 continue
             count += 1
             if count == len(written):
-                last = number
+                last, reached = number, parsed
                 break
-        if count < len(written):
+        if reached is None:
             raise FilterServeError(
                 f"cannot resume: {output} holds {len(written)} scored lines, more than the input can have produced"
             )
@@ -202,7 +315,7 @@ def find_resume_point(lines: Iterator[tuple[int, bytes]], output: Path, errors: 
             tail = json.loads(written[-1])
         except ValueError:
             raise FilterServeError(f"cannot resume: the last complete line of {output} is not JSON") from None
-        if parsed.record is None or {k: v for k, v in tail.items() if k not in filters} != parsed.record:
+        if reached is None or reached.record is None or {k: v for k, v in tail.items() if k not in filters} != reached.record:
             raise FilterServeError(
                 f"cannot resume: the last line of {output} is not input line {last} scored; "
                 "is it this input's output, with its errors file?"
@@ -212,11 +325,18 @@ def find_resume_point(lines: Iterator[tuple[int, bytes]], output: Path, errors: 
 
 
 def _cut(path: Path, size: int) -> None:
+    """Cuts a file back to ``size`` bytes; a file cut to nothing is removed (an empty file says nothing).
+
+    Only a plain file: a device or a link (``--errors /dev/stderr``) is left as it is.
+    """
+    if path.is_symlink() or not path.is_file():
+        return
     try:
+        if size == 0:
+            path.unlink()
+            return
         with open(path, "r+b") as handle:
             handle.truncate(size)
-    except FileNotFoundError:
-        return
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -254,82 +374,64 @@ class Interrupt:
         tqdm.write("stopping: finishing the requests in flight (press Ctrl-C again to stop at once)", file=sys.stderr)
 
 
-def _paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """(output, errors); None is stdout, and for errors stderr only."""
-    from_stdin = args.input == "-"
-    output = Path(args.output) if args.output and args.output != "-" else None
-    if args.resume and output is None:
-        raise FilterServeError("--resume continues a partial output file: give it with --output FILE")
-    if output is not None and not from_stdin and output.exists() and output.resolve() == Path(args.input).resolve():
-        raise FilterServeError(f"--output {output} is the input file")
-    if args.errors:
-        return output, Path(args.errors)
-    if output is not None:
-        return output, Path(f"{output}.errors.jsonl")
-    return None, None if from_stdin else Path(f"{args.input}.errors.jsonl")
-
-
-def _resume_hint(args: argparse.Namespace, output: Path | None) -> str:
-    if output is None:
-        return "write to a file with --output to be able to --resume"
-    source = "-" if args.input == "-" else args.input
-    return f"continue with: filterserve score {source} --output {output} --resume ..."
-
-
 def score_command(args: argparse.Namespace) -> int:
-    if args.concurrency < 1:
-        raise FilterServeError(f"--concurrency must be at least 1, got {args.concurrency}")
-    from_stdin = args.input == "-"
-    if not from_stdin and not Path(args.input).is_file():
-        raise FilterServeError(f"input file not found: {args.input}")
-    output, errors_path = _paths(args)
-    filters = [f.strip() for f in args.filters.split(",") if f.strip()] if args.filters else None
+    options = ScoreOptions.from_args(args)
     try:
-        return _score(args, from_stdin, output, errors_path, filters)
+        return score(options)
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_IO
 
 
-def _score(args: argparse.Namespace, from_stdin: bool, output: Path | None, errors_path: Path | None, filters: list[str] | None) -> int:
-    # Both files are opened (so proven writable) before anything is sent; --resume appends.
-    mode = "a" if args.resume else "w"
-    out = _open(output, mode, "output") if output is not None else sys.stdout
-    errors = _open(errors_path, mode, "errors file") if errors_path is not None else None
-    stream: BinaryIO = sys.stdin.buffer if from_stdin else open(args.input, "rb")
+def score(options: ScoreOptions) -> int:
+    """Scores ``options.input``; files are written only once the server answered (see the module's docstring)."""
+    # Proven writable before anything is sent, but neither created nor truncated yet: a run that
+    # cannot reach the server leaves no file, and --resume never loses its output to a failed start.
+    if options.output is not None:
+        _check_writable(options.output, "output")
+    if options.errors is not None:
+        _check_writable(options.errors, "errors file")
+    stream: BinaryIO = sys.stdin.buffer if options.input is None else open(options.input, "rb")
+    sink: Sink | None = None
     try:
-        with MultiFilterClient(args.url, args.protocol, filters, timeout_s=args.timeout, retries=args.retries) as client:
+        with MultiFilterClient(options.url, options.protocol, list(options.filters) if options.filters else None,
+                               timeout_s=options.timeout_s, retries=options.retries) as client:
             lines = enumerate(stream, start=1)
-            start = 1
-            if args.resume:
-                point = find_resume_point(lines, output, errors_path, set(client.names))
-                _cut(output, point.output_bytes)
-                if errors_path is not None:
-                    _cut(errors_path, point.errors_bytes)
-                start = point.start
-                print(f"resuming at input line {start}: {point.scored} scored and {point.failed} failed lines kept", file=sys.stderr)
-            sink = Sink(out, str(output or "stdout"), errors, str(errors_path) if errors_path else None)
-            sink.last_line = start - 1
-            total = None if from_stdin else _count_lines(Path(args.input))
-            with tqdm(total=total, initial=start - 1, disable=from_stdin, unit="line", file=sys.stderr) as bar, \
-                    Interrupt(sink, _resume_hint(args, output)) as interrupt:
-                _run(client, lines, sink, bar, interrupt, args.concurrency, args.schema)
+            sink = _open_sink(options, lines, set(client.names))
+            total = None if options.input is None else _count_lines(options.input)
+            hint = options.resume_hint(client.names)
+            with tqdm(total=total, initial=sink.last_line, disable=options.input is None, unit="line", file=sys.stderr) as bar, \
+                    Interrupt(sink, hint) as interrupt:
+                _run(client, lines, sink, bar, interrupt, options.concurrency, options.schema)
     finally:
-        for handle in (stream, out if output is not None else None, errors):
-            if handle is not None and handle is not sys.stdin.buffer:
-                try:
-                    handle.close()
-                except OSError:
-                    pass
-    where = f", listed in {errors_path}" if errors_path is not None else " (reported above)"
-    summary = f"scored {sink.scored} lines; {sink.failed} failed{where if sink.failed else ''}"
+        if stream is not sys.stdin.buffer:
+            stream.close()
+        if sink is not None:
+            sink.close()
     if interrupt.requested:
-        print(f"interrupted: input lines 1–{sink.last_line} are written ({summary}); {_resume_hint(args, output)}", file=sys.stderr)
+        print(f"interrupted: input lines 1–{sink.last_line} are written ({sink.summary()}); {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if errors_path is not None and not sink.failed:
-        summary += f" ({errors_path} is empty)"
-    print(summary, file=sys.stderr)
-    return EXIT_FAILED_LINES if sink.failed else EXIT_OK
+    print(sink.summary(), file=sys.stderr)
+    return EXIT_FAILED_LINES if sink.failed + sink.kept_failed else EXIT_OK
+
+
+def _open_sink(options: ScoreOptions, lines: Iterator[tuple[int, bytes]], filters: set[str]) -> Sink:
+    """The output and errors file for this run: a fresh run replaces both, ``--resume`` cuts them to
+    where the earlier run's complete lines end (and reads ``lines`` up to there)."""
+    if not options.resume:
+        if options.errors is not None:
+            _cut(options.errors, 0)  # an earlier run's errors are not this run's
+        out = _open(options.output, "w", "output") if options.output is not None else sys.stdout
+        return Sink(out, str(options.output or "stdout"), options.errors)
+    assert options.output is not None  # ScoreOptions refuses --resume without --output
+    point = find_resume_point(lines, options.output, options.errors, filters)
+    _cut(options.output, point.output_bytes)
+    if options.errors is not None:
+        _cut(options.errors, point.errors_bytes)
+    print(f"resuming at input line {point.start}: {point.scored} scored and {point.failed} failed lines kept", file=sys.stderr)
+    sink = Sink(_open(options.output, "a", "output"), str(options.output), options.errors, point.scored, point.failed)
+    sink.last_line = point.start - 1
+    return sink
 
 
 def _run(
@@ -366,5 +468,6 @@ def _run(
             sink.failed_line(line.number, failure, line.raw)
             continue
         # Namespaced by filter: input fields (labels named like dimensions) stay as they were.
-        sink.scored_line(line.number, {**(line.record or {}), **{name: r.as_dict(schema) for name, r in results.items()}})
+        scored = {name: r.as_dict(schema) for name, r in results.items() if isinstance(r, FilterResult)}
+        sink.scored_line(line.number, {**(line.record or {}), **scored})
     write_failed_before_next_record()

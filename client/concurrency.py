@@ -10,8 +10,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
+from filterserve import defaults
 from filterserve.client.errors import ClientError, ServerUnavailable
 from filterserve.client.items import Item, item_length
 from filterserve.client.results import FilterResult, ScoreError
@@ -27,7 +28,7 @@ class Scorer:
     def score_item(self, item: Item) -> FilterResult:
         raise NotImplementedError
 
-    def score_iter(self, items: Iterable[Item], concurrency: int = 16) -> Iterator[FilterResult | ScoreError]:
+    def score_iter(self, items: Iterable[Item], concurrency: int = defaults.CONCURRENCY) -> Iterator[FilterResult | ScoreError]:
         """Yields results in input order while up to ``concurrency`` requests are in flight.
 
         Items are read lazily, a window of ``WINDOW_PER_WORKER × concurrency`` at a time, and each
@@ -35,6 +36,10 @@ class Scorer:
         the server's batcher finds requests of the same padded shape to join, and the longest
         articles do not trail at the end. Once the server is found unreachable, the items not
         yet sent fail at once instead of each waiting out the retries.
+
+        Only a :class:`ClientError` (the server refused or could not answer, or the item is bad
+        input) becomes a :class:`ScoreError`; any other exception is a bug and is raised here, with
+        its traceback, rather than reported as one more failed item.
         """
         if concurrency < 1:
             raise ClientError(f"concurrency must be at least 1, got {concurrency}")
@@ -48,10 +53,8 @@ class Scorer:
             except ServerUnavailable as exc:
                 down.append(str(exc))
                 return ScoreError(index, str(exc))
-            except ClientError as exc:
+            except ClientError as exc:  # this item failed (bad input, refused, timed out); anything else is a bug
                 return ScoreError(index, str(exc))
-            except Exception as exc:  # an unforeseen failure of one item must not abort the others
-                return ScoreError(index, f"{type(exc).__name__}: {exc}")
 
         window = WINDOW_PER_WORKER * concurrency
         numbered = enumerate(items)
@@ -70,9 +73,9 @@ class Scorer:
                 next_index += 1
 
     def score_many(
-        self, items: Iterable[Item], concurrency: int = 16, progress: bool = False
+        self, items: Iterable[Item], concurrency: int = defaults.CONCURRENCY, progress: bool = False
     ) -> list[FilterResult | ScoreError]:
-        """All results in input order; failures are :class:`ScoreError` entries, never exceptions."""
+        """All results in input order; an item that failed is a :class:`ScoreError` entry."""
         total = len(items) if isinstance(items, Sequence) else None
         with tqdm(total=total, disable=not progress, unit="item") as bar:
             results = []

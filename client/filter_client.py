@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from filterserve.client.concurrency import Scorer
-from filterserve.client.endpoint import Protocol, TritonEndpoint
+from filterserve.client.endpoint import Protocol, Served, TritonEndpoint
 from filterserve.client.errors import ClientError, ServerUnavailable
 from filterserve.client.items import Item, article_inputs
 from filterserve.client.results import FilterResult
@@ -37,7 +37,7 @@ from filterserve.contract import (
 from filterserve.filters import FilterSpec
 
 
-class FilterClient(TritonEndpoint, Scorer):
+class FilterClient(Scorer):
     """Scores articles with one filter served by Triton.
 
     ``model`` names the filter's ensemble; left out, the server must serve exactly one filter.
@@ -48,20 +48,34 @@ class FilterClient(TritonEndpoint, Scorer):
     """
 
     def __init__(
-        self, url: str, protocol: Protocol = "grpc", model: str | None = None, *, tokenizer: str | None = None, **connection: Any
+        self, url: str, protocol: Protocol | None = None, model: str | None = None, *, tokenizer: str | None = None,
+        **connection: Any,
     ) -> None:
-        super().__init__(url, protocol, **connection)
+        endpoint = TritonEndpoint(url, protocol, **connection)
         try:
-            self._connect(model, tokenizer)
+            self._bind(endpoint, True, model, None, tokenizer)
         except BaseException:
-            self.close()
+            endpoint.close()
             raise
 
-    def _connect(self, model: str | None, tokenizer: str | None) -> None:
+    @classmethod
+    def on(cls, endpoint: TritonEndpoint, model: str, served: Served | None = None) -> FilterClient:
+        """A client on a connection the caller owns (and closes), with what the caller already read
+        from the server: several filters then share one connection and one discovery."""
+        client = cls.__new__(cls)
+        client._bind(endpoint, False, model, served, None)
+        return client
+
+    def _bind(self, endpoint: TritonEndpoint, owned: bool, model: str | None, served: Served | None, tokenizer: str | None) -> None:
         """Reads the filter from the server, so a misconfigured one fails here, not mid-batch."""
-        self.model = model or self._only_filter()
-        self._require_ready(self.model)
-        config = self._config(self.model)
+        self.endpoint, self._owns_endpoint = endpoint, owned
+        if model is None:
+            served = served or endpoint.discover()
+            model = self._only_filter(served)
+        self.model = model
+        if served is None or model not in served.configs:
+            self._require_ready(model)
+        config = self._config(model, served)
         described = config.get("parameters", {}).get(FILTER_PARAMETER, {}).get("string_value")
         if not described:
             raise ClientError(f"model {self.model} has no '{FILTER_PARAMETER}' parameter: it is not a filterserve ensemble")
@@ -80,7 +94,7 @@ class FilterClient(TritonEndpoint, Scorer):
 
         # A shared-base group's member: its tokenizer step tells the group's tensor model which filter a row is.
         indexing = next((step["model_name"] for step in steps if FILTER_INDEX in step.get("output_map", {})), None)
-        self._filter_index = None if indexing is None else int(self._config(indexing)["parameters"][FILTER_INDEX]["string_value"])
+        self._filter_index = None if indexing is None else int(self._config(indexing, served)["parameters"][FILTER_INDEX]["string_value"])
         self._tokenizer: Tokenizer | None = None
         if tokenizer is not None:
             if not self.tensor_model or not self.decision_model:
@@ -99,6 +113,36 @@ class FilterClient(TritonEndpoint, Scorer):
             self._require_ready(self.tensor_model)
             self._require_ready(self.decision_model)
 
+    def _config(self, model: str, served: Served | None) -> dict[str, Any]:
+        """As discovery read it, if it did; else asked of the server."""
+        return served.configs[model] if served is not None and model in served.configs else self.endpoint.config(model)
+
+    def _require_ready(self, model: str) -> None:
+        if not self.endpoint.is_ready(model):
+            # Not ready here (loading, stopping, or never served): a pool tries another server.
+            raise ServerUnavailable(
+                f"model {model} is not ready on the server at {self.url} ({self.protocol}); "
+                f"{self.endpoint.discover().not_served(model, self.url)}"
+            )
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.endpoint.protocol
+
+    def close(self) -> None:
+        if self._owns_endpoint:
+            self.endpoint.close()
+
+    def __enter__(self) -> FilterClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def dimensions(self) -> tuple[str, ...]:
         return self.spec.dimensions
@@ -107,8 +151,8 @@ class FilterClient(TritonEndpoint, Scorer):
     def weights(self) -> tuple[float, ...]:
         return self.spec.weights
 
-    def _only_filter(self) -> str:
-        candidates = self.served_filters()
+    def _only_filter(self, served: Served) -> str:
+        candidates = served.filters
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
@@ -136,7 +180,7 @@ class FilterClient(TritonEndpoint, Scorer):
             encoding = self._tokenizer.encode(text)
             return self.score_tokens(encoding.ids, truncated=cut or bool(encoding.overflowing))
         data = {name: np.array([[value.encode("utf-8")]], dtype=object) for name, value in inputs.items()}
-        return FilterResult.from_outputs(self._infer(self.model, data, self._outputs), self.spec, self.model)
+        return FilterResult.from_outputs(self.endpoint.infer(self.model, data, self._outputs), self.spec, self.model)
 
     def score_tokens(self, input_ids: Sequence[int], truncated: bool = False) -> FilterResult:
         """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer.
@@ -150,8 +194,8 @@ class FilterClient(TritonEndpoint, Scorer):
         feeds = dict(zip(TOKEN_INPUTS, (ids, np.ones_like(ids))))
         if self._filter_index is not None:
             feeds[FILTER_INDEX] = np.array([[self._filter_index]], dtype=np.int64)
-        tensor = self._infer(self.tensor_model, feeds, TENSOR_OUTPUTS)
-        decided = self._infer(self.decision_model, {LOGITS: tensor[LOGITS].astype(np.float32)}, self._decision_outputs)
+        tensor = self.endpoint.infer(self.tensor_model, feeds, TENSOR_OUTPUTS)
+        decided = self.endpoint.infer(self.decision_model, {LOGITS: tensor[LOGITS].astype(np.float32)}, self._decision_outputs)
         # The outputs as the ensemble would name them: its SCORES are the tensor model's logits (a group's
         # are as wide as its widest member: this filter's are the first columns).
         outputs = {SCORES: tensor[LOGITS][..., : self.spec.num_labels], WEIGHTED_SCORE: tensor[WEIGHTED_SCORE], **decided,

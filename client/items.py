@@ -20,6 +20,7 @@ def article_inputs(item: Item) -> dict[str, str]:
     if isinstance(item, str):
         if not item.strip():
             raise ClientError("bad input: empty text")
+        _check_encodable("text", item)
         return {TEXT: item}
     if isinstance(item, tuple) and len(item) == 2:
         title, content = item
@@ -35,7 +36,16 @@ def article_inputs(item: Item) -> dict[str, str]:
             raise ClientError(f"bad input: {name} must be a string, got {type(value).__name__}")
         if not value.strip():
             raise ClientError(f"bad input: {name} is empty")
+        _check_encodable(name, value)
     return {TITLE: title, CONTENT: content}
+
+
+def _check_encodable(name: str, value: str) -> None:
+    """JSON may escape a lone surrogate (``"\\ud800"``): a str that has no UTF-8 bytes to send."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ClientError(f"bad input: {name} is not valid Unicode text ({exc.reason} at character {exc.start})") from None
 
 
 def item_length(item: object) -> int:

@@ -7,12 +7,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from filterserve.client.concurrency import Scorer
-from filterserve.client.endpoint import Protocol, TritonEndpoint
+from filterserve import defaults
+from filterserve.client.endpoint import Protocol, Served, TritonEndpoint
 from filterserve.client.errors import ClientError, ServerUnavailable
+from filterserve.client.filter_client import FilterClient
 from filterserve.client.items import Item
 from filterserve.client.results import FilterResult, ScoreError
-from filterserve.client.servers import connect, parse_urls
+from filterserve.client.servers import ServerPool, parse_urls
 from filterserve.filters import FilterSpec
 
 
@@ -27,36 +28,44 @@ class MultiFilterClient:
     :class:`TritonEndpoint`'s options.
     """
 
-    def __init__(self, url: str, protocol: Protocol = "grpc", filters: Sequence[str] | None = None, **connection: Any) -> None:
+    def __init__(self, url: str, protocol: Protocol | None = None, filters: Sequence[str] | None = None, **connection: Any) -> None:
         urls = parse_urls(url)
-        if filters is None:
-            filters = self._discover(urls, protocol, connection)
-        elif not filters or len(set(filters)) != len(filters):
+        if filters is not None and (not filters or len(set(filters)) != len(filters)):
             raise ClientError(f"filters must be distinct names, got {list(filters)}")
         # One scorer per filter: a FilterClient, or a ServerPool when several servers are given.
-        self.clients: dict[str, Scorer] = {}
+        self.clients: dict[str, FilterClient | ServerPool] = {}
+        self._endpoint: TritonEndpoint | None = None
         try:
-            for name in filters:
-                self.clients[name] = connect(urls, protocol, name, **connection)
+            if len(urls) == 1:
+                # One server: one connection and one discovery, shared by every filter's client.
+                self._endpoint = TritonEndpoint(urls[0], protocol, **connection)
+                served = self._endpoint.discover() if filters is None else None
+                for name in filters if filters is not None else self._served_filters(served, self._endpoint.url):
+                    self.clients[name] = FilterClient.on(self._endpoint, name, served)
+            else:
+                for name in filters if filters is not None else self._discover(urls, protocol, connection):
+                    self.clients[name] = ServerPool(urls, protocol, name, **connection)
         except BaseException:
             self.close()
             raise
         self._pool = ThreadPoolExecutor(len(self.clients), thread_name_prefix="filterserve-filters")
 
     @staticmethod
-    def _discover(urls: list[str], protocol: Protocol, connection: dict[str, Any]) -> list[str]:
+    def _served_filters(served: Served | None, url: str) -> list[str]:
+        if served is None or not served.filters:
+            raise ClientError(f"server at {url} serves no ready filter ensemble")
+        return served.filters
+
+    @classmethod
+    def _discover(cls, urls: list[str], protocol: Protocol | None, connection: dict[str, Any]) -> list[str]:
         """The filters of the first server that answers (every server of a pool serves the same ones)."""
         reasons = []
         for url in urls:
             try:
                 with TritonEndpoint(url, protocol, **connection) as endpoint:
-                    found = endpoint.served_filters()
+                    return cls._served_filters(endpoint.discover(), endpoint.url)
             except ServerUnavailable as exc:
                 reasons.append(str(exc))
-                continue
-            if not found:
-                raise ClientError(f"server at {url} serves no ready filter ensemble")
-            return found
         raise ServerUnavailable("; ".join(reasons))
 
     @property
@@ -79,6 +88,8 @@ class MultiFilterClient:
             pool.shutdown(wait=False, cancel_futures=True)
         for client in self.clients.values():
             client.close()
+        if self._endpoint is not None:
+            self._endpoint.close()
 
     def score_item(self, item: Item) -> dict[str, FilterResult]:
         """One article, every filter at once; a failure raises :class:`ClientError` naming the filter."""
@@ -95,7 +106,7 @@ class MultiFilterClient:
         return self.score_item((title, content))
 
     def score_iter(
-        self, items: Iterable[Item], concurrency: int = 16
+        self, items: Iterable[Item], concurrency: int = defaults.CONCURRENCY
     ) -> Iterator[dict[str, FilterResult | ScoreError]]:
         """Per item, in input order, ``{filter: result or ScoreError}``.
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from filterserve import defaults
+from filterserve.client.endpoint import Protocol
 from filterserve.client.results import ScoreError
 from filterserve.client.servers import ServerPool
 
@@ -32,8 +34,8 @@ ERROR_COLUMN = "filterserve_error"
 class FilterScorer:
     """The per-worker callable for ``map_batches``: a :class:`ServerPool` over ``urls``, built once."""
 
-    def __init__(self, urls: str | Sequence[str], protocol: str = "grpc", model: str | None = None,
-                 concurrency: int = 8, timeout_s: float = 600.0) -> None:
+    def __init__(self, urls: str | Sequence[str], protocol: Protocol | None = None, model: str | None = None,
+                 concurrency: int = defaults.RAY_CONCURRENCY, timeout_s: float = defaults.RAY_TIMEOUT_S) -> None:
         self.pool = ServerPool(urls, protocol, model, timeout_s=timeout_s)
         self.concurrency = concurrency
 

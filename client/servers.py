@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from filterserve.client.concurrency import Scorer
-from filterserve.client.endpoint import Protocol
+from filterserve.client.endpoint import Protocol, parse_address
 from filterserve.client.errors import ClientError, ServerUnavailable
 from filterserve.client.filter_client import FilterClient
 from filterserve.client.items import Item
 from filterserve.client.results import FilterResult
+from filterserve.filters import FilterSpec
 
 # A server that failed is left alone this long before it is tried again.
 COOL_DOWN_S = 5.0
@@ -34,14 +35,6 @@ def parse_urls(urls: str | Sequence[str]) -> list[str]:
     if not found:
         raise ClientError("no server URL given")
     return found
-
-
-def connect(urls: str | Sequence[str], protocol: Protocol = "grpc", model: str | None = None, **options: Any) -> Scorer:
-    """One server: a :class:`FilterClient`; several (``"a:8001,b:8001"``): a :class:`ServerPool`."""
-    found = parse_urls(urls)
-    if len(found) == 1:
-        return FilterClient(found[0], protocol, model, **options)
-    return ServerPool(found, protocol, model, **options)
 
 
 class _Server:
@@ -63,41 +56,51 @@ class ServerPool(Scorer):
     that comes back later takes its share again.
     """
 
-    def __init__(self, urls: str | Sequence[str], protocol: Protocol = "grpc", model: str | None = None,
+    def __init__(self, urls: str | Sequence[str], protocol: Protocol | None = None, model: str | None = None,
                  **client_options: Any) -> None:
-        self.protocol, self.model = protocol, model
+        self.model = model
+        self._asked_protocol = protocol  # each URL's scheme may still say it
+        self._servers = [_Server(url) for url in parse_urls(urls)]
+        self.protocol = parse_address(self._servers[0].url, protocol).protocol
         # Failover is the pool's job: a dead server should cost one attempt, not the client's retries.
         self._options = {**client_options, "retries": 0}
-        self._servers = [_Server(url) for url in parse_urls(urls)]
         self._lock = threading.Lock()
-        self.spec = None
+        self._spec: FilterSpec | None = None
         for server in self._servers:
             self._connect(server)
-        if self.spec is None:
+        if self._spec is None:
             reasons = "; ".join(f"{s.url}: {s.last_error}" for s in self._servers)
-            raise ServerUnavailable(f"none of the servers is reachable ({protocol}): {reasons}")
+            raise ServerUnavailable(f"none of the servers is reachable ({self.protocol}): {reasons}")
 
     @property
     def urls(self) -> list[str]:
         return [server.url for server in self._servers]
 
     @property
+    def spec(self) -> FilterSpec:
+        """The filter every server serves (read from the first one that answered)."""
+        if self._spec is None:
+            raise ServerUnavailable(f"none of the servers is reachable ({self.protocol})")
+        return self._spec
+
+    @property
     def dimensions(self) -> tuple[str, ...]:
         return self.spec.dimensions
 
-    def _connect(self, server: _Server) -> bool:
+    def _connect(self, server: _Server) -> FilterClient | None:
+        """The server's client, connected now; None while it is unreachable (it cools down)."""
         try:
-            client = FilterClient(server.url, self.protocol, self.model, **self._options)
+            client = FilterClient(server.url, self._asked_protocol, self.model, **self._options)
         except ServerUnavailable as exc:
             server.retry_at, server.last_error = time.monotonic() + COOL_DOWN_S, str(exc)
-            return False
-        if self.spec is None:
-            self.spec, self.model = client.spec, client.model
-        elif client.spec != self.spec:
+            return None
+        if self._spec is None:
+            self._spec, self.model = client.spec, client.model
+        elif client.spec != self._spec:
             client.close()
             raise ClientError(f"server {server.url} serves filter {client.spec.name!r} differently from the others")
         server.client = client
-        return True
+        return client
 
     def _pick(self) -> _Server | None:
         """The least busy server that is up (or due for another try); None while all cool down."""
@@ -125,9 +128,10 @@ class ServerPool(Scorer):
                 time.sleep(0.2)
                 continue
             try:
-                if server.client is None and not self._connect(server):
+                client = server.client or self._connect(server)
+                if client is None:
                     continue
-                return server.client.score_item(item)
+                return client.score_item(item)
             except ServerUnavailable as exc:
                 self._failed(server, exc)  # the item goes to another server on the next turn
             finally:

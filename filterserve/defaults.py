@@ -9,6 +9,7 @@ Names the outside world relies on (Triton models, tensors, metrics) are not defa
 from __future__ import annotations
 
 import argparse
+from typing import Final
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -40,6 +41,20 @@ STANDIN_SHAPE = "tiny"
 # Requests in flight at once, per filter: `filterserve score`, the clients' bulk scoring, and the
 # benchmarks' served runs, which measure what `score` does.
 CONCURRENCY = 16
+# The protocol a bare HOST:PORT is spoken in (a URL's scheme, http:// or grpc://, decides otherwise),
+# and the port a URL without one gets: Triton's own, which `filterserve serve` listens on by default.
+PROTOCOL: Final = "grpc"
+PORTS = {"grpc": 8001, "http": 8000}
+# Seconds one request may take, and retries while a server is unreachable (a pool of several servers
+# fails over instead of retrying).
+TIMEOUT_S = 30.0
+RETRIES = 3
+# What `filterserve score` writes under each filter's name: filterserve's fields, or the production scorer's.
+SCHEMA = "filterserve"
+# Ray Data workers (`client/ray_data.py`): fewer requests each, since several workers share the servers,
+# and a long timeout, since a batch of a corpus may queue behind the other workers' batches.
+RAY_CONCURRENCY = 8
+RAY_TIMEOUT_S = 600.0
 
 
 # ---- benchmarks and the demo -----------------------------------------------------------------------
