@@ -56,6 +56,7 @@ def test_serve_help_shows_every_default_from_the_defaults_module(capsys, monkeyp
         assert f"(default: {value})" in _option_help(text, flag), _option_help(text, flag)
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("flags, says", [
     (["--http-port", "9123", "--grpc-port", "9123"], "--grpc-port 9123 is also the --http-port"),
     (["--supervisor-port", "70000"], "--supervisor-port 70000 is not a port number"),
