@@ -71,7 +71,7 @@ def serve_command(args: argparse.Namespace) -> int:
     supervising = False
 
     def on_signal(signum: int, frame: object) -> None:
-        """Before supervision, abandon the start; after, drain (`docker stop`, systemd and kill as Ctrl-C)."""
+        """Before the server is up, abandon the start; after, drain (`docker stop`, systemd and kill as Ctrl-C)."""
         if not supervising:
             raise KeyboardInterrupt
         server.request_stop()
@@ -80,13 +80,13 @@ def serve_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         with server:
+            supervising = True  # from here a signal drains, even one sent as soon as the lines below are read
             print(f"ready: {', '.join(server.ensembles) or 'no ensembles'} from {server.repo}", flush=True)
             print(f"  HTTP    {server.http_url}", flush=True)
             print(f"  gRPC    {server.grpc_url}", flush=True)
             print(f"  metrics http://{server.metrics_url}/metrics", flush=True)
             print(f"  health  http://{server.supervisor_url}/ready  http://{server.supervisor_url}/metrics", flush=True)
             print(f"  log     {server.log_path}  (Ctrl-C stops)", flush=True)
-            supervising = True
             server.supervise()
             print(f"stopping: requests in flight have up to {options.grace_period_s:.0f} s to finish", flush=True)
     except ServerGaveUp as exc:
