@@ -70,14 +70,10 @@ def test_impossible_settings_are_one_line_before_anything_starts(repo, capsys, f
     assert err.startswith(f"error: {says}") and err.count("\n") == 1, err
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for sock in sockets:
+def _unused_port() -> int:
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
+        return sock.getsockname()[1]
 
 
 def _listening(port: int) -> bool:
@@ -90,19 +86,19 @@ def _listening(port: int) -> bool:
 def test_a_port_in_use_is_refused_in_one_line_before_tritonserver_starts(repo, tmp_path, taken):
     """Stumble 8: a clash on the supervisor port was reported only once tritonserver had started
     (6 s later, its log written). Every port serve will bind is checked first."""
-    ports = _free_ports(4)
     log = tmp_path / "tritonserver.log"
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", ports[PORT_FLAGS.index(taken)]))
+        squatter.bind(("127.0.0.1", 0))
         squatter.listen()
-        flags = [arg for flag, port in zip(PORT_FLAGS, ports) for arg in (flag, str(port))]
+        port = squatter.getsockname()[1]
+        given = {flag: port if flag == taken else _unused_port() if flag == "--http-port" else 0 for flag in PORT_FLAGS}
+        flags = [arg for flag, number in given.items() for arg in (flag, str(number))]
         run = subprocess.run([sys.executable, "-c", CLI, "--model-repository", str(repo), *flags, "--log-file", str(log)],
                              capture_output=True, text=True, timeout=100)
-    port = ports[PORT_FLAGS.index(taken)]
     assert run.returncode == 2, run.stderr
     assert run.stdout == "" and run.stderr == f"error: {taken} {port} is already in use on 127.0.0.1: stop what listens there, " \
                                               "or pick another port (0: a free one)\n", run.stdout + run.stderr
     assert not log.exists(), "tritonserver was started"
-    assert not any(_listening(p) for p in ports)
-    left = [p for p in psutil.process_iter(["cmdline"]) if f"--http-port={ports[0]}" in (p.info["cmdline"] or [])]
-    assert left == []
+    assert not _listening(given["--http-port"])
+    started = [p for p in psutil.process_iter(["cmdline"]) if f"--model-repository={repo}" in (p.info["cmdline"] or [])]
+    assert started == []
