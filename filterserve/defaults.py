@@ -35,6 +35,22 @@ STANDIN_SHAPE = "tiny"
 
 
 # ---- serve -----------------------------------------------------------------------------------------
+# `filterserve serve`. Triton's own ports, so existing clients and dashboards find it; the supervisor's
+# /ready and /metrics next to them. 0 picks a free port.
+SERVE_HOST = "127.0.0.1"
+SERVE_HTTP_PORT = 8000
+SERVE_GRPC_PORT = 8001
+SERVE_METRICS_PORT = 8002
+SERVE_SUPERVISOR_PORT = 8003
+# Seconds between the supervisor's test inferences of each filter, and before one counts as late.
+SERVE_CHECK_INTERVAL_S = 10.0
+SERVE_PROBE_TIMEOUT_S = 5.0
+# Seconds SIGTERM gives requests in flight; tritonserver restarts allowed within the restart window.
+SERVE_GRACE_PERIOD_S = 30.0
+SERVE_MAX_RESTARTS = 5
+# Seconds tritonserver may take to load the repository (and a reload one model) before serve gives up:
+# a 1.5B fp32 file read from a slow volume takes minutes. deploy/'s startup probes outlast it.
+SERVE_STARTUP_TIMEOUT_S = 180.0
 
 
 # ---- client and `filterserve score` ----------------------------------------------------------------

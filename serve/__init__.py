@@ -1,11 +1,14 @@
 """Serving a filterserve model repository with the tritonserver binary from nvidia-pytriton.
 
-Three parts: ``assembly`` (binary, environment, backend directory, the repository's configs),
-``process`` (the process life: ports, admin key, start, restart, drain, clean-up) and ``health``
-(supervision that tells busy from broken); ``server.TritonServer`` puts them together.
+What runs where: ``options`` (what to serve and how, one value), ``ports`` and ``assembly`` (what
+is checked and prepared before tritonserver starts), ``process`` (tritonserver's process life:
+start, restart, drain, clean-up), ``supervisor`` and ``probes`` (in serve, telling busy from
+broken and recovering), ``status_http`` (the supervisor's ``/ready`` and ``/metrics``) and
+``memory`` (will the models fit); ``server.TritonServer`` puts them together.
 """
 
-from filterserve.serve.health import EXIT_GAVE_UP, ServerGaveUp
+from filterserve.serve.options import ServeOptions
 from filterserve.serve.server import TritonServer
+from filterserve.serve.supervisor import EXIT_GAVE_UP, ServerGaveUp
 
-__all__ = ["EXIT_GAVE_UP", "ServerGaveUp", "TritonServer"]
+__all__ = ["EXIT_GAVE_UP", "ServeOptions", "ServerGaveUp", "TritonServer"]

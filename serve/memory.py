@@ -211,7 +211,7 @@ def _max_lengths(repo: Path) -> dict[str, int]:
     if not is_repository(repo):
         return {}
     records = {**read_filter_records(repo), **read_group_records(repo)}
-    lengths = {}
+    lengths: dict[str, int] = {}
     for name, record in records.items():
         models, max_length = record.get("models"), record.get("max_length")
         if not isinstance(models, list) or not isinstance(max_length, int):
@@ -235,7 +235,9 @@ def estimate(repo: Path, models: Iterable[str] | None = None, available: int | N
     )
 
 
-def check_memory(repo: Path, models: Iterable[str] | None = None, available: int | None = None, headroom: float = HEADROOM) -> MemoryEstimate:
+def check_memory(
+    repo: Path, models: Iterable[str] | None = None, available: int | None = None, headroom: float = HEADROOM
+) -> MemoryEstimate:
     """Raise a one-line FilterServeError when the models cannot fit; return the estimate when they can."""
     found = estimate(repo, models, available, headroom)
     if not found.fits:

@@ -7,10 +7,9 @@ What this module guarantees, and how:
   (:class:`AdminKey`); tritonserver refuses them otherwise (HTTP 403, gRPC UNAVAILABLE).
 - **It dies with its parent**, through :mod:`die_with_parent`, started from a thread that lives
   exactly as long as the child (``PR_SET_PDEATHSIG`` fires when the forking *thread* exits).
-- **Ports are not raced.** Ports the caller named are checked with ``SO_REUSEADDR`` (as
-  tritonserver binds them, so a stopped server's TIME_WAIT connections do not block a restart);
-  ports left to us are picked free and, should something take one before tritonserver binds it,
-  picked again (tritonserver reports the conflict and exits).
+- **Ports are not raced.** Ports the caller named were checked before the start
+  (:func:`ports.check_ports`); ports left to us are picked free and, should something take one
+  before tritonserver binds it, picked again (tritonserver reports the conflict and exits).
 - **Nothing is left behind.** Shared-memory regions carry a prefix of this server's own and are
   removed at stop; the working folder records its owner, so the next start removes what a killed
   supervisor left (after letting its orphaned tritonserver drain). Logs are kept, see
@@ -43,6 +42,8 @@ from tritonclient.utils import InferenceServerException
 
 from filterserve.errors import FilterServeError
 from filterserve.serve.assembly import PYTHON_STUB, prepare_backends, server_env, tritonserver_binary
+from filterserve.serve.options import ServeOptions
+from filterserve.serve.ports import address, address_family, connect_host
 
 # Everything that changes the server rather than asks it: loading and unloading models (a load
 # may carry model.py source: code execution as the server's user), shared-memory registration
@@ -53,7 +54,7 @@ RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 ADMIN_HEADER = "filterserve-admin"
 # tritonserver 2.51 expects this prefix on the gRPC metadata key of a restricted protocol.
 GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
-PORT_NAMES = ("http", "grpc", "metrics")
+PORT_NAMES = ("http", "grpc", "metrics")  # tritonserver's, picked in this order when left to us
 WORKDIR_PREFIX = "filterserve-triton-"
 SHM_DIR = Path("/dev/shm")
 DIE_WITH_PARENT = Path(__file__).resolve().with_name("die_with_parent.py")
@@ -93,30 +94,6 @@ class AdminKey:
     @property
     def grpc_headers(self) -> dict[str, str]:
         return {GRPC_RESTRICTED_PREFIX + ADMIN_HEADER: self.value}
-
-
-def connect_host(host: str) -> str:
-    """Where a local client reaches a server listening on ``host`` (every interface → loopback)."""
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def address_family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    """True unless something listens there; TIME_WAIT connections do not count (SO_REUSEADDR)."""
-    with socket.socket(address_family(host), socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _free_port(host: str) -> int:
@@ -163,7 +140,7 @@ def _remove_regions(prefix: str) -> None:
 
 def live_stubs(server_pid: int) -> list[psutil.Process]:
     """The Python backend stubs tritonserver runs, zombies (crashed, not yet reaped) left out."""
-    stubs = []
+    stubs: list[psutil.Process] = []
     try:
         children = psutil.Process(server_pid).children()
     except psutil.Error:
@@ -218,30 +195,19 @@ class _Child:
 class TritonProcess:
     """One tritonserver at a time, on ports fixed at the first start, restartable after it dies."""
 
-    def __init__(
-        self,
-        repo: Path,
-        *,
-        host: str,
-        ports: dict[str, int | None],
-        admin_key: AdminKey,
-        grace_s: float,
-        startup_timeout_s: float,
-        log_path: Path | None = None,
-    ) -> None:
-        self.repo = repo
-        self.host = host
-        self.ports = dict(ports)
+    def __init__(self, options: ServeOptions, admin_key: AdminKey) -> None:
+        """``options.repo`` resolved; its ports of 0 are picked at the first start."""
+        self.options = options
+        self.ports = {what: options.ports()[what] or 0 for what in PORT_NAMES}
         self.admin_key = admin_key
-        self.grace_s = grace_s
-        self.startup_timeout_s = startup_timeout_s
-        self.log_path = log_path
+        self.startup_timeout_s = options.startup_timeout_s  # for a start, and for a reload of one model
+        self.log_path = options.log_file  # None: one is picked at the first start
         self.launches = 0  # tells a probe sent to an earlier tritonserver from one sent to this
         self.cancel = threading.Event()  # set to abandon a start or restart (the caller is stopping)
         self._token = secrets.token_hex(6)
         self._workdir: Path | None = None
         self._child: _Child | None = None
-        self._auto_ports = {what for what, port in ports.items() if port is None}
+        self._auto_ports = {what for what, port in self.ports.items() if not port}
         self._log_offset = 0
         self._last_exit: int | None = None
 
@@ -264,7 +230,7 @@ class TritonProcess:
         return f"filterserve_{self._token}_"
 
     def url(self, what: str) -> str:
-        return address(connect_host(self.host), self.ports[what])
+        return address(connect_host(self.options.host), self.ports[what])
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines the current (or last) tritonserver wrote; earlier launches left out."""
@@ -285,7 +251,7 @@ class TritonProcess:
             except OSError as exc:
                 raise FilterServeError(f"cannot write the log file {self.log_path}: {exc.strerror or exc}") from None
         root = Path(tempfile.gettempdir())
-        clean_stale_workdirs(root, self.grace_s)
+        clean_stale_workdirs(root, self.options.grace_period_s)
         self._workdir = root / f"{WORKDIR_PREFIX}{self._token}"
         self._workdir.mkdir()
         self._write_owner()
@@ -293,11 +259,8 @@ class TritonProcess:
         env = server_env()
         prepare_backends(self._workdir / "backends", env)
         for what in PORT_NAMES:
-            port = self.ports[what]
-            if port is None:
-                self.ports[what] = _free_port(self.host)
-            elif not _port_is_free(self.host, port):
-                raise FilterServeError(f"{what} port {port} is already in use on {self.host}")
+            if not self.ports[what]:
+                self.ports[what] = _free_port(self.options.host)
         for attempt in range(1, PORT_RETRIES + 1):
             try:
                 self._launch(env)
@@ -320,7 +283,7 @@ class TritonProcess:
         what = next((w for w in self._auto_ports if self.ports[w] == port), None)
         if what is None:
             return False
-        self.ports[what] = _free_port(self.host)
+        self.ports[what] = _free_port(self.options.host)
         return True
 
     def _command(self) -> list[str]:
@@ -328,20 +291,20 @@ class TritonProcess:
         return [
             sys.executable, "-I", "-S", str(DIE_WITH_PARENT), str(os.getpid()), str(int(signal.SIGTERM)),
             str(tritonserver_binary()),
-            f"--model-repository={self.repo}",
+            f"--model-repository={self.options.repo}",
             f"--backend-directory={self._workdir / 'backends'}",
             # Explicit mode so the supervisor can reload one crashed model; its API is locked below.
             "--model-control-mode=explicit",
             "--load-model=*",
-            f"--http-address={self.host}",
+            f"--http-address={self.options.host}",
             f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}",
+            f"--grpc-address={self.options.host}",
             f"--grpc-port={self.ports['grpc']}",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.options.host}",
             f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false",
             # SIGTERM: refuse new connections, let requests in flight finish for this long.
-            f"--exit-timeout-secs={math.ceil(self.grace_s)}",
+            f"--exit-timeout-secs={math.ceil(self.options.grace_period_s)}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.admin_key.flags(),
         ]
@@ -393,7 +356,7 @@ class TritonProcess:
                     taken = _IN_USE.search(self.log_tail(80))
                     if taken:
                         raise _PortTaken(taken.group(1))
-                    raise self.failure(f"tritonserver exited with code {self.returncode} while loading {self.repo}")
+                    raise self.failure(f"tritonserver exited with code {self.returncode} while loading {self.options.repo}")
                 if self.cancel.is_set():
                     raise FilterServeError("stop requested while tritonserver was starting")
                 try:
@@ -440,7 +403,7 @@ class TritonProcess:
         SIGTERM makes tritonserver refuse new connections and wait up to ``--exit-timeout-secs``
         for requests in flight. ``grace_s`` below the start's value shortens only our wait.
         """
-        grace_s = self.grace_s if grace_s is None else grace_s
+        grace_s = self.options.grace_period_s if grace_s is None else grace_s
         child = self._child
         if child is not None and not child.exited.is_set():
             had_stubs = bool(live_stubs(child.process.pid))

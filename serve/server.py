@@ -1,23 +1,28 @@
 """``TritonServer``: the tritonserver binary from nvidia-pytriton on a filterserve repository,
 locked, supervised and stopped cleanly.
 
-It puts together the three parts of ``serve/``: :mod:`assembly` (what the server needs before it
-starts), :mod:`process` (its process life) and :mod:`health` (telling busy from broken, and
-recovering). Tests, benchmarks and the demo use it as a context manager; ``filterserve serve``
-adds :meth:`TritonServer.supervise` and the supervisor's endpoint.
+It puts together the parts of ``serve/``: :mod:`options` (what to serve, and how), :mod:`ports`
+and :mod:`assembly` (what the server needs before it starts), :mod:`process` (its process life),
+:mod:`supervisor` (telling busy from broken, and recovering) and :mod:`status_http` (the
+supervisor's ``/ready`` and ``/metrics``). Tests, benchmarks and the demo use it as a context
+manager; ``filterserve serve`` adds :meth:`TritonServer.supervise` and the supervisor's endpoint.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import threading
 from pathlib import Path
 
 from filterserve.errors import FilterServeError
 from filterserve.serve.assembly import filter_ensembles, read_configs
-from filterserve.serve.health import Recovery, Supervisor, SupervisorEndpoint
 from filterserve.serve.memory import check_memory
-from filterserve.serve.process import AdminKey, TritonProcess, address
+from filterserve.serve.options import ServeOptions
+from filterserve.serve.ports import address, check_ports
+from filterserve.serve.process import AdminKey, TritonProcess
+from filterserve.serve.status_http import SupervisorEndpoint
+from filterserve.serve.supervisor import Recovery, Supervisor
 
 WATCH_INTERVAL_S = 0.5  # stub and process checks: cheap, local, and what makes recovery take seconds
 
@@ -25,46 +30,20 @@ WATCH_INTERVAL_S = 0.5  # stub and process checks: cheap, local, and what makes 
 class TritonServer:
     """A supervised tritonserver: its own process group, its own admin key, stopped on exit."""
 
-    def __init__(
-        self,
-        repo: str | Path,
-        http_port: int | None = None,
-        grpc_port: int | None = None,
-        metrics_port: int | None = None,
-        *,
-        host: str = "127.0.0.1",
-        startup_timeout_s: float = 180.0,
-        grace_s: float = 30.0,
-        probe_timeout_s: float = 5.0,
-        probe_interval_s: float = 10.0,
-        max_restarts: int = 5,
-        supervisor_port: int | None = None,
-        log_path: Path | None = None,
-    ) -> None:
-        """Ports left None are picked free; ``supervisor_port`` None runs no supervisor endpoint (0: a free port)."""
-        self.repo = Path(repo).resolve()
+    def __init__(self, options: ServeOptions | str | Path) -> None:
+        """A repository alone is served on free ports, without the supervisor's endpoint."""
+        if not isinstance(options, ServeOptions):
+            options = ServeOptions(Path(options))
+        self.options = dataclasses.replace(options, repo=Path(options.repo).resolve())
+        self.repo = self.options.repo
         if not self.repo.is_dir():
             raise FilterServeError(f"model repository not found: {self.repo}")
         self.configs = read_configs(self.repo)
         if not self.configs:
             raise FilterServeError(f"no models in {self.repo}: expected folders holding a config.pbtxt")
-        self.host = host
-        self.startup_timeout_s = startup_timeout_s
         self.admin_key = AdminKey.generate()
-        self.process = TritonProcess(
-            self.repo,
-            host=host,
-            ports={"http": http_port, "grpc": grpc_port, "metrics": metrics_port},
-            admin_key=self.admin_key,
-            grace_s=grace_s,
-            startup_timeout_s=startup_timeout_s,
-            log_path=log_path,
-        )
-        self.supervisor = Supervisor(
-            self.process, self.configs, probe_timeout_s=probe_timeout_s, probe_interval_s=probe_interval_s,
-            max_restarts=max_restarts,
-        )
-        self._supervisor_port = supervisor_port
+        self.process = TritonProcess(self.options, self.admin_key)
+        self.supervisor = Supervisor(self.process, self.configs, self.options)
         self._endpoint: SupervisorEndpoint | None = None
         self._started = False
         self._stop_requested = threading.Event()
@@ -73,15 +52,15 @@ class TritonServer:
     # --- addresses -------------------------------------------------------------------------
     @property
     def http_url(self) -> str:
-        return address(self.host, self.process.ports["http"])
+        return address(self.options.host, self.process.ports["http"])
 
     @property
     def grpc_url(self) -> str:
-        return address(self.host, self.process.ports["grpc"])
+        return address(self.options.host, self.process.ports["grpc"])
 
     @property
     def metrics_url(self) -> str:
-        return address(self.host, self.process.ports["metrics"])
+        return address(self.options.host, self.process.ports["metrics"])
 
     @property
     def supervisor_url(self) -> str | None:
@@ -111,6 +90,7 @@ class TritonServer:
         """Start, wait until ready, and check every filter with a test inference."""
         if self._started:
             raise FilterServeError("this server is already started")
+        check_ports(self.options)  # a port in use is refused now, not after tritonserver's start
         check_memory(self.repo)  # a clear refusal now rather than the kernel's OOM kill mid-load
         self._started = True
         atexit.register(self.stop)
@@ -118,8 +98,8 @@ class TritonServer:
             self.process.start()
             self.supervisor.attach()
             self.supervisor.verify_filters()
-            if self._supervisor_port is not None:
-                self._endpoint = SupervisorEndpoint(self.supervisor, self.host, self._supervisor_port)
+            if self.options.supervisor_port is not None:
+                self._endpoint = SupervisorEndpoint(self.supervisor, self.options.host, self.options.supervisor_port)
         except BaseException:
             self.stop()
             raise
@@ -143,7 +123,7 @@ class TritonServer:
 
     # --- supervision -----------------------------------------------------------------------
     def check(self) -> list[Recovery]:
-        """One supervision round (see :mod:`filterserve.serve.health`); returns the recoveries it made."""
+        """One supervision round (see :mod:`filterserve.serve.supervisor`); returns the recoveries it made."""
         return self.supervisor.check()
 
     def supervise(self, interval_s: float = WATCH_INTERVAL_S) -> None:

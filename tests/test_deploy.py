@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
-import inspect
 import json
 import re
 from pathlib import Path
@@ -29,7 +28,6 @@ from filterserve.filters import UPLIFTING_V4
 from filterserve.model_repository.repository import TOKENIZER_FILES, TRT_CACHE_ROOT
 from filterserve.serve.cli import add_serve_arguments
 from filterserve.serve.memory import GB, HEADROOM, MemoryEstimate, available_in_pod, shape_estimate, weight_file_bytes
-from filterserve.serve.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -179,7 +177,8 @@ def server(container: dict) -> dict:
         args = parser.parse_args(command[2:])  # an unknown or malformed option fails here
         ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port,
                  "supervisor": args.supervisor_port}
-        return {"kind": "filterserve", "host": args.host, "ports": ports, "repository": str(args.model_repository)}
+        return {"kind": "filterserve", "host": args.host, "ports": ports, "repository": str(args.model_repository),
+                "startup_timeout": args.startup_timeout}
     if command[:1] == ["tritonserver"]:
         options = triton_options(command[1:])
         ports = {name: int(options.get(f"{name}-port", default)) for name, default in TRITON_PORTS.items()}
@@ -226,7 +225,7 @@ def test_startup_probe_outlasts_loading_the_model(name: str, pod_meta: dict, pod
     needed = weight_file_bytes(SERVED_SHAPE, SERVED_FILTER.num_labels, "fp32") / SLOW_VOLUME_BYTES_PER_S
     if server(container)["kind"] == "filterserve":
         # filterserve serve gives up on its own after this long; the kubelet must not cut it short
-        needed = max(needed, inspect.signature(TritonServer.__init__).parameters["startup_timeout_s"].default)
+        needed = max(needed, server(container)["startup_timeout"])
     if "nvidia.com/gpu" in container["resources"]["limits"]:
         needed += TENSORRT_BUILD_S
     assert window >= needed, f"{name}: the startup probe gives up after {window} s; loading needs up to {needed:.0f} s"

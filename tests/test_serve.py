@@ -37,7 +37,7 @@ from filterserve.contract import (
 )
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, FilterSpec
-from filterserve.serve import TritonServer
+from filterserve.serve import ServeOptions, TritonServer
 
 pytestmark = pytest.mark.slow  # the real tritonserver, started here
 
@@ -300,7 +300,7 @@ def test_unusable_repository_or_port_is_a_clear_error(tmp_path, repo):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         with pytest.raises(FilterServeError, match="already in use"):
-            TritonServer(repo, http_port=busy.getsockname()[1]).start()
+            TritonServer(ServeOptions(repo, http_port=busy.getsockname()[1])).start()
 
 
 @pytest.mark.timeout(90)

@@ -30,7 +30,7 @@ from slow_model import SLEEP_MODEL, build_slow_repository
 from toy_onnx import TOY_SPEC, build_toy_export
 from tritonclient.utils import InferenceServerException
 
-from filterserve.serve import EXIT_GAVE_UP, TritonServer
+from filterserve.serve import EXIT_GAVE_UP, ServeOptions, TritonServer
 from filterserve.serve.assembly import ensemble_steps
 from filterserve.serve.process import live_stubs
 
@@ -53,7 +53,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(repo: Path):
     """A server supervised in the background, as `filterserve serve` does, with short deadlines."""
-    server = TritonServer(repo, probe_timeout_s=PROBE_S, probe_interval_s=PROBE_S, supervisor_port=0).start()
+    server = TritonServer(ServeOptions(repo, probe_timeout_s=PROBE_S, check_interval_s=PROBE_S, supervisor_port=0)).start()
     supervising = threading.Thread(target=server.supervise, daemon=True)
     supervising.start()
     try:
@@ -228,7 +228,7 @@ def test_requests_queued_before_serve_is_ready_neither_fail_nor_fail_its_start(r
     inference: that inference waits behind them past its deadline. Busy, not broken: start goes on,
     every queued request is answered, nothing is restarted. (600 queued long articles once took
     serve down this way.)"""
-    from filterserve.serve.health import Supervisor
+    from filterserve.serve.supervisor import Supervisor
 
     requests = 60  # 6 s of work queued ahead of the test inference
     burst: dict = {}

@@ -1,21 +1,21 @@
-"""Health supervision: tells a busy tritonserver from a broken one, and recovers the broken one.
+"""The supervisor: tells a busy tritonserver from a broken one, and recovers the broken one.
 
 Every signal has its own short deadline, and none waits behind the inference queue:
 
 - **tritonserver exited** (the thread that started it reaps it): restart on the same ports, with
-  a backoff and at most ``max_restarts`` within ``restart_window_s``; then :class:`ServerGaveUp`.
+  a backoff and at most ``max_restarts`` within :data:`RESTART_WINDOW_S`; then :class:`ServerGaveUp`.
 - **A Python backend stub exited or is stopped** (psutil; stubs are tritonserver's children): its
   model fails every request while Triton still calls it ready. The model alone is reloaded with a
   changed config, which Triton swaps in while the old instance finishes what it runs, so requests
   running in other models, and in the ensembles, are not failed.
-- **A test inference per filter ensemble**, sent asynchronously every ``probe_interval_s``. If it
-  fails, the ensemble's steps are replayed to find the model that fails, which is reloaded. If it
-  is late, the statistics API tells whether the ensemble's models complete requests (busy: count
-  it, do nothing) or not for ``stall_s`` (stalled: reported not ready; nothing is restarted, which
-  would fail the requests it holds).
+- **A test inference per filter ensemble** (:mod:`probes`), sent asynchronously every
+  ``check_interval_s``. If it fails, the ensemble's steps are replayed to find the model that
+  fails, which is reloaded. If it is late, the statistics API tells whether the ensemble's models
+  complete requests (busy: count it, do nothing) or not for :data:`STALL_S` (stalled: reported
+  not ready; nothing is restarted, which would fail the requests it holds).
 
-Every recovery is printed and counted in ``filterserve_recoveries_total``, served with readiness
-by :class:`SupervisorEndpoint`.
+Every recovery is printed and counted in ``filterserve_recoveries_total``; :mod:`status_http`
+serves that and the readiness.
 """
 
 from __future__ import annotations
@@ -26,25 +26,26 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import psutil
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
-from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.serve.assembly import PYTHON_STUB, ensemble_steps, filter_ensembles
-from filterserve.serve.process import TritonProcess, address, address_family
+from filterserve.serve.options import ServeOptions
+from filterserve.serve.probes import Probe, completed_requests, is_late, probe_tensors, replay_steps
+from filterserve.serve.process import TritonProcess
 
 EXIT_GAVE_UP = 3  # `filterserve serve`'s exit code when tritonserver keeps dying (2 is a user error)
-PROBE_TEXT = "Volunteers rebuilt the village school. Classes resume on Monday."
+RESTART_WINDOW_S = 600.0  # --max-restarts counts the restarts within this window
+STALL_S = 300.0  # a late test inference with no request completed for this long: stalled, not busy
 # Triton reloads a model only when its config changed: each reload sets this parameter anew.
 RELOAD_PARAMETER = "filterserve_reload"
 MAX_BACKOFF_S = 60.0
@@ -70,17 +71,14 @@ class Recovery:
     seconds: float
 
 
-@dataclass
-class _Probe:
-    """A test inference in flight, and how much work the ensemble's models had completed."""
+@dataclass(frozen=True)
+class SupervisorStatus:
+    """What ``GET /ready`` answers, and why when not ready."""
 
-    sent_at: float
-    launch: int
-    completed: int
-    progress_at: float
-    late: bool = False
-    error: InferenceServerException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    ready: bool
+    tritonserver: str  # "running" or "down"
+    failing: dict[str, str]  # model → why
+    stalled: list[str]
 
 
 @dataclass
@@ -100,47 +98,18 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def _is_late(error: InferenceServerException) -> bool:
-    return "DEADLINE_EXCEEDED" in str(error.status())
-
-
-def _tensor(name: str, data: np.ndarray) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, list(data.shape), np_to_triton_dtype(data.dtype))
-    tensor.set_data_from_numpy(data)
-    return tensor
-
-
-def _probe_inputs() -> dict[str, np.ndarray]:
-    return {contract.TEXT: np.array([[PROBE_TEXT.encode()]], dtype=object)}
-
-
-def _probe_tensors() -> list[grpcclient.InferInput]:
-    return [_tensor(name, data) for name, data in _probe_inputs().items()]
-
-
 class Supervisor:
     """Watches one :class:`TritonProcess`; :meth:`check` is one round, :meth:`supervise` the loop."""
 
     def __init__(
-        self,
-        process: TritonProcess,
-        configs: dict[str, mc.ModelConfig],
-        *,
-        probe_timeout_s: float = 5.0,
-        probe_interval_s: float = 10.0,
-        stall_s: float = 300.0,
-        max_restarts: int = 5,
-        restart_window_s: float = 600.0,
+        self, process: TritonProcess, configs: dict[str, mc.ModelConfig], options: ServeOptions,
         report: Callable[[str], None] = _print,
     ) -> None:
+        """``options``: its deadlines (check interval, probe timeout) and restart limit."""
         self.process = process
         self.configs = configs
+        self.options = options
         self.ensembles = filter_ensembles(configs)
-        self.probe_timeout_s = probe_timeout_s
-        self.probe_interval_s = probe_interval_s
-        self.stall_s = stall_s
-        self.max_restarts = max_restarts
-        self.restart_window_s = restart_window_s
         self.report = report
         self.recoveries: list[Recovery] = []
         self.late_probes: Counter[str] = Counter()  # test inferences that waited behind a moving queue
@@ -150,7 +119,7 @@ class Supervisor:
         self._retired: set[psutil.Process] = set()  # stubs of a replaced instance: their exit is expected
         self._failing: dict[str, _Failing] = {}
         self._stalled: set[str] = set()
-        self._probes: dict[str, _Probe] = {}
+        self._probes: dict[str, Probe] = {}
         self._last_probe: dict[str, float] = {}
         self._restarts: list[float] = []
         self._reloads = 0
@@ -170,13 +139,13 @@ class Supervisor:
             and not self._stalled
         )
 
-    def status(self) -> dict:
-        return {
-            "ready": self.ready,
-            "tritonserver": "running" if self.process.running else "down",
-            "failing": {model: failing.reason for model, failing in dict(self._failing).items()},
-            "stalled": sorted(self._stalled),
-        }
+    def status(self) -> SupervisorStatus:
+        return SupervisorStatus(
+            ready=self.ready,
+            tritonserver="running" if self.process.running else "down",
+            failing={model: failing.reason for model, failing in dict(self._failing).items()},
+            stalled=sorted(self._stalled),
+        )
 
     def attach(self) -> None:
         """After every (re)start: a fresh client, the stubs as they are now, no probe in flight."""
@@ -197,9 +166,9 @@ class Supervisor:
         assert self._client is not None
         for name in self.ensembles:
             try:
-                self._client.infer(name, _probe_tensors(), client_timeout=self.process.startup_timeout_s)
+                self._client.infer(name, probe_tensors(), client_timeout=self.process.startup_timeout_s)
             except InferenceServerException as exc:
-                if _is_late(exc):  # requests that arrived first queue ahead of the probe: busy, not broken
+                if is_late(exc):  # requests that arrived first queue ahead of the probe: busy, not broken
                     self.report(f"test inference on {name} waited {self.process.startup_timeout_s:.0f} s behind "
                                 "queued requests: busy, not broken; the supervisor keeps checking it")
                     continue
@@ -230,24 +199,24 @@ class Supervisor:
                 self.check()
             except ServerGaveUp:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a supervisor that dies takes the service down with it
-                self.report(f"supervisor: a check failed ({type(exc).__name__}: {exc}); still serving")
+            except Exception:  # noqa: BLE001 - a supervisor that dies takes the service down with it
+                self.report(f"supervisor: a check failed; still serving. The bug, for a report:\n{traceback.format_exc()}")
 
     # --- tritonserver ----------------------------------------------------------------------
     def _restart_server(self) -> list[Recovery]:
         how = _describe_exit(self.process.returncode)
         now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < self.restart_window_s]
-        if len(self._restarts) >= self.max_restarts:
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        if len(self._restarts) >= self.options.max_restarts:
             raise ServerGaveUp(
-                f"tritonserver {how}, after {len(self._restarts)} restarts within {self.restart_window_s:.0f} s "
-                f"(limit {self.max_restarts}): giving up; its log: {self.process.log_path}"
+                f"tritonserver {how}, after {len(self._restarts)} restarts within {RESTART_WINDOW_S:.0f} s "
+                f"(limit {self.options.max_restarts}): giving up; its log: {self.process.log_path}"
             )
         delay = min(2.0 ** (len(self._restarts) - 1), MAX_BACKOFF_S) if self._restarts else 0.0
         self._restarts.append(now)
         self.report(f"supervisor: tritonserver {how}; restarting it"
-                    f"{f' in {delay:.0f} s' if delay else ''} ({len(self._restarts)} of {self.max_restarts} "
-                    f"restarts allowed within {self.restart_window_s:.0f} s)")
+                    f"{f' in {delay:.0f} s' if delay else ''} ({len(self._restarts)} of {self.options.max_restarts} "
+                    f"restarts allowed within {RESTART_WINDOW_S:.0f} s)")
         if self.process.cancel.wait(delay):
             return []
         started = time.monotonic()
@@ -263,7 +232,7 @@ class Supervisor:
     def _ask_ready(self) -> bool:
         assert self._client is not None
         try:
-            return self._client.is_server_ready(client_timeout=self.probe_timeout_s)
+            return self._client.is_server_ready(client_timeout=self.options.probe_timeout_s)
         except InferenceServerException:
             return False
 
@@ -317,7 +286,7 @@ class Supervisor:
             del self._stubs[stub]
             self._retired.add(stub)
         try:
-            config = self._client.get_model_config(model, as_json=True, client_timeout=self.probe_timeout_s)["config"]
+            config = self._client.get_model_config(model, as_json=True, client_timeout=self.options.probe_timeout_s)["config"]
             self._reloads += 1
             config.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": str(self._reloads)}
             self._client.load_model(
@@ -343,7 +312,8 @@ class Supervisor:
         self._counts[(action, target, "ok" if ok else "failed")] += 1
         done, failed = {"reload_model": ("reloaded model", "could not reload model"),
                         "restart_server": ("restarted", "could not restart")}[action]
-        self.report(f"supervisor: {done if ok else failed} {target} in {recovery.seconds:.1f} s ({reason}){f': {detail}' if detail else ''}")
+        self.report(f"supervisor: {done if ok else failed} {target} in {recovery.seconds:.1f} s ({reason})"
+                    f"{f': {detail}' if detail else ''}")
         return recovery
 
     # --- test inferences -------------------------------------------------------------------
@@ -353,18 +323,18 @@ class Supervisor:
         for name in self.ensembles:
             probe = self._probes.get(name)
             if probe is None:
-                if now - self._last_probe.get(name, float("-inf")) >= self.probe_interval_s:
+                if now - self._last_probe.get(name, float("-inf")) >= self.options.check_interval_s:
                     self._send_probe(name, now)
             elif probe.done.is_set():
                 del self._probes[name]
                 self._stalled.discard(name)
                 if probe.error is not None and not self._outdated(name, probe):
                     made += self._diagnose(name, probe.error)
-            elif now - probe.sent_at > self.probe_timeout_s:
+            elif now - probe.sent_at > self.options.probe_timeout_s:
                 self._judge_late(name, probe, now)
         return made
 
-    def _outdated(self, name: str, probe: _Probe) -> bool:
+    def _outdated(self, name: str, probe: Probe) -> bool:
         """Sent to an earlier tritonserver, or before one of the ensemble's models was reloaded."""
         reloaded = max(self._reloaded_at.get(m, 0.0) for m in [name, *ensemble_steps(self.configs[name])])
         return probe.launch != self.process.launches or reloaded > probe.sent_at
@@ -374,32 +344,22 @@ class Supervisor:
         completed = self._completed(name)
         if completed is None:
             return  # no statistics within the deadline: try again next round
-        probe = _Probe(sent_at=now, launch=self.process.launches, completed=completed, progress_at=now)
+        probe = Probe(sent_at=now, launch=self.process.launches, completed=completed, progress_at=now)
 
         def answered(result: object, error: InferenceServerException | None) -> None:
             probe.error = error
             probe.done.set()
 
-        self._client.async_infer(name, _probe_tensors(), callback=answered)
+        self._client.async_infer(name, probe_tensors(), callback=answered)
         self._probes[name] = probe
         self._last_probe[name] = now
 
     def _completed(self, ensemble: str) -> int | None:
         """Requests the ensemble's models have answered so far (successes and failures)."""
         assert self._client is not None
-        steps = set(ensemble_steps(self.configs[ensemble]))
-        try:
-            stats = self._client.get_inference_statistics(as_json=True, client_timeout=self.probe_timeout_s)
-        except InferenceServerException:
-            return None
-        total = 0
-        for entry in stats.get("model_stats", []):
-            if entry.get("name") in steps:
-                counts = entry.get("inference_stats", {})
-                total += sum(int(counts.get(kind, {}).get("count", 0)) for kind in ("success", "fail"))
-        return total
+        return completed_requests(self._client, set(ensemble_steps(self.configs[ensemble])), self.options.probe_timeout_s)
 
-    def _judge_late(self, name: str, probe: _Probe, now: float) -> None:
+    def _judge_late(self, name: str, probe: Probe, now: float) -> None:
         """A late test inference: busy if the models complete requests meanwhile, stalled if not."""
         completed = self._completed(name)
         if completed is None:
@@ -412,9 +372,9 @@ class Supervisor:
             if name in self._stalled:
                 self._stalled.discard(name)
                 self.report(f"supervisor: {name} completes requests again")
-        elif now - probe.progress_at > self.stall_s and name not in self._stalled:
+        elif now - probe.progress_at > STALL_S and name not in self._stalled:
             self._stalled.add(name)
-            self.report(f"supervisor: {name} has completed no request for {self.stall_s:.0f} s while its test "
+            self.report(f"supervisor: {name} has completed no request for {STALL_S:.0f} s while its test "
                         "inference waits: reported not ready (nothing restarted: that would fail its queue)")
 
     def _diagnose(self, name: str, error: InferenceServerException) -> list[Recovery]:
@@ -424,17 +384,11 @@ class Supervisor:
         is reloaded (it holds no stub: that costs nothing and fails nothing).
         """
         assert self._client is not None
-        tensors = _probe_inputs()
-        for step in self.configs[name].ensemble_scheduling.step:
-            inputs = [_tensor(model_input, tensors[tensor]) for model_input, tensor in step.input_map.items()
-                      if tensor in tensors]
-            try:
-                result = self._client.infer(step.model_name, inputs, client_timeout=self.probe_timeout_s)
-            except InferenceServerException as exc:
-                if _is_late(exc):
-                    return []
-                return [self._reload(step.model_name, f"its test inference failed: {exc.message()}")]
-            tensors.update({tensor: result.as_numpy(out) for out, tensor in step.output_map.items()})
+        found = replay_steps(self._client, self.configs[name], self.options.probe_timeout_s)
+        if found.late:
+            return []
+        if found.failed_step is not None:
+            return [self._reload(found.failed_step, f"its test inference failed: {found.message}")]
         return [self._reload(name, f"its test inference failed ({error.message()}) while every step answers")]
 
     # --- exposition ------------------------------------------------------------------------
@@ -455,47 +409,3 @@ class Supervisor:
             f"filterserve_ready {int(self.ready)}",
         ]
         return "\n".join(lines) + "\n"
-
-
-class SupervisorEndpoint:
-    """``GET /metrics`` (Prometheus text) and ``GET /ready`` (200, or 503 with why) on a port of its own.
-
-    Triton's own ``/v2/health/ready`` stays 200 while a crashed stub fails every request; this
-    readiness does not.
-    """
-
-    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path == "/metrics":
-                    status, body, kind = 200, supervisor.metrics_text(), "text/plain; version=0.0.4"
-                elif self.path == "/ready":
-                    state = supervisor.status()
-                    status, body, kind = (200 if state["ready"] else 503), json.dumps(state), "application/json"
-                else:
-                    status, body, kind = 404, "not found: GET /metrics or /ready\n", "text/plain"
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not news
-                pass
-
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": address_family(host), "daemon_threads": True})
-        try:
-            self._server = server_class((host, port), Handler)
-        except OSError as exc:
-            raise FilterServeError(f"supervisor port {port} is not free on {host}: {exc.strerror}") from None
-        self.host, self.port = host, self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, name="supervisor-endpoint", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return address(self.host, self.port)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
