@@ -26,6 +26,7 @@ from filterserve.contract import (
     SCORES,
     TIER,
     WEIGHTED_AVERAGE,
+    decision_model,
 )
 from filterserve.filters import SCORE_RANGE, Breakpoints, FilterSpec
 
@@ -187,7 +188,7 @@ def decision_graph(spec: FilterSpec, width: int | None = None):
 
     graph = helper.make_graph(
         g.nodes,
-        f"{spec.name}_decision",
+        decision_model(spec.name),
         [output(LOGITS, TensorProto.FLOAT, width)],
         [
             output(SCORES, TensorProto.FLOAT, n),

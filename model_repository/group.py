@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.filters import FilterSpec
-from filterserve.model_repository import openvino
+from filterserve.model_repository.runtime import openvino
 from filterserve.model_repository.repository import (
     WARMUP_BATCH,
     RepositorySettings,

@@ -15,7 +15,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from filterserve import contract, head_tail
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
-from filterserve.model_repository import openvino
+from filterserve.model_repository import runtime
+from filterserve.model_repository.runtime import openvino
 from filterserve.model_repository.decision import write_decision_model
 from filterserve.model_repository.gpu import (
     TENSORRT_PRECISION,
@@ -26,10 +27,10 @@ from filterserve.model_repository.gpu import (
     serving_profile,
 )
 
-_HERE = Path(__file__).resolve().parent
-TOKENIZER_TEMPLATE = _HERE / "templates" / "tokenizer_model.py"
-# The tokenizer step imports the one head+tail implementation from a copy beside its model.py.
-HEAD_TAIL_MODULE = Path(head_tail.__file__)
+TOKENIZER_TEMPLATE = Path(runtime.__file__).resolve().parent / "templates" / "tokenizer_model.py"
+# The tokenizer step runs without this package: it reads the contract's names and runs the one
+# head+tail implementation from copies of these modules beside its model.py.
+STEP_MODULES = (Path(contract.__file__), Path(head_tail.__file__))
 
 # Files a Hugging Face tokenizer folder may hold; anything else there (adapter weights) stays behind.
 TOKENIZER_FILES = (
@@ -245,7 +246,7 @@ def openvino_model_config(spec: FilterSpec, model_name: str, *, precision: str) 
     """Triton's OpenVINO backend (NVIDIA's x86 container; the stand-in here), with only the parameters it reads.
 
     ``max_batch_size`` 0 and full shapes: with a batch size the backend would fix every run at
-    ``max_batch_size`` rows (see :mod:`filterserve.model_repository.openvino`). Each request runs
+    ``max_batch_size`` rows (see :mod:`filterserve.model_repository.runtime.openvino`). Each request runs
     alone, at its own shape. The stand-in's input rules go beside the config (:func:`write_repository`).
     """
     config = mc.ModelConfig(
@@ -309,7 +310,7 @@ def write_tensor_model(model_dir: Path, config: mc.ModelConfig) -> None:
     _write_config(model_dir, config)
     (model_dir / "warmup").mkdir(exist_ok=True)
     mask = config.model_warmup[0].inputs[contract.TOKEN_INPUTS[1]]
-    np.ones(int(np.prod(mask.dims)), dtype="<i8").tofile(model_dir / "warmup" / "attention_mask")
+    np.ones(int(np.prod(mask.dims)), dtype="<i8").tofile(model_dir / "warmup" / mask.input_data_file)
 
 
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
@@ -423,7 +424,8 @@ def write_filter_steps(
     _write_config(repo / tokenizer_name, configs[tokenizer_name])
     _copy_tokenizer(Path(tokenizer_dir), repo / tokenizer_name / "1" / "tokenizer")
     shutil.copy2(TOKENIZER_TEMPLATE, repo / tokenizer_name / "1" / "model.py")
-    shutil.copy2(HEAD_TAIL_MODULE, repo / tokenizer_name / "1" / HEAD_TAIL_MODULE.name)
+    for module in STEP_MODULES:
+        shutil.copy2(module, repo / tokenizer_name / "1" / module.name)
 
     _write_config(repo / spec.name, configs[spec.name])
     (repo / spec.name / "1").mkdir(exist_ok=True)  # Triton needs a version folder, even if empty

@@ -7,7 +7,7 @@ the onnxruntime Python package; in NVIDIA's container Triton's C++ backend takes
 "served" ONNX Runtime figure in this project's README was measured through this stand-in.
 
 Token models (``vocab_size`` among the config parameters) are checked before they run and run in
-pieces of at most ``max_batch_tokens`` tokens (:mod:`filterserve.model_repository.tensor_backend`).
+pieces of at most ``max_batch_tokens`` tokens (:mod:`filterserve.model_repository.runtime.tensor_backend`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from filterserve.model_repository.tensor_backend import TensorBackend, TokenRules, cpu_allowance
+from filterserve.model_repository.runtime.tensor_backend import TensorBackend, TokenRules, cpu_allowance
 
 RULE_PARAMETERS = ("vocab_size", "pad_token_id", "max_length", "max_batch_tokens")
 

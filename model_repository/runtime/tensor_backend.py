@@ -118,13 +118,15 @@ class TensorBackend:
     def _check(self, feeds: dict[str, np.ndarray]) -> str | None:
         if self.token_rules is None:
             return None
-        error = self.token_rules.check(feeds["input_ids"], feeds["attention_mask"])
+        input_ids, attention_mask = (feeds[name] for name in contract.TOKEN_INPUTS)
+        error = self.token_rules.check(input_ids, attention_mask)
         if error is None and self.members is not None:
             index = feeds[contract.FILTER_INDEX]
-            if index.shape != (feeds["input_ids"].shape[0], 1):
-                return f"filter_index must have shape [batch, 1], got {list(index.shape)}"
-            if ((index < 0) | (index >= self.members)).any():  # ONNX Gather would wrap a negative index to another filter
-                return f"filter_index {int(index[(index < 0) | (index >= self.members)][0])} names no filter of this group [0, {self.members})"
+            if index.shape != (input_ids.shape[0], 1):
+                return f"{contract.FILTER_INDEX} must have shape [batch, 1], got {list(index.shape)}"
+            outside = (index < 0) | (index >= self.members)  # ONNX Gather would wrap a negative index to another filter
+            if outside.any():
+                return f"{contract.FILTER_INDEX} {int(index[outside][0])} names no filter of this group [0, {self.members})"
         return error
 
     def execute(self, requests: list) -> list:
