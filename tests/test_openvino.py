@@ -21,8 +21,8 @@ from filterserve.export import quantization_data as qd
 from filterserve.export.parity import compare, encode, parity_texts
 from filterserve.export.quantize import EXCLUSION_LADDER
 from filterserve.filters import UPLIFTING_V4
-from filterserve.model_repository.runtime import openvino as backend
 from filterserve.model_repository.repository import RepositorySettings, openvino_model_config, write_repository
+from filterserve.model_repository.runtime import openvino as backend
 
 SPEC = UPLIFTING_V4
 BF16_CPU = ove.cpu_support().bf16
