@@ -252,7 +252,9 @@ class FilterSpec:
             if not math.isfinite(weight) or weight < 0:
                 raise FilterServeError(f"weight of {dim!r} must be a finite non-negative number, got {weight}")
         if sum(self.weights) <= 0:
-            raise FilterServeError(f"filter {self.name!r}: the weights sum to {sum(self.weights)}; the weighted average needs a positive sum")
+            raise FilterServeError(
+                f"filter {self.name!r}: the weights sum to {sum(self.weights)}; the weighted average needs a positive sum"
+            )
         if self.max_length < 1:
             raise FilterServeError(f"max_length must be positive, got {self.max_length}")
         self._check_template()

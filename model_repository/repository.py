@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import text_format
+from google.protobuf import text_format  # type: ignore[import-untyped]  # types-protobuf is not a dependency
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract, head_tail
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 from filterserve.model_repository import runtime
-from filterserve.model_repository.runtime import openvino
 from filterserve.model_repository.decision import write_decision_model
 from filterserve.model_repository.gpu import (
     TENSORRT_PRECISION,
@@ -26,6 +25,7 @@ from filterserve.model_repository.gpu import (
     onnx_checksum,
     serving_profile,
 )
+from filterserve.model_repository.runtime import openvino
 
 TOKENIZER_TEMPLATE = Path(runtime.__file__).resolve().parent / "templates" / "tokenizer_model.py"
 # The tokenizer step runs without this package: it reads the contract's names and runs the one
@@ -106,7 +106,7 @@ def _to_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
-def _set_params(config: mc.ModelConfig, params: dict[str, object]) -> None:
+def _set_params(config: mc.ModelConfig, params: Mapping[str, object]) -> None:
     for key, value in params.items():
         config.parameters[key].string_value = str(value)
 

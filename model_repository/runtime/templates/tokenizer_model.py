@@ -1,10 +1,11 @@
 """Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask, n_tokens, truncated.
 
 It runs inside NVIDIA's container as well as beside the pytriton wheel, so it imports only
-``tokenizers``, numpy and the copies of filterserve's ``contract.py`` (every tensor, parameter and
-metric name) and ``head_tail.py`` that the export puts beside it, and reads everything else it
-needs (template, head+tail cut, max_length, pad id, bucket, size cap) from its model config. The server owns the filter's input template and head+tail cut, so a plain Triton caller
-that sends TITLE and CONTENT (or the joined TEXT) gets exactly the input the filter was trained on.
+``tokenizers``, numpy and the copies of filterserve's ``contract.py`` (the tensor names) and
+``head_tail.py`` that the export puts beside it, and reads everything else it needs (template,
+head+tail cut, max_length, pad id, bucket, size cap) from its model config. The server owns the
+filter's input template and head+tail cut, so a plain Triton caller that sends TITLE and CONTENT
+(or the joined TEXT) gets exactly the input the filter was trained on.
 Special tokens (Gemma's BOS) come from the tokenizer file's post-processor, as transformers adds
 them; padding uses the filter's pad id (Gemma's is 0), which the tensor model's pooling reads.
 
@@ -134,8 +135,8 @@ class TritonPythonModel:
         while cut < len(text):
             encoding = self.untruncated.encode(text[:cut])
             words = encoding.word_ids
-            if len(words) > self.max_length and words[self.max_length - 1] is not None:
-                last_piece = words[self.max_length - 1]
+            last_piece = words[self.max_length - 1] if len(words) > self.max_length else None
+            if last_piece is not None:
                 piece_end = max(end for (_, end), w in zip(encoding.offsets, words) if w == last_piece)
                 if piece_end <= cut - 2 and any(w is not None and w > last_piece for w in words):
                     return text[:cut], True
