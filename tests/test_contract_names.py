@@ -63,3 +63,13 @@ def test_no_model_or_tensor_name_is_typed_outside_the_contract():
             elif any(text.endswith(suffix) for suffix in suffixes):
                 found.append(f"{path.relative_to(ROOT)}:{line}: {text!r} builds a model name (use contract's functions)")
     assert not found, "\n".join(found)
+
+
+def test_the_tokenizer_step_carries_the_contract_it_reads(tmp_path: Path):
+    """The step runs without filterserve installed (NVIDIA's container): its names come from the
+    copy of contract.py beside its model.py, the same file byte for byte."""
+    from toy_onnx import TOY_SPEC, build_toy_export
+
+    toy = build_toy_export(tmp_path)
+    version = toy.repo / contract.tokenizer_model(TOY_SPEC.name) / "1"
+    assert (version / "contract.py").read_bytes() == Path(contract.__file__).read_bytes()
