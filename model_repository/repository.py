@@ -26,6 +26,7 @@ from filterserve.model_repository.gpu import (
     serving_profile,
 )
 from filterserve.model_repository.runtime import openvino
+from filterserve.model_repository.runtime.tensor_backend import TokenRules
 
 TOKENIZER_TEMPLATE = Path(runtime.__file__).resolve().parent / "templates" / "tokenizer_model.py"
 # The tokenizer step runs without this package: it reads the contract's names and runs the one
@@ -232,13 +233,9 @@ def tensor_model_config(
     if tensorrt is not None:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters.update(tensorrt.parameters())
-    _set_params(config, {
-        "vocab_size": vocab_size,
-        "pad_token_id": pad_token_id,
-        "precision": precision,
-        "max_length": spec.max_length,
-        "max_batch_tokens": max_batch_tokens or max_batch_size * spec.max_length,
-    })
+    rules = TokenRules(vocab_size=vocab_size, pad_token_id=pad_token_id, max_length=spec.max_length,
+                       max_batch_tokens=max_batch_tokens or max_batch_size * spec.max_length)
+    _set_params(config, {**rules.parameters(), "precision": precision})
     return config
 
 
@@ -264,8 +261,8 @@ def openvino_model_config(spec: FilterSpec, model_name: str, *, precision: str) 
 
 def openvino_rules(settings: RepositorySettings, max_length: int, pad_token_id: int, vocab_size: int) -> dict[str, int]:
     """The input rules the OpenVINO stand-in checks, as the ONNX Runtime stand-in reads them from its config."""
-    return {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "max_length": max_length,
-            "max_batch_tokens": settings.max_batch_tokens or settings.max_batch_size * max_length}
+    return TokenRules(vocab_size=vocab_size, pad_token_id=pad_token_id, max_length=max_length,
+                      max_batch_tokens=settings.max_batch_tokens or settings.max_batch_size * max_length).parameters()
 
 
 def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str) -> mc.ModelConfig:

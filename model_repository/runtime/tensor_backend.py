@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ class TokenRules:
     pad_token_id: int
     max_length: int
     max_batch_tokens: int | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The keys under which the writer records the rules: a tensor model's config parameters
+        (ONNX Runtime) or the OpenVINO stand-in's file."""
+        return tuple(field.name for field in fields(cls))
+
+    def parameters(self) -> dict[str, int]:
+        """The rules as the writer records them, and :meth:`from_mapping` reads them back."""
+        return {name: value for name in self.names() if (value := getattr(self, name)) is not None}
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> TokenRules:

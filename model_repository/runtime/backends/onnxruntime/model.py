@@ -20,8 +20,6 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from filterserve.model_repository.runtime.tensor_backend import TensorBackend, TokenRules, cpu_allowance
 
-RULE_PARAMETERS = ("vocab_size", "pad_token_id", "max_length", "max_batch_tokens")
-
 
 def _providers(instance_kind: str, device_id: int) -> list:
     available = ort.get_available_providers()
@@ -43,7 +41,7 @@ class TritonPythonModel(TensorBackend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_allowance()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items() if key in RULE_PARAMETERS}
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items() if key in TokenRules.names()}
         if "vocab_size" in params:
             self.token_rules = TokenRules.from_mapping(params)
 
