@@ -9,7 +9,7 @@ from pathlib import Path
 
 from filterserve import defaults
 from filterserve.contract import GATE_TOLERANCE
-from filterserve.filters import load_filter
+from filterserve.filter_loader import load_filter
 
 
 def _repository_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ class Repository:
     def tensor_models(self) -> dict[str, Path]:
         """``{precision: model file}`` for every exported tensor variant (``model.onnx``, or OpenVINO's ``model.xml``)."""
         from filterserve.contract import OPENVINO_PRECISIONS
-        from filterserve.model_repository.openvino import MODEL_FILE
+        from filterserve.model_repository.runtime.openvino import MODEL_FILE
 
         return {p: self.path / folder / "1" / (MODEL_FILE if p in OPENVINO_PRECISIONS else "model.onnx")
                 for p, folder in self.manifest.get("tensor_models", {}).items()}
@@ -339,7 +339,7 @@ def openvino_engines(repo: Repository, tokenizer: Any, in_process_f32: bool = Fa
     """Every OpenVINO variant as its server compiles it (its config's parameters, through the
     backend's rules); with ``in_process_f32``, also OpenVINO f32 on the fp32 ONNX file where no
     ov_fp32 variant was exported (on a bf16 CPU none can be: Triton's backend cannot pin f32)."""
-    from filterserve.model_repository.openvino import compile_properties
+    from filterserve.model_repository.runtime.openvino import compile_properties
     from filterserve.serve.assembly import read_model_config
 
     models = repo.manifest.get("tensor_models", {})

@@ -33,7 +33,8 @@ from filterserve.benchmarks.articles import articles_of_lengths, realistic_lengt
 from filterserve.benchmarks.report import machine, table, write_report
 from filterserve.errors import FilterServeError
 from filterserve.export.shared_base import MemberSource
-from filterserve.filters import FilterSpec, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import FilterSpec
 from filterserve.manifest import REPOSITORY_FORMAT, REPOSITORY_MANIFEST, read_filter_records, write_json_atomic
 from filterserve.progress import Steps
 

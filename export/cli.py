@@ -11,7 +11,7 @@ from filterserve import defaults
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
 from filterserve.export.options import ExportOptions
-from filterserve.filters import load_filter
+from filterserve.filter_loader import load_filter
 from filterserve.model_repository.gpu import TRT_CACHE_ROOT
 from filterserve.model_repository.repository import (
     DEFAULT_BUCKET,

@@ -68,8 +68,8 @@ from filterserve.manifest import (
     read_group_records,
 )
 from filterserve.model_repository.group import write_group_tensor_model, write_member_steps
-from filterserve.model_repository.openvino import MODEL_FILE as OPENVINO_MODEL_FILE
 from filterserve.model_repository.repository import RepositorySettings
+from filterserve.model_repository.runtime.openvino import MODEL_FILE as OPENVINO_MODEL_FILE
 from filterserve.progress import Steps
 
 GROUP_PREFIX = "shared_"

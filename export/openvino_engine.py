@@ -202,7 +202,7 @@ def checked_model(path: Path, properties: Mapping[str, Any], precision: str) -> 
 def served_model(precision: str, path: Path) -> OpenVinoModel:
     """The variant compiled as Triton's OpenVINO backend compiles it from the config the export
     writes for it, and refused unless it runs what ``precision`` must run on this CPU."""
-    from filterserve.model_repository.openvino import backend_parameters, compile_properties
+    from filterserve.model_repository.runtime.openvino import backend_parameters, compile_properties
 
     return checked_model(path, compile_properties(backend_parameters(bf16=precision == "bf16")), precision)
 

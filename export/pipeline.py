@@ -72,7 +72,7 @@ from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, LabelledSet, build_report, read_labelled, refusals
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.model_repository.gpu import TENSORRT_PRECISION
-from filterserve.model_repository.openvino import MODEL_FILE
+from filterserve.model_repository.runtime.openvino import MODEL_FILE
 from filterserve.progress import Steps
 
 TOLERANCES = contract.PARITY_TOLERANCES

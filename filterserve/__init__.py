@@ -5,7 +5,8 @@ torch or transformers, so nothing heavy is imported here.
 """
 
 from filterserve.errors import FilterServeError
-from filterserve.filters import FilterSpec, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import FilterSpec
 
 __all__ = ["FilterServeError", "FilterSpec", "load_filter"]
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@ client and any plain Triton caller agree on.
 
 They are public (README, docs/scoring.md): renaming one breaks every deployed client, so they live in one
 place and every module reads them from here. The tokenizer step runs inside Triton without this
-package and reads the names from its model config; the stand-in backends (used only under
+package: the export copies this file beside the step's ``model.py``, which loads it by path, so it
+imports nothing (tests/test_layout.py checks). The stand-in backends (used only under
 ``filterserve serve``) import it.
 """
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from filterserve.errors import FilterServeError
-from filterserve.filters import UPLIFTING_V4, FilterSpec, HeadTail, Tier, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import UPLIFTING_V4, FilterSpec, HeadTail, Tier
 
 # The card gives investment-risk v2's shape (5 dimensions, same base and recipe) but not its
 # dimension names or weights: these are the demo's and the tests' stand-ins.

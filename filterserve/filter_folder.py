@@ -146,9 +146,10 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _section(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    found: object = data
     for key in keys:
-        data = data.get(key) if isinstance(data, dict) else None
-    return data if isinstance(data, dict) else {}
+        found = found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def _num(value: object, what: str) -> float:
@@ -215,13 +216,15 @@ class _Reader:
             raise FilterServeError(f"{source}: DIMENSION_WEIGHTS has no weight for {missing} (the scorer would fail on them)")
         extra = [d for d in weights if d not in names]
         if extra:
-            self.notes.append(f"{BASE_SCORER}: DIMENSION_WEIGHTS also weighs {extra}, which are not in DIMENSION_NAMES: ignored, as the scorer does")
+            self.notes.append(f"{BASE_SCORER}: DIMENSION_WEIGHTS also weighs {extra}, which are not in DIMENSION_NAMES: "
+                              "ignored, as the scorer does")
         values = tuple(_num(weights[n], f"{source} weight of {n!r}") for n in names)
         if config_dims and list(config_dims) != list(names):
             self.differ("the dimensions (the score head's output order)", list(names), list(config_dims))
         for name, value in zip(names, values):
-            if name in config_weights and config_weights[name] is not None and not _same(float(config_weights[name]), value):
-                self.differ(f"the weight of {name}", value, config_weights[name])
+            configured = config_weights.get(name)
+            if configured is not None and not _same(float(configured), value):
+                self.differ(f"the weight of {name}", value, configured)
         total = sum(values)
         if not _same(total, 1.0):
             self.notes.append(
@@ -271,7 +274,8 @@ class _Reader:
                 found.append(Gatekeeper(str(entry["dimension"]), _num(entry["threshold"], f"{CONFIG} gatekeeper {name} threshold"),
                                         _num(entry["max_score"], f"{CONFIG} gatekeeper {name} max_score")))
         for dim, entry in _section(self.config, "scoring", "dimensions").items():
-            if not (isinstance(entry, dict) and entry.get("gatekeeper") and "gatekeeper_threshold" in entry and "gatekeeper_max_score" in entry):
+            if not (isinstance(entry, dict) and entry.get("gatekeeper")
+                    and "gatekeeper_threshold" in entry and "gatekeeper_max_score" in entry):
                 continue
             unless: tuple[tuple[str, float], ...] = ()
             exception = entry.get("gatekeeper_exception")
@@ -361,7 +365,8 @@ class _Reader:
             theirs = data.get(key)
             # The production fitter matches names with hyphens and underscores alike ("investment-risk").
             if theirs is not None and ours is not None and str(theirs).replace("-", "_") != ours.replace("-", "_"):
-                self.disagreements.append(f"{file} was fitted for {key} {theirs!r}, the filter is {ours!r}; applied all the same, as the scorer does")
+                self.disagreements.append(f"{file} was fitted for {key} {theirs!r}, the filter is {ours!r}; "
+                                          "applied all the same, as the scorer does")
 
     def calibration(self, dimensions: tuple[str, ...]) -> tuple[tuple[str, Breakpoints], ...]:
         path = self.path / CALIBRATION
@@ -419,7 +424,9 @@ class _Reader:
         n_articles = data.get("n_articles")
         if not isinstance(n_articles, (int, float)) or n_articles < MIN_NORMALIZATION_ARTICLES:
             return False, f"{NORMALIZATION} holds {n_articles} articles (the service needs at least {MIN_NORMALIZATION_ARTICLES})"
-        stats = data.get("stats") if isinstance(data.get("stats"), dict) else {}
+        stats = data.get("stats")
+        if not isinstance(stats, dict):
+            stats = {}
         raw_min = stats.get("raw_min", data["x"][0] if isinstance(data["x"], list) and data["x"] else None)
         if not isinstance(raw_min, (int, float)) or not math.isfinite(raw_min) or raw_min > MAX_NORMALIZATION_RAW_MIN:
             return False, f"{NORMALIZATION} has raw_min {raw_min} (the service refuses one above {MAX_NORMALIZATION_RAW_MIN})"

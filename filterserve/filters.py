@@ -18,15 +18,14 @@ from __future__ import annotations
 import math
 import re
 import string
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from filterserve.contract import NO_TIER_INDEX
 from filterserve.errors import FilterServeError
 from filterserve.head_tail import HEAD_TOKENS, SEPARATOR, TAIL_TOKENS, head_tail
-from filterserve.manifest import read_filter_record, read_json
+from filterserve.manifest import read_json
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TEMPLATE_FIELDS = ("title", "content")
@@ -253,7 +252,9 @@ class FilterSpec:
             if not math.isfinite(weight) or weight < 0:
                 raise FilterServeError(f"weight of {dim!r} must be a finite non-negative number, got {weight}")
         if sum(self.weights) <= 0:
-            raise FilterServeError(f"filter {self.name!r}: the weights sum to {sum(self.weights)}; the weighted average needs a positive sum")
+            raise FilterServeError(
+                f"filter {self.name!r}: the weights sum to {sum(self.weights)}; the weighted average needs a positive sum"
+            )
         if self.max_length < 1:
             raise FilterServeError(f"max_length must be positive, got {self.max_length}")
         self._check_template()
@@ -450,29 +451,3 @@ UPLIFTING_V4 = FilterSpec(
         Tier("not_uplifting", 0.0, "Low collective benefit"),
     ),
 )
-
-
-def load_filter(path: str | Path | None, name: str | None = None, *, stream: TextIO | None = None) -> FilterSpec:
-    """A filter description: ``None`` is uplifting v4; a folder is a filter folder as it ships
-    (config.yaml / base_scorer.py, see :mod:`filterserve.filter_folder`; every disagreement between
-    its files is written to ``stream``, stderr by default) or a model repository (its filter
-    ``name``, which may be left out when it holds one); a file is a description or a filter record."""
-    if path is None:
-        return UPLIFTING_V4
-    p = Path(path)
-    if p.is_dir():
-        from filterserve.filter_folder import is_filter_folder, read_filter_folder
-
-        if is_filter_folder(p):
-            folder = read_filter_folder(p)
-            out = sys.stderr if stream is None else stream
-            for line in folder.report():
-                print(line, file=out)
-            return folder.spec
-        return FilterSpec.from_dict(read_filter_record(p, name)["filter"], source=f"the record of {name or 'the filter'} in {p}")
-    data = read_json(p, "filter description")
-    if isinstance(data, dict) and "filter" in data and "dimensions" not in data:
-        data = data["filter"]  # a filter record (<name>.filter.json) also works as a description
-    if not isinstance(data, dict):
-        raise FilterServeError(f"filter description {p} must be a JSON object")
-    return FilterSpec.from_dict(data, source=f"filter description {p}")

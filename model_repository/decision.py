@@ -14,6 +14,7 @@ parity stays on the raw scores, since calibration is a deliberate change, not dr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,8 +27,12 @@ from filterserve.contract import (
     SCORES,
     TIER,
     WEIGHTED_AVERAGE,
+    decision_model,
 )
 from filterserve.filters import SCORE_RANGE, Breakpoints, FilterSpec
+
+if TYPE_CHECKING:  # onnx is an export dependency, imported where a graph is built
+    from onnx import ModelProto, ValueInfoProto
 
 OPSET = 18
 
@@ -154,7 +159,7 @@ def _tier(g: _Graph, spec: FilterSpec, average: str) -> str:
     return g.node("Cast", [index], TIER, to=TensorProto.INT32)
 
 
-def decision_graph(spec: FilterSpec, width: int | None = None):
+def decision_graph(spec: FilterSpec, width: int | None = None) -> ModelProto:
     """``logits`` FP32 [batch, n] → ``scores`` (the same, passed through for the ensemble),
     ``final_scores`` [batch, n], ``weighted_average`` [batch, 1], ``gatekeeper_applied`` BOOL [batch, 1],
     ``raw_weighted_average`` [batch, 1] and ``tier`` INT32 [batch, 1] (see contract.py).
@@ -182,12 +187,12 @@ def decision_graph(spec: FilterSpec, width: int | None = None):
     g.node("Identity", [gated], RAW_WEIGHTED_AVERAGE)
     _tier(g, spec, _normalize(g, spec, gated))
 
-    def output(name: str, kind: int, width: int) -> object:
+    def output(name: str, kind: int, width: int) -> ValueInfoProto:
         return helper.make_tensor_value_info(name, kind, ["batch", width])
 
     graph = helper.make_graph(
         g.nodes,
-        f"{spec.name}_decision",
+        decision_model(spec.name),
         [output(LOGITS, TensorProto.FLOAT, width)],
         [
             output(SCORES, TensorProto.FLOAT, n),

@@ -21,7 +21,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract
 from filterserve.filters import FilterSpec
-from filterserve.model_repository import openvino
 from filterserve.model_repository.repository import (
     WARMUP_BATCH,
     RepositorySettings,
@@ -33,6 +32,7 @@ from filterserve.model_repository.repository import (
     write_filter_steps,
     write_tensor_model,
 )
+from filterserve.model_repository.runtime import openvino
 
 
 def group_tensor_config(

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import text_format
+from google.protobuf import text_format  # type: ignore[import-untyped]  # types-protobuf is not a dependency
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract, head_tail
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
-from filterserve.model_repository import openvino
+from filterserve.model_repository import runtime
 from filterserve.model_repository.decision import write_decision_model
 from filterserve.model_repository.gpu import (
     TENSORRT_PRECISION,
@@ -25,11 +25,13 @@ from filterserve.model_repository.gpu import (
     onnx_checksum,
     serving_profile,
 )
+from filterserve.model_repository.runtime import openvino
+from filterserve.model_repository.runtime.tensor_backend import TokenRules
 
-_HERE = Path(__file__).resolve().parent
-TOKENIZER_TEMPLATE = _HERE / "templates" / "tokenizer_model.py"
-# The tokenizer step imports the one head+tail implementation from a copy beside its model.py.
-HEAD_TAIL_MODULE = Path(head_tail.__file__)
+TOKENIZER_TEMPLATE = Path(runtime.__file__).resolve().parent / "templates" / "tokenizer_model.py"
+# The tokenizer step runs without this package: it reads the contract's names and runs the one
+# head+tail implementation from copies of these modules beside its model.py.
+STEP_MODULES = (Path(contract.__file__), Path(head_tail.__file__))
 
 # Files a Hugging Face tokenizer folder may hold; anything else there (adapter weights) stays behind.
 TOKENIZER_FILES = (
@@ -105,7 +107,7 @@ def _to_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
-def _set_params(config: mc.ModelConfig, params: dict[str, object]) -> None:
+def _set_params(config: mc.ModelConfig, params: Mapping[str, object]) -> None:
     for key, value in params.items():
         config.parameters[key].string_value = str(value)
 
@@ -231,13 +233,9 @@ def tensor_model_config(
     if tensorrt is not None:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters.update(tensorrt.parameters())
-    _set_params(config, {
-        "vocab_size": vocab_size,
-        "pad_token_id": pad_token_id,
-        "precision": precision,
-        "max_length": spec.max_length,
-        "max_batch_tokens": max_batch_tokens or max_batch_size * spec.max_length,
-    })
+    rules = TokenRules(vocab_size=vocab_size, pad_token_id=pad_token_id, max_length=spec.max_length,
+                       max_batch_tokens=max_batch_tokens or max_batch_size * spec.max_length)
+    _set_params(config, {**rules.parameters(), "precision": precision})
     return config
 
 
@@ -245,7 +243,7 @@ def openvino_model_config(spec: FilterSpec, model_name: str, *, precision: str) 
     """Triton's OpenVINO backend (NVIDIA's x86 container; the stand-in here), with only the parameters it reads.
 
     ``max_batch_size`` 0 and full shapes: with a batch size the backend would fix every run at
-    ``max_batch_size`` rows (see :mod:`filterserve.model_repository.openvino`). Each request runs
+    ``max_batch_size`` rows (see :mod:`filterserve.model_repository.runtime.openvino`). Each request runs
     alone, at its own shape. The stand-in's input rules go beside the config (:func:`write_repository`).
     """
     config = mc.ModelConfig(
@@ -263,8 +261,8 @@ def openvino_model_config(spec: FilterSpec, model_name: str, *, precision: str) 
 
 def openvino_rules(settings: RepositorySettings, max_length: int, pad_token_id: int, vocab_size: int) -> dict[str, int]:
     """The input rules the OpenVINO stand-in checks, as the ONNX Runtime stand-in reads them from its config."""
-    return {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "max_length": max_length,
-            "max_batch_tokens": settings.max_batch_tokens or settings.max_batch_size * max_length}
+    return TokenRules(vocab_size=vocab_size, pad_token_id=pad_token_id, max_length=max_length,
+                      max_batch_tokens=settings.max_batch_tokens or settings.max_batch_size * max_length).parameters()
 
 
 def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str) -> mc.ModelConfig:
@@ -309,7 +307,7 @@ def write_tensor_model(model_dir: Path, config: mc.ModelConfig) -> None:
     _write_config(model_dir, config)
     (model_dir / "warmup").mkdir(exist_ok=True)
     mask = config.model_warmup[0].inputs[contract.TOKEN_INPUTS[1]]
-    np.ones(int(np.prod(mask.dims)), dtype="<i8").tofile(model_dir / "warmup" / "attention_mask")
+    np.ones(int(np.prod(mask.dims)), dtype="<i8").tofile(model_dir / "warmup" / mask.input_data_file)
 
 
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
@@ -423,7 +421,8 @@ def write_filter_steps(
     _write_config(repo / tokenizer_name, configs[tokenizer_name])
     _copy_tokenizer(Path(tokenizer_dir), repo / tokenizer_name / "1" / "tokenizer")
     shutil.copy2(TOKENIZER_TEMPLATE, repo / tokenizer_name / "1" / "model.py")
-    shutil.copy2(HEAD_TAIL_MODULE, repo / tokenizer_name / "1" / HEAD_TAIL_MODULE.name)
+    for module in STEP_MODULES:
+        shutil.copy2(module, repo / tokenizer_name / "1" / module.name)
 
     _write_config(repo / spec.name, configs[spec.name])
     (repo / spec.name / "1").mkdir(exist_ok=True)  # Triton needs a version folder, even if empty

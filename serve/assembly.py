@@ -41,10 +41,10 @@ STAND_IN_BACKENDS = ("onnxruntime", "openvino")
 
 
 def _stand_in_backend(name: str) -> Path:
-    """The stand-ins live in the model_repository package; resolved through it so installs work."""
-    import filterserve.model_repository
+    """The stand-ins live in the model_repository.runtime package; resolved through it so installs work."""
+    import filterserve.model_repository.runtime
 
-    return Path(filterserve.model_repository.__file__).resolve().parent / "backends" / name / "model.py"
+    return Path(filterserve.model_repository.runtime.__file__).resolve().parent / "backends" / name / "model.py"
 
 
 def server_env() -> dict[str, str]:

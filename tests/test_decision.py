@@ -15,7 +15,8 @@ import pytest
 from helpers import decide
 
 from filterserve.errors import FilterServeError
-from filterserve.filters import UPLIFTING_V4, Breakpoints, FilterSpec, Gatekeeper, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import UPLIFTING_V4, Breakpoints, FilterSpec, Gatekeeper
 
 # Rows below are in uplifting v4's order: agency, progress, collective_benefit, connection,
 # innovation, justice, resilience, wonder.

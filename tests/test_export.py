@@ -23,7 +23,8 @@ from filterserve.export.merge import merge
 from filterserve.export.options import ExportOptions
 from filterserve.export.parity import encode, ort_scores, ort_session, parity_texts, reference_scores
 from filterserve.export.standin import StandinShape, build_standin
-from filterserve.filters import UPLIFTING_V4, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import UPLIFTING_V4
 from filterserve.model_repository.repository import RepositorySettings
 
 ARTICLE_TEXTS = [UPLIFTING_V4.input_text(a["title"], a["content"]) for a in sample_articles()]

@@ -18,7 +18,8 @@ import pytest
 
 from filterserve.errors import FilterServeError
 from filterserve.filter_folder import read_filter_folder
-from filterserve.filters import UPLIFTING_V4, Breakpoints, Gatekeeper, HeadTail, Normalization, Tier, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import UPLIFTING_V4, Breakpoints, Gatekeeper, HeadTail, Normalization, Tier
 
 DIMS = ("impact", "evidence", "reach")
 

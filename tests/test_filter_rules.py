@@ -25,6 +25,7 @@ from filterserve.contract import (
     WEIGHTED_AVERAGE,
 )
 from filterserve.errors import FilterServeError
+from filterserve.filter_loader import load_filter
 from filterserve.filters import (
     NO_TIER,
     UPLIFTING_V4,
@@ -34,7 +35,6 @@ from filterserve.filters import (
     HeadTail,
     Normalization,
     Tier,
-    load_filter,
 )
 from filterserve.model_repository.decision import decision_graph
 

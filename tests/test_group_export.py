@@ -284,7 +284,7 @@ def test_a_bf16_group_runs_on_openvino_and_is_served_as_gated(family, references
     import tritonclient.grpc as grpcclient
     from helpers import text_inputs
 
-    from filterserve.model_repository import openvino as backend
+    from filterserve.model_repository.runtime import openvino as backend
     from filterserve.serve import TritonServer
 
     eight, five = family

@@ -14,7 +14,8 @@ from conftest import FIVE_DIMS, tree_digest
 from filterserve.benchmarks.engines import open_repository
 from filterserve.errors import FilterServeError, ParityError
 from filterserve.export import pipeline
-from filterserve.filters import UPLIFTING_V4, load_filter
+from filterserve.filter_loader import load_filter
+from filterserve.filters import UPLIFTING_V4
 from filterserve.manifest import read_filter_records
 
 NAMES = ["investment_risk_v2", "uplifting_v4"]

@@ -21,13 +21,13 @@ from filterserve.export import quantization_data as qd
 from filterserve.export.parity import compare, encode, parity_texts
 from filterserve.export.quantize import EXCLUSION_LADDER
 from filterserve.filters import UPLIFTING_V4
-from filterserve.model_repository import openvino as backend
 from filterserve.model_repository.repository import RepositorySettings, openvino_model_config, write_repository
+from filterserve.model_repository.runtime import openvino as backend
 
 SPEC = UPLIFTING_V4
 BF16_CPU = ove.cpu_support().bf16
 needs_bf16 = pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 arithmetic")
-STANDIN_BACKEND = Path(__file__).resolve().parents[1] / "model_repository" / "backends" / "openvino" / "model.py"
+STANDIN_BACKEND = Path(__file__).resolve().parents[1] / "model_repository" / "runtime" / "backends" / "openvino" / "model.py"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from filterserve.export import openvino_engine as ove
 from filterserve.export.options import ExportOptions
 from filterserve.export.quantization_data import DEFAULT_SOURCE
 from filterserve.filters import UPLIFTING_V4
-from filterserve.model_repository import openvino as backend
+from filterserve.model_repository.runtime import openvino as backend
 from filterserve.serve.assembly import read_configs
 
 SPEC = UPLIFTING_V4

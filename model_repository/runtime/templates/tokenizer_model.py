@@ -1,10 +1,11 @@
 """Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask, n_tokens, truncated.
 
 It runs inside NVIDIA's container as well as beside the pytriton wheel, so it imports only
-``tokenizers``, numpy and the copy of filterserve's ``head_tail.py`` beside it, and reads
-everything it needs (template, head+tail cut, max_length, pad id, bucket, size cap) from its model
-config. The server owns the filter's input template and head+tail cut, so a plain Triton caller
-that sends TITLE and CONTENT (or the joined TEXT) gets exactly the input the filter was trained on.
+``tokenizers``, numpy and the copies of filterserve's ``contract.py`` (the tensor names) and
+``head_tail.py`` that the export puts beside it, and reads everything else it needs (template,
+head+tail cut, max_length, pad id, bucket, size cap) from its model config. The server owns the
+filter's input template and head+tail cut, so a plain Triton caller that sends TITLE and CONTENT
+(or the joined TEXT) gets exactly the input the filter was trained on.
 Special tokens (Gemma's BOS) come from the tokenizer file's post-processor, as transformers adds
 them; padding uses the filter's pad id (Gemma's is 0), which the tensor model's pooling reads.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -27,14 +29,18 @@ from tokenizers import Tokenizer
 CUT_CHARS_PER_TOKEN = 8
 
 
-def _sibling(name: str):
+def _sibling(name: str) -> ModuleType:
     """A module shipped beside this file (Triton loads model.py by path, not as a package)."""
-    spec = importlib.util.spec_from_file_location(f"filterserve_step_{name}", Path(__file__).with_name(f"{name}.py"))
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"filterserve_step_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+contract = _sibling("contract")
 head_tail = _sibling("head_tail").head_tail
 
 
@@ -71,7 +77,7 @@ class TritonPythonModel:
         self.max_text_bytes = int(_param(config, "max_text_bytes"))
         self.template = _param(config, "text_template")
         # A member of a shared-base group tells the group's tensor model, per row, which filter it is.
-        index = config["parameters"].get("filter_index", {}).get("string_value", "")
+        index = config["parameters"].get(contract.FILTER_INDEX, {}).get("string_value", "")
         self.filter_index = int(index) if index else None
         cut = config["parameters"].get("head_tail", {}).get("string_value", "")
         self.head_tail = json.loads(cut) if cut else None
@@ -98,20 +104,21 @@ class TritonPythonModel:
     def _texts(self, request: object) -> list[str]:
         """The model input of every row: TEXT as sent, or TITLE and CONTENT through the template."""
         columns = {}
-        for name in ("TEXT", "TITLE", "CONTENT"):
+        text, title, content = contract.TEXT, contract.TITLE, contract.CONTENT
+        for name in contract.TEXT_INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 columns[name] = [_decode(v, name, row, self.max_text_bytes) for row, v in enumerate(tensor.as_numpy().reshape(-1))]
-        if "TEXT" in columns:
+        if text in columns:
             if len(columns) > 1:
-                raise ValueError("send either TEXT or TITLE + CONTENT, not both")
-            return columns["TEXT"]
+                raise ValueError(f"send either {text} or {title} + {content}, not both")
+            return columns[text]
         if len(columns) < 2:
-            raise ValueError(f"missing {'TITLE' if 'TITLE' not in columns else 'CONTENT'}: send TEXT, or TITLE and CONTENT")
-        title, content = columns["TITLE"], columns["CONTENT"]
-        if len(title) != len(content):
-            raise ValueError(f"TITLE has {len(title)} rows but CONTENT has {len(content)}")
-        return [self.template.format(title=t, content=c) for t, c in zip(title, content)]
+            raise ValueError(f"missing {title if title not in columns else content}: send {text}, or {title} and {content}")
+        titles, contents = columns[title], columns[content]
+        if len(titles) != len(contents):
+            raise ValueError(f"{title} has {len(titles)} rows but {content} has {len(contents)}")
+        return [self.template.format(title=t, content=c) for t, c in zip(titles, contents)]
 
     def _cut(self, text: str) -> tuple[str, bool]:
         """A prefix of ``text`` whose first max_length tokens are provably those of the whole text.
@@ -128,8 +135,8 @@ class TritonPythonModel:
         while cut < len(text):
             encoding = self.untruncated.encode(text[:cut])
             words = encoding.word_ids
-            if len(words) > self.max_length and words[self.max_length - 1] is not None:
-                last_piece = words[self.max_length - 1]
+            last_piece = words[self.max_length - 1] if len(words) > self.max_length else None
+            if last_piece is not None:
                 piece_end = max(end for (_, end), w in zip(encoding.offsets, words) if w == last_piece)
                 if piece_end <= cut - 2 and any(w is not None and w > last_piece for w in words):
                     return text[:cut], True
@@ -167,14 +174,15 @@ class TritonPythonModel:
         n_tokens = attention_mask.sum(axis=1, dtype=np.int32).reshape(-1, 1)
         self.real_tokens.increment(int(n_tokens.sum()))
         self.computed_tokens.increment(int(input_ids.size))
+        ids_name, mask_name = contract.TOKEN_INPUTS
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor("input_ids", input_ids),
-                pb_utils.Tensor("attention_mask", attention_mask),
-                pb_utils.Tensor("n_tokens", n_tokens),
-                pb_utils.Tensor("truncated", np.array([[t] for _, t in rows], dtype=bool)),
+                pb_utils.Tensor(ids_name, input_ids),
+                pb_utils.Tensor(mask_name, attention_mask),
+                pb_utils.Tensor(contract.N_TOKENS, n_tokens),
+                pb_utils.Tensor(contract.TRUNCATED, np.array([[t] for _, t in rows], dtype=bool)),
             ]
-            + ([pb_utils.Tensor("filter_index", np.full((len(rows), 1), self.filter_index, dtype=np.int64))]
+            + ([pb_utils.Tensor(contract.FILTER_INDEX, np.full((len(rows), 1), self.filter_index, dtype=np.int64))]
                if self.filter_index is not None else [])
         )
 

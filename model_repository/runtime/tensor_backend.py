@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ class TokenRules:
     pad_token_id: int
     max_length: int
     max_batch_tokens: int | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The keys under which the writer records the rules: a tensor model's config parameters
+        (ONNX Runtime) or the OpenVINO stand-in's file."""
+        return tuple(field.name for field in fields(cls))
+
+    def parameters(self) -> dict[str, int]:
+        """The rules as the writer records them, and :meth:`from_mapping` reads them back."""
+        return {name: value for name in self.names() if (value := getattr(self, name)) is not None}
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> TokenRules:
@@ -118,13 +128,15 @@ class TensorBackend:
     def _check(self, feeds: dict[str, np.ndarray]) -> str | None:
         if self.token_rules is None:
             return None
-        error = self.token_rules.check(feeds["input_ids"], feeds["attention_mask"])
+        input_ids, attention_mask = (feeds[name] for name in contract.TOKEN_INPUTS)
+        error = self.token_rules.check(input_ids, attention_mask)
         if error is None and self.members is not None:
             index = feeds[contract.FILTER_INDEX]
-            if index.shape != (feeds["input_ids"].shape[0], 1):
-                return f"filter_index must have shape [batch, 1], got {list(index.shape)}"
-            if ((index < 0) | (index >= self.members)).any():  # ONNX Gather would wrap a negative index to another filter
-                return f"filter_index {int(index[(index < 0) | (index >= self.members)][0])} names no filter of this group [0, {self.members})"
+            if index.shape != (input_ids.shape[0], 1):
+                return f"{contract.FILTER_INDEX} must have shape [batch, 1], got {list(index.shape)}"
+            outside = (index < 0) | (index >= self.members)  # ONNX Gather would wrap a negative index to another filter
+            if outside.any():
+                return f"{contract.FILTER_INDEX} {int(index[outside][0])} names no filter of this group [0, {self.members})"
         return error
 
     def execute(self, requests: list) -> list:

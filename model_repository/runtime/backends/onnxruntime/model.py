@@ -7,7 +7,7 @@ the onnxruntime Python package; in NVIDIA's container Triton's C++ backend takes
 "served" ONNX Runtime figure in this project's README was measured through this stand-in.
 
 Token models (``vocab_size`` among the config parameters) are checked before they run and run in
-pieces of at most ``max_batch_tokens`` tokens (:mod:`filterserve.model_repository.tensor_backend`).
+pieces of at most ``max_batch_tokens`` tokens (:mod:`filterserve.model_repository.runtime.tensor_backend`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from filterserve.model_repository.tensor_backend import TensorBackend, TokenRules, cpu_allowance
-
-RULE_PARAMETERS = ("vocab_size", "pad_token_id", "max_length", "max_batch_tokens")
+from filterserve.model_repository.runtime.tensor_backend import TensorBackend, TokenRules, cpu_allowance
 
 
 def _providers(instance_kind: str, device_id: int) -> list:
@@ -43,7 +41,7 @@ class TritonPythonModel(TensorBackend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_allowance()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items() if key in RULE_PARAMETERS}
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items() if key in TokenRules.names()}
         if "vocab_size" in params:
             self.token_rules = TokenRules.from_mapping(params)
 

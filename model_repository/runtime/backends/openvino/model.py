@@ -4,7 +4,7 @@ The pytriton wheel's tritonserver has no OpenVINO backend library. Placed in the
 directory as ``openvino/model.py``, this stand-in serves the unchanged container-style model
 folder (``backend: "openvino"``, ``model.xml`` + ``model.bin``) with the openvino Python package,
 compiled with exactly the properties Triton's backend derives from the same config parameters
-(:func:`filterserve.model_repository.openvino.compile_properties`, which the export's gate uses
+(:func:`filterserve.model_repository.runtime.openvino.compile_properties`, which the export's gate uses
 too); in NVIDIA's x86 container Triton's C++ backend takes over.
 
 Two things it does that the real backend cannot, from ``filterserve_model.json`` beside the
@@ -22,8 +22,8 @@ import openvino as ov
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
-from filterserve.model_repository import openvino as backend
-from filterserve.model_repository.tensor_backend import TensorBackend, TokenRules
+from filterserve.model_repository.runtime import openvino as backend
+from filterserve.model_repository.runtime.tensor_backend import TensorBackend, TokenRules
 
 
 class TritonPythonModel(TensorBackend):
