@@ -38,8 +38,17 @@ from filterserve.errors import FilterServeError
 from filterserve.export.load import Loaded, check_adapter_config, load_reference, load_tokenizer
 from filterserve.export.manifest import folder_checksums
 from filterserve.export.onnx_export import export_graph
-from filterserve.export.parity import compare, ort_scores, ort_session, parity_record, parity_texts, reference_scores
+from filterserve.export.parity import (
+    compare,
+    compare_outputs,
+    ort_scores,
+    ort_session,
+    parity_record,
+    parity_texts,
+    reference_scores,
+)
 from filterserve.filters import FilterSpec
+from filterserve.manifest import ParityRecord
 from filterserve.progress import Steps
 
 # Base config fields that must agree for an adapter trained on one base to run on another folder.
@@ -433,7 +442,7 @@ def onnx_group_scorer(path: Path) -> GroupScorer:
 
 
 def check_group_parity(score: GroupScorer, references: list[MemberReference], batch: MixedBatch, precision: str,
-                       variant: str) -> dict[str, Any]:
+                       variant: str) -> dict[str, ParityRecord]:
     """Per member, its rows of the mixed batch against its own reference: raw scores, weighted score, and zeros past its dimensions.
 
     The bound is ``precision``'s (:func:`contract.parity_limit`: bf16's is relative to each
@@ -446,8 +455,7 @@ def check_group_parity(score: GroupScorer, references: list[MemberReference], ba
         rows, n = batch.rows[i], reference.spec.num_labels
         limit = contract.parity_limit(precision, float(np.abs(reference.scores).max()))
         label = f"{variant}, member {reference.spec.name} (rows mixed with {len(references) - 1} other filters)"
-        result = compare(label, logits[rows, :n], reference.scores, limit)
-        compare(f"{label} weighted_score", weighted[rows], reference.weighted[:, None], limit)
+        result = compare_outputs(label, logits[rows, :n], weighted[rows], reference.scores, reference.weighted, limit)
         if logits.shape[1] > n:
             compare(f"{label} columns past its {n} dimensions", logits[rows, n:], np.zeros_like(logits[rows, n:]), 0.0,
                     against="zero")
