@@ -44,7 +44,7 @@ import numpy as np
 from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.export import openvino_engine
-from filterserve.export.load import adapter_weights_path, load_tokenizer
+from filterserve.export.load import adapter_weights_path, load_tokenizer, locate_base
 from filterserve.export.manifest import Fingerprint, describe_source, folder_checksums, versions
 from filterserve.export.options import ExportOptions, RemoveOptions
 from filterserve.export.parity import gate_scores
@@ -96,7 +96,7 @@ def _slug(base: str) -> str:
 
 def _free_name(repo: Path, base: str, records: dict[str, FilterRecord], groups: dict[str, GroupRecord]) -> str:
     """``shared_<base folder or hub name>``, with a number when another group, filter or folder has it."""
-    taken = set(records) | set(groups) | {m for r in [*records.values(), *groups.values()] for m in r.models}
+    taken = set(records) | set(groups) | {m for r in records.values() for m in r.models} | {m for g in groups.values() for m in g.models}
     stem = GROUP_PREFIX + _slug(base)
     for suffix in ["", *(f"_{i}" for i in range(2, 100))]:
         name = stem + suffix
@@ -157,6 +157,7 @@ def plan_add(options: ExportOptions) -> GroupPlan:
     The group is rebuilt at ``options``' one precision, as the latest change's settings apply to the whole group."""
     repo, spec, name = options.out, options.spec, options.spec.name
     adapter_weights_path(options.adapter)
+    locate_base(options.base)
     records, groups = _repository(repo)
     base_source = describe_source(options.base)
     adapter_source = describe_source(str(options.adapter))

@@ -126,7 +126,9 @@ class ExportOptions:
         those that name a :class:`RepositorySettings` field go to ``repository``."""
         own = {f.name for f in fields(RepositorySettings)}
         flat = {k: keywords.pop(k) for k in list(keywords) if k in own}
-        return cls(*args, **keywords, **({"repository": RepositorySettings(**flat)} if flat else {}))
+        if flat:
+            keywords["repository"] = RepositorySettings(**flat)
+        return cls(*args, **keywords)
 
     @property
     def build(self) -> tuple[str, ...]:

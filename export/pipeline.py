@@ -48,7 +48,7 @@ from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.export import openvino_engine, quantization_data
 from filterserve.export.group import export_shared, refuse_member
-from filterserve.export.load import Loaded, adapter_weights_path, load_reference
+from filterserve.export.load import Loaded, adapter_weights_path, load_reference, locate_base
 from filterserve.export.manifest import Fingerprint, describe_source
 from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
@@ -175,6 +175,11 @@ class Variant:
     parity: ParityRecord
     built: Int8Build | None = None
 
+    @property
+    def execution_precision(self) -> str | None:
+        """What OpenVINO ran this variant at (None: not an OpenVINO variant)."""
+        return str(self.parity.execution["precision"]) if self.parity.execution is not None else None
+
 
 @dataclass(frozen=True)
 class Variants:
@@ -226,6 +231,7 @@ def check_stage(options: ExportOptions, steps: Steps) -> dict[str, Source]:
     """Paths exist, the sources are checksummed, and the repository accepts this filter: before any loading."""
     with steps.step("check inputs and checksum the sources"):
         adapter_weights_path(options.adapter)
+        locate_base(options.base)
         refuse_member(options.out, options.spec.name)
         sources = {"base": describe_source(options.base), "adapter": describe_source(str(options.adapter))}
         plan_replacement(
@@ -519,8 +525,7 @@ class MergedPlan(Plan[MergedBuild]):
             write_repository(
                 staging, spec, settings, tokenizer_dir=Path(tmp), precisions=gate.admitted,
                 default_precision=pick.precision, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size,
-                executions={p: str(variants.built[p].parity.execution["precision"]) for p in gate.admitted
-                            if p in contract.OPENVINO_PRECISIONS and variants.built[p].parity.execution is not None},
+                executions={p: executed for p in gate.admitted if (executed := variants.built[p].execution_precision)},
             )
         record = filter_record(
             spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values()],

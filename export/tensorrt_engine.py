@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from google.protobuf import text_format
+from google.protobuf import text_format  # type: ignore[import-untyped]  # no types without types-protobuf
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract, defaults
@@ -240,17 +240,19 @@ def check_profile(profile: ShapeProfile, serving: ShapeProfile, bucket: int, max
         )
 
 
-def engine_config(spec: FilterSpec, manifest: FilterRecord, profile: ShapeProfile) -> mc.ModelConfig:
-    """The tensor model's config (same tensors, batcher and warm-up), served by Triton's TensorRT backend."""
+def engine_config(spec: FilterSpec, profile: ShapeProfile, *, pad_token_id: int, vocab_size: int,
+                  max_batch_tokens: int | None) -> mc.ModelConfig:
+    """The tensor model's config (same tensors, batcher and warm-up), served by Triton's TensorRT backend;
+    the token facts and the batch-token limit are the filter record's."""
     config = tensor_model_config(
         spec,
         engine_model(spec),
         precision=ENGINE_PRECISION,
         max_batch_size=profile.max[0],
-        pad_token_id=manifest.pad_token_id,
-        vocab_size=manifest.vocab_size,
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
         gpu=True,
-        max_batch_tokens=manifest.max_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
     )
     config.ClearField("backend")
     config.platform = "tensorrt_plan"
@@ -290,7 +292,8 @@ def write_engine(plan: EnginePlan, engine: bytes, engine_record: EngineRecord) -
     with staging_folder(plan.repo, spec.name) as staging:
         (staging / name / "1").mkdir(parents=True)
         (staging / name / "1" / PLAN_FILE).write_bytes(engine)
-        write_tensor_model(staging / name, engine_config(spec, manifest, plan.profile))
+        write_tensor_model(staging / name, engine_config(spec, plan.profile, pad_token_id=manifest.pad_token_id,
+                                                         vocab_size=manifest.vocab_size, max_batch_tokens=manifest.max_batch_tokens))
         if plan.options.make_default:
             for model in (spec.name, contract.tokenizer_model(spec.name)):
                 shutil.copytree(plan.repo / model, staging / model)

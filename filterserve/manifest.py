@@ -186,6 +186,12 @@ class _MalformedField(Exception):
         super().__init__(f"{where} must be {expected}")
 
 
+class _MissingField(_MalformedField):
+    def __init__(self, where: str, kind: Any) -> None:
+        shape = "object" if get_origin(kind) is dict or (isinstance(kind, type) and is_dataclass(kind)) else "value"
+        Exception.__init__(self, f"it has no \"{where}\" {shape}")
+
+
 def _decode(kind: Any, value: Any, where: str) -> Any:
     """``value`` read as ``kind`` (a record class, ``X | None``, ``dict[str, X]``, ``list[X]``, a scalar)."""
     origin, args = get_origin(kind), get_args(kind)
@@ -229,7 +235,7 @@ def _decode_record(cls: type[R], data: dict[str, Any], where: str) -> R:
         if f.name in data:
             values[f.name] = _decode(hints[f.name], data[f.name], f"{where}.{f.name}" if where else f.name)
         elif f.default is MISSING and f.default_factory is MISSING:
-            raise _MalformedField(f"{where}.{f.name}" if where else f.name, "present")
+            raise _MissingField(f"{where}.{f.name}" if where else f.name, hints[f.name])
     if any(f.name == "extra" for f in fields(cls)):  # type: ignore[arg-type]
         values["extra"] = {k: v for k, v in data.items() if k not in known}
     return cls(**values)
@@ -329,7 +335,7 @@ class EngineRecord:
     profile: dict[str, list[int]] | None = field(default=None, metadata=OPTIONAL)
     fp32_layers: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
     parity: ParityRecord | None = field(default=None, metadata=OPTIONAL)
-    accuracy_gate: GateRecord | None = None
+    accuracy_gate: GateRecord | None = field(default=None, metadata=OPTIONAL)
     tensorrt: str | None = field(default=None, metadata=OPTIONAL)
     device: str | None = field(default=None, metadata=OPTIONAL)
 
