@@ -73,9 +73,7 @@ from filterserve.manifest import (
     ParityRecord,
     Source,
     group_record_name,
-    is_repository,
-    read_filter_records,
-    read_group_records,
+    read_repository,
 )
 from filterserve.model_repository.group import write_group_tensor_model, write_member_steps
 from filterserve.model_repository.openvino import MODEL_FILE as OPENVINO_MODEL_FILE
@@ -103,12 +101,6 @@ def _free_name(repo: Path, base: str, records: dict[str, FilterRecord], groups: 
         if name not in taken and contract.tensor_model(name) not in taken and not (repo / contract.tensor_model(name)).exists():
             return name
     raise FilterServeError(f"no free group name for base {base} in {repo}")
-
-
-def _repository(repo: Path) -> tuple[dict[str, FilterRecord], dict[str, GroupRecord]]:
-    if not repo.exists() or not is_repository(repo):
-        return {}, {}
-    return read_filter_records(repo), read_group_records(repo)
 
 
 @dataclass(frozen=True)
@@ -158,7 +150,7 @@ def plan_add(options: ExportOptions) -> GroupPlan:
     repo, spec, name = options.out, options.spec, options.spec.name
     adapter_weights_path(options.adapter)
     locate_base(options.base)
-    records, groups = _repository(repo)
+    records, groups = read_repository(repo)
     base_source = describe_source(options.base)
     adapter_source = describe_source(str(options.adapter))
     owner = next((g for g, r in groups.items() if name in r.members), None)
@@ -186,7 +178,7 @@ def plan_add(options: ExportOptions) -> GroupPlan:
 def plan_removal(options: RemoveOptions) -> Plan:
     """Take ``options.name`` out of ``options.out``: a merged filter's folders go, a member's group is rebuilt without it."""
     repo, name = options.out, options.name
-    records, groups = _repository(repo)
+    records, groups = read_repository(repo)
     if name not in records:
         raise FilterServeError(f"{repo} holds no filter {name!r}; it holds: {', '.join(sorted(records)) or 'none'}")
     owner = next((g for g, r in groups.items() if name in r.members), None)
@@ -251,13 +243,8 @@ class GroupPlan(Plan[GroupBuild | None]):
     gate_tolerance: float = contract.GATE_TOLERANCE
     started: float = field(default_factory=time.perf_counter)
 
-    @property
-    def repo(self) -> Path:
-        return self.change.repo
-
-    @property
-    def staging_name(self) -> str:
-        return self.change.group
+    def target(self) -> tuple[Path, str]:
+        return self.change.repo, self.change.group
 
     def total_steps(self) -> int:
         """Per member a load; the build; a parity check per engine (bf16: OpenVINO's compile too); a gate
@@ -298,24 +285,19 @@ class GroupPlan(Plan[GroupBuild | None]):
         return Change(records, tuple(change.leaving), change.group, group_record, change.old_records, change.old_group)
 
     def written(self, change: Change) -> str:
-        return f"group {self.change.group} in {self.repo}: " + (", ".join(self.change.names) or "removed with its last member")
+        return f"group {self.change.group} in {self.change.repo}: " + (", ".join(self.change.names) or "removed with its last member")
 
 
 @dataclass(frozen=True)
 class Removal(Plan[None]):
     """A merged filter taken out of a repository: its folders and record go, nothing is built."""
 
-    repository: Path
+    repo: Path
     name: str
     record: FilterRecord
 
-    @property
-    def repo(self) -> Path:
-        return self.repository
-
-    @property
-    def staging_name(self) -> str:
-        return self.name
+    def target(self) -> tuple[Path, str]:
+        return self.repo, self.name
 
     def total_steps(self) -> int:
         return 1
@@ -459,7 +441,7 @@ def export_shared(options: ExportOptions, stream: TextIO | None = None) -> Filte
 
 def refuse_member(repo: Path, name: str) -> None:
     """A merged export of a group's member would leave the group serving a filter whose steps are gone."""
-    owner = next((g for g, r in _repository(repo)[1].items() if name in r.members), None)
+    owner = next((g for g, r in read_repository(repo)[1].items() if name in r.members), None)
     if owner is not None:
         raise FilterServeError(
             f"{name} is a member of group {owner} in {repo}: export it again with --share-base, or take it out first "
@@ -470,7 +452,7 @@ def refuse_member(repo: Path, name: str) -> None:
 def build_group(base: str, members: list[MemberSource], repo: Path, settings: RepositorySettings | None = None,
                 stream: TextIO | None = None, precision: str = "fp32") -> GroupRecord | None:
     """A group of exactly ``members`` in a new repository ``repo`` (benchmarks build one per N this way)."""
-    if _repository(Path(repo)) != ({}, {}):
+    if read_repository(Path(repo)) != ({}, {}):
         raise FilterServeError(f"{repo} already holds filters: build_group writes a new repository")
     ordered = sorted(members, key=lambda m: m.spec.name)
     change = GroupChange(Path(repo), _free_name(Path(repo), base, {}, {}), base, describe_source(base), ordered,

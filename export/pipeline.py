@@ -183,7 +183,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class Variants:
-    """The variants built so far, by precision in build order, and the merge's own parity record."""
+    """The variants built so far, by precision in build order (a rebuilt one keeps its place), and the
+    merge's own parity record."""
 
     merged: ParityRecord
     built: dict[str, Variant]
@@ -307,6 +308,7 @@ def pytorch_stage(run: Run, loaded: Loaded, reference: Reference) -> Variants:
     holds its own copy of the fp32 graph (both together approach 24 GB at 1.5B).
     """
     steps, spec = run.steps, run.options.spec
+    merged: Any = None  # the merged PyTorch model, released in `finally` whatever happened
     try:
         with steps.step("merge LoRA into the base and check the merge"):
             merged, merged_parity = merge(loaded, reference.ids, reference.mask, reference.scores)
@@ -482,13 +484,8 @@ class MergedPlan(Plan[MergedBuild]):
     sources: dict[str, Source]  # checksummed by the check stage
     started: float  # time.perf_counter() when the export began, for the record's export_seconds
 
-    @property
-    def repo(self) -> Path:
-        return self.options.out
-
-    @property
-    def staging_name(self) -> str:
-        return self.options.spec.name
+    def target(self) -> tuple[Path, str]:
+        return self.options.out, self.options.spec.name
 
     def total_steps(self) -> int:
         return total_steps(self.options)

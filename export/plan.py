@@ -32,15 +32,10 @@ Built = TypeVar("Built")
 class Plan(ABC, Generic[Built]):
     """What one export builds, settled (and refused if wrong) before anything is loaded."""
 
-    @property
     @abstractmethod
-    def repo(self) -> Path:
-        """The repository the change goes into."""
-
-    @property
-    @abstractmethod
-    def staging_name(self) -> str:
-        """Names the staging folder (a filter or a group): two exports of different things may run at once."""
+    def target(self) -> tuple[Path, str]:
+        """The repository the change goes into, and the name its staging folder carries (a filter's or
+        a group's: exports of different things into one repository may run at once)."""
 
     @abstractmethod
     def total_steps(self) -> int:
@@ -66,10 +61,11 @@ class Plan(ABC, Generic[Built]):
 def execute(plan: Plan[Built], steps: Steps) -> Change:
     """Run ``plan`` in a staging folder and commit it; returns the change as committed."""
     steps.total = plan.total_steps()
-    with staging_folder(plan.repo, plan.staging_name) as staging:
+    repo, name = plan.target()
+    with staging_folder(repo, name) as staging:
         built = plan.build(staging, steps)
         with steps.step(plan.write_label()):
             change = plan.write(staging, built, steps)
-            commit(plan.repo, staging, change)
+            commit(repo, staging, change)
             steps.say(plan.written(change))
     return change

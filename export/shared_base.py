@@ -38,15 +38,7 @@ from filterserve.errors import FilterServeError
 from filterserve.export.load import Loaded, check_adapter_config, load_base_model, load_reference, load_tokenizer
 from filterserve.export.manifest import folder_checksums
 from filterserve.export.onnx_export import export_graph
-from filterserve.export.parity import (
-    compare,
-    compare_outputs,
-    ort_scores,
-    ort_session,
-    parity_record,
-    parity_texts,
-    reference_scores,
-)
+from filterserve.export.parity import compare, compare_outputs, ort_scores, ort_session, parity_record, parity_texts, reference_scores
 from filterserve.filters import FilterSpec
 from filterserve.manifest import ParityRecord
 from filterserve.progress import Steps

@@ -58,7 +58,7 @@ def engine_model(spec: FilterSpec) -> str:
 def import_tensorrt() -> Any:
     """TensorRT 10.x, or a one-line reason why not (checked before any work is done)."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # type: ignore[import-not-found]  # on the target GPU only, untyped
     except ImportError:
         raise FilterServeError(
             "TensorRT is not installed: build the engine on the target GPU with TensorRT 10.x "

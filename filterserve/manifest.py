@@ -121,6 +121,13 @@ def read_filter_records(repo: Path) -> dict[str, FilterRecord]:
     return {name: FilterRecord.read(repo / file) for name, file in sorted(repository_filters(repo).items())}
 
 
+def read_repository(repo: Path) -> tuple[dict[str, FilterRecord], dict[str, GroupRecord]]:
+    """Every filter's record and every group's, by name; none where ``repo`` is not (yet) a repository."""
+    if not repo.is_dir() or not is_repository(repo):
+        return {}, {}
+    return read_filter_records(repo), read_group_records(repo)
+
+
 def group_record_name(group: str) -> str:
     return f"{group}.group.json"
 
