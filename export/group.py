@@ -172,7 +172,7 @@ def plan_add(options: ExportOptions) -> GroupPlan:
         {name: options.validation} if options.validation else {}, {n: records[n] for n in members if n in records},
         groups.get(group), options.precisions[0],
     )
-    return GroupPlan(change, options.repository, options.gate_tolerance)
+    return GroupPlan(change, options.repository, options.gate_tolerance, options.force)
 
 
 def plan_removal(options: RemoveOptions) -> Plan:
@@ -241,6 +241,7 @@ class GroupPlan(Plan[GroupBuild | None]):
     change: GroupChange
     settings: RepositorySettings
     gate_tolerance: float = contract.GATE_TOLERANCE
+    force: bool = False  # a member's folders may replace ones no record lists (--force)
     started: float = field(default_factory=time.perf_counter)
 
     def target(self) -> tuple[Path, str]:
@@ -282,7 +283,7 @@ class GroupPlan(Plan[GroupBuild | None]):
         change = self.change
         group_record, records = (None, {}) if built is None else _write(self, staging, built, steps)
         gc.collect()
-        return Change(records, tuple(change.leaving), change.group, group_record, change.old_records, change.old_group)
+        return Change(records, tuple(change.leaving), change.group, group_record, change.old_records, change.old_group, self.force)
 
     def written(self, change: Change) -> str:
         return f"group {self.change.group} in {self.change.repo}: " + (", ".join(self.change.names) or "removed with its last member")

@@ -155,10 +155,14 @@ def check_head_tail_tokenizer(tokenizer: Any, spec: FilterSpec, adapter_dir: Pat
         )
 
 
-def looks_like_path(base: str) -> bool:
-    """A --base that is meant as a folder, not a hub id ``org/name``: it starts like a path, has not
-    exactly one '/', or its first part is a folder here (``sa/nobase`` beside a folder ``sa``)."""
-    return base.startswith((".", "/", "~")) or base.count("/") != 1 or Path(base.split("/")[0]).is_dir()
+def path_like(base: str) -> str | None:
+    """Why a --base that is not a folder is meant as one, not as a hub id ``org/name`` (None: it may be a hub id)."""
+    if base.startswith((".", "/", "~")):
+        return "it starts like a path"
+    if base.count("/") != 1:
+        return "a hub id is org/name"
+    first = base.split("/")[0]
+    return f"{first}/ is a folder here" if Path(first).is_dir() else None
 
 
 def locate_base(base: str) -> str:
@@ -170,8 +174,9 @@ def locate_base(base: str) -> str:
     """
     if Path(base).expanduser().is_dir():
         return str(Path(base).expanduser())
-    if looks_like_path(base):
-        raise FilterServeError(f"base model folder not found: {base}")
+    why = path_like(base)
+    if why is not None:
+        raise FilterServeError(f"base model not found: {base} (no such folder, and not a hub id: {why})")
     import httpx2
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled

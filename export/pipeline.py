@@ -1,6 +1,9 @@
 """``filterserve export``: base + adapter → merged → ONNX variants → parity → accuracy gate → repository.
 
-The export is a sequence of named stages, each taking what it needs and returning what it
+A merged filter is one kind of :class:`~filterserve.export.plan.Plan`, :class:`MergedPlan` (a
+shared-base group's change is another, :mod:`filterserve.export.group`); its stages run under
+:func:`~filterserve.export.plan.execute`, which stages, writes and commits every kind alike. The
+stages are named, each taking what it needs and returning what it
 made, so every step can be read and tested alone. What the caller asked for is one value,
 :class:`~filterserve.export.options.ExportOptions`, checked when it is made (before anything is
 read) and read by every stage; what the stages share besides it is one :class:`Run`.
@@ -13,10 +16,12 @@ read) and read by every stage; what the stages share besides it is one :class:`R
 - int8: the fp32 file → INT8 on the exclusion ladder's first rung, added to the variants
 - openvino: the fp32 file → OpenVINO IR (bf16, ov_fp32) and NNCF's static int8 (ov_int8, on the
   ladder's first rung), each checked as Triton's OpenVINO backend will compile it
-- gate: variants, labelled validation data → :class:`GateOutcome`; a refused variant that has a
-  :data:`CLIMBS` entry (INT8) is rebuilt closer to fp32 and gated again first
+- gate: variants, labelled validation data → :class:`Admission` (:func:`filterserve.gate.judge`'s
+  outcome); a refused variant that has a :data:`CLIMBS` entry (INT8) is rebuilt closer to fp32 and
+  gated again first
 - default: admitted variants → :class:`DefaultPick` (batch-1 latency per variant, the served precision)
-- write: all of the above → the filter's record, swapped into the repository
+- write: all of the above → the filter's record (:class:`~filterserve.manifest.FilterRecord`),
+  swapped into the repository by the one commit
 
 Everything is built in a staging folder beside the repository (:mod:`filterserve.export.staging`)
 and swapped in only after every check passed: a failure at any stage leaves the repository,

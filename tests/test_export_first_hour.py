@@ -49,10 +49,10 @@ def test_a_mistyped_relative_base_is_a_missing_folder_not_a_hub_id(standin, tmp_
     (tmp_path / "sa").mkdir()
     argv = ["export", "--adapter", str(standin.adapter_dir), "--out", str(tmp_path / "out")]
     assert main([*argv, "--base", "sa/nobase"]) == 2
-    assert "base model folder not found: sa/nobase" in _one_line_error(capsys)
+    assert "base model not found: sa/nobase" in _one_line_error(capsys)
     for typo in ("./sa/nobase", "sa/no/base", "~/no-such-base-folder"):
         assert main([*argv, "--base", typo]) == 2
-        assert "base model folder not found" in _one_line_error(capsys)
+        assert "base model not found" in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
