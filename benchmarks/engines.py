@@ -15,7 +15,7 @@ import numpy as np
 
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
-from filterserve.manifest import read_filter_record
+from filterserve.manifest import FilterRecord, read_filter_record
 
 # In-process engines score at most this many texts in one padded batch when not told otherwise.
 ACCURACY_BATCH = 16
@@ -32,7 +32,7 @@ class Repository:
     """One filter of a model repository and the sources its export came from (or the ones the user named)."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: FilterRecord
     spec: FilterSpec
     base: str
     adapter: Path
@@ -44,7 +44,7 @@ class Repository:
         from filterserve.model_repository.runtime.openvino import MODEL_FILE
 
         return {p: self.path / folder / "1" / (MODEL_FILE if p in OPENVINO_PRECISIONS else "model.onnx")
-                for p, folder in self.manifest.get("tensor_models", {}).items()}
+                for p, folder in self.manifest.tensor_models.items()}
 
 
 def open_repository(
@@ -54,13 +54,13 @@ def open_repository(
     record names unless given, so a plain repository path suffices."""
     repo = Path(path).expanduser()
     record = read_filter_record(repo, filter_name)
-    name = record["filter"]["name"]
-    sources = record.get("sources", {})
-    base = base or sources.get("base", {}).get("path") or sources.get("base", {}).get("hub_id")
-    adapter = adapter or sources.get("adapter", {}).get("path")
+    name = record.name
+    recorded_base, recorded_adapter = record.sources.get("base"), record.sources.get("adapter")
+    base = base or (recorded_base.path or recorded_base.hub_id if recorded_base else None)
+    adapter = adapter or (recorded_adapter.path if recorded_adapter else None)
     if not base or not adapter:
         raise FilterServeError(f"the record of filter {name!r} in {repo} names no base or adapter path; pass --base and --adapter")
-    spec = FilterSpec.from_dict(record["filter"], f"the record of filter {name!r} in {repo}")
+    spec = FilterSpec.from_dict(record.filter, f"the record of filter {name!r} in {repo}")
     return Repository(repo, record, spec, str(base), Path(adapter))
 
 
@@ -268,7 +268,7 @@ def served_engines(repo: Repository, url: str | None, protocol: str, plain: bool
     variant of a repository together does not fit in 24 GB. ``plain`` adds a bare tritonclient
     caller sending in random order (gRPC), to compare with the client.
     """
-    default = repo.manifest.get("default_precision", "fp32")
+    default = repo.manifest.default_precision
     arithmetic = PRECISION_ARITHMETIC.get(default, "fp32")
     if url:
         yield ServedEngine(f"served_{protocol}", url, protocol, repo.spec, arithmetic=arithmetic)
@@ -299,13 +299,13 @@ def variant_repository(repo: Repository, precision: str, dest: Path) -> Path:
     from filterserve.serve.assembly import read_model_config
 
     name = repo.spec.name
-    models = repo.manifest["tensor_models"]
+    models = repo.manifest.tensor_models
     dest.mkdir(parents=True, exist_ok=True)
     for folder in (tokenizer_model(name), decision_model(name), models[precision]):
         (dest / folder).symlink_to((repo.path / folder).resolve(), target_is_directory=True)
     ensemble = read_model_config(repo.path / name / "config.pbtxt")
     for step in ensemble.ensemble_scheduling.step:
-        if step.model_name == models[repo.manifest["default_precision"]]:
+        if step.model_name == models[repo.manifest.default_precision]:
             step.model_name = models[precision]
     (dest / name / "1").mkdir(parents=True)
     (dest / name / "config.pbtxt").write_text(text_format.MessageToString(ensemble), encoding="utf-8")
@@ -318,8 +318,8 @@ def served_variants(repo: Repository) -> Iterator[ServedEngine]:
 
     from filterserve.serve import TritonServer
 
-    default = repo.manifest.get("default_precision")
-    for precision in (p for p in repo.manifest.get("tensor_models", {}) if p != default):
+    default = repo.manifest.default_precision
+    for precision in (p for p in repo.manifest.tensor_models if p != default):
         with tempfile.TemporaryDirectory(prefix=f"filterserve-{precision}-") as tmp:
             with TritonServer(variant_repository(repo, precision, Path(tmp) / "repo")) as server:
                 yield ServedEngine(f"served_{precision}", server.grpc_url, "grpc", repo.spec, server.metrics_url,
@@ -342,7 +342,7 @@ def openvino_engines(repo: Repository, tokenizer: Any, in_process_f32: bool = Fa
     from filterserve.model_repository.runtime.openvino import compile_properties
     from filterserve.serve.assembly import read_model_config
 
-    models = repo.manifest.get("tensor_models", {})
+    models = repo.manifest.tensor_models
     for precision, path in repo.tensor_models.items():
         if precision in OPENVINO_ROW:
             config = read_model_config(repo.path / models[precision] / "config.pbtxt")
@@ -363,5 +363,5 @@ def exported_engines(repo: Repository, tokenizer: Any, in_process_f32: bool = Fa
 
 def n_exported_engines(repo: Repository, in_process_f32: bool = False) -> int:
     """How many rows :func:`exported_engines` yields (for progress bars)."""
-    models = repo.manifest.get("tensor_models", {})
+    models = repo.manifest.tensor_models
     return len(models) + (in_process_f32 and "fp32" in models and "ov_fp32" not in models)

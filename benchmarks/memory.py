@@ -97,14 +97,14 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
         stubs = stub_processes(server.pid)
         for name, record in records.items():
             kinds = {name: "ensemble", contract.tokenizer_model(name): "tokenizer", contract.decision_model(name): "decision"}
-            kinds |= {model: f"tensor {precision}" for precision, model in record["tensor_models"].items()}
+            kinds |= {model: f"tensor {precision}" for precision, model in record.tensor_models.items()}
             for model, kind in kinds.items():
                 models[model] = {"filter": name, "kind": kind, "files_mb": round(folder_bytes(repo / model) / MB, 1)}
                 if model in stubs:
                     models[model]["loaded"] = _memory(stubs[model])
         for name, group in groups.items():  # one tensor model for all the group's members
-            model = group["tensor_model"]
-            models[model] = {"filter": ", ".join(group["members"]), "kind": f"tensor {group['precision']} (group {name})",
+            model = group.tensor_model
+            models[model] = {"filter": ", ".join(group.members), "kind": f"tensor {group.precision} (group {name})",
                              "files_mb": round(folder_bytes(repo / model) / MB, 1)}
             if model in stubs:
                 models[model]["loaded"] = _memory(stubs[model])
@@ -112,12 +112,12 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
         client = grpcclient.InferenceServerClient(server.grpc_url)
         with steps.step(f"one batch of {batch}×{tokens} tokens on every tensor model"):
             for name, record in records.items():
-                for model in record["tensor_models"].values():
-                    run_token_batch(client, model, batch, min(tokens, record["max_length"]), record["vocab_size"])
+                for model in record.tensor_models.values():
+                    run_token_batch(client, model, batch, min(tokens, record.max_length), record.vocab_size)
                     models[model]["after_batch"] = _memory(stubs[model])
             for group in groups.values():
-                model = group["tensor_model"]
-                run_token_batch(client, model, batch, min(tokens, group["max_length"]), group["vocab_size"], len(group["members"]))
+                model = group.tensor_model
+                run_token_batch(client, model, batch, min(tokens, group.max_length), group.vocab_size, len(group.members))
                 models[model]["after_batch"] = _memory(stubs[model])
         with steps.step(f"tokenizer step alone, median of {HOP_REQUESTS} requests"):
             from filterserve.data import sample_articles
@@ -125,7 +125,7 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
             article = sample_articles()[0]
             hops = {}
             for name, record in records.items():
-                spec_text = record["filter"]["text_template"].format(title=article["title"], content=article["content"])
+                spec_text = record.filter["text_template"].format(title=article["title"], content=article["content"])
                 hops[name] = _tokenizer_hop_ms(client, contract.tokenizer_model(name), spec_text)
         client.close()
     if not any("after_batch" in m for m in models.values()):

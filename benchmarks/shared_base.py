@@ -101,7 +101,7 @@ def _merged_subset(full: Path, names: Sequence[str], dest: Path) -> Path:
     records = read_filter_records(full)
     dest.mkdir(parents=True)
     for name in names:
-        for model in records[name]["models"]:
+        for model in records[name].models:
             shutil.copytree(full / model, dest / model, copy_function=os.link)
         shutil.copy2(full / f"{name}.filter.json", dest / f"{name}.filter.json")
     write_json_atomic(dest / REPOSITORY_MANIFEST, {"format": REPOSITORY_FORMAT, "filters": {n: f"{n}.filter.json" for n in names}})
@@ -143,11 +143,11 @@ def _fill_arenas(server: Any, repo: Path, batch: int, tokens: int) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         for record in read_filter_records(repo).values():
-            for model in record["tensor_models"].values():
-                run_token_batch(client, model, batch, min(tokens, record["max_length"]), record["vocab_size"])
+            for model in record.tensor_models.values():
+                run_token_batch(client, model, batch, min(tokens, record.max_length), record.vocab_size)
         for group in read_group_records(repo).values():
-            run_token_batch(client, group["tensor_model"], batch, min(tokens, group["max_length"]), group["vocab_size"],
-                            members=len(group["members"]))
+            run_token_batch(client, group.tensor_model, batch, min(tokens, group.max_length), group.vocab_size,
+                            members=len(group.members))
     finally:
         client.close()
 
@@ -308,7 +308,7 @@ def run_shared_base(
             largest = scratch / f"shared_{counts[-1]}"
             group = next(iter(read_group_records(largest).values()))
             cost = lora_cost(full / contract.tensor_model(spec.name) / "1" / "model.onnx",
-                             largest / group["tensor_model"] / "1" / "model.onnx", counts[-1], tokenizer, spec, mix, requests)
+                             largest / group.tensor_model / "1" / "model.onnx", counts[-1], tokenizer, spec, mix, requests)
     finally:
         if work is None:
             shutil.rmtree(scratch, ignore_errors=True)

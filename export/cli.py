@@ -10,8 +10,9 @@ from pathlib import Path
 from filterserve import defaults
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
-from filterserve.export.options import ExportOptions
+from filterserve.export.options import ExportOptions, RemoveOptions, StandinOptions
 from filterserve.filter_loader import load_filter
+from filterserve.manifest import to_json
 from filterserve.model_repository.gpu import TRT_CACHE_ROOT
 from filterserve.model_repository.repository import (
     DEFAULT_BUCKET,
@@ -36,7 +37,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
     parser.add_argument("--calibration", help='per-dimension isotonic breakpoints, JSON {"<dimension>": {"x": [...], "y": [...]}}: '
                         "applied to the served final_scores (raw scores and parity are unchanged)")
-    parser.add_argument("--precision", default="fp32", help="comma-separated. ONNX Runtime: fp32, fp16, int8 (dynamic). "
+    parser.add_argument("--precision", default=defaults.EXPORT_PRECISION, help="comma-separated. ONNX Runtime: fp32, fp16, int8 (dynamic). "
                         "OpenVINO (CPU; Triton backend \"openvino\"): bf16 (needs avx512_bf16 or AMX), ov_fp32 (only on a "
                         "CPU without bf16: Triton's backend cannot pin f32), ov_int8 (static, NNCF-calibrated). "
                         "int8 and ov_int8 need --validation")
@@ -46,19 +47,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", help="labelled JSONL (title, content, one field per dimension): every variant "
                         "must keep the validation MAE within --gate-tolerance of the PyTorch + PEFT reference")
     parser.add_argument("--gate-tolerance", type=float, default=GATE_TOLERANCE, help="max MAE increase, overall and per dimension")
-    parser.add_argument("--default", default="auto", help="precision the ensemble serves; auto = the fastest variant "
+    parser.add_argument("--default", default=defaults.EXPORT_DEFAULT_PRECISION,
+                        help="precision the ensemble serves; auto = the fastest variant "
                         "the accuracy gate admitted (with --validation), else the first listed")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="most articles the tensor model runs at once")
     parser.add_argument("--max-batch-tokens", type=int, help="most tokens (rows × padded length) per tensor-model run, "
                         "to bound memory on small GPUs (default: max-batch-size × max_length)")
     parser.add_argument("--bucket", type=int, default=DEFAULT_BUCKET, help="each request is padded to a multiple of "
-                        "this many tokens; smaller wastes less, larger lets more requests share a shape (default: %(default)s)")
+                        "this many tokens; smaller wastes less, larger lets more requests share a shape")
     parser.add_argument("--max-text-bytes", type=int, default=DEFAULT_MAX_TEXT_BYTES,
-                        help="longer TEXT, TITLE or CONTENT values are refused (default: %(default)s)")
+                        help="longer TEXT, TITLE or CONTENT values are refused")
     parser.add_argument("--gpu", action="store_true", help="target a GPU (NVIDIA's container): GPU instance groups; the fp16 "
                         "variant, and only it, runs on ONNX Runtime's TensorRT accelerator in FP16 (export fp16 to get it)")
-    parser.add_argument("--trt-cache-dir", dest="trt_cache_root", metavar="TRT_CACHE_DIR", default=TRT_CACHE_ROOT, help="with --gpu: where the server's ONNX Runtime writes "
-                        "TensorRT engines, one folder per model checksum (default: %(default)s)")
+    parser.add_argument("--trt-cache-dir", dest="trt_cache_root", metavar="TRT_CACHE_DIR", default=TRT_CACHE_ROOT,
+                        help="with --gpu: where the server's ONNX Runtime writes "
+                        "TensorRT engines, one folder per model checksum")
     parser.add_argument("--force", action="store_true", help="replace a different export of the same filter already in --out")
 
 
@@ -75,20 +78,25 @@ def export_options(args: argparse.Namespace) -> ExportOptions:
     repository = RepositorySettings(**{f.name: getattr(args, f.name) for f in fields(RepositorySettings)})
     return ExportOptions(
         args.base, args.adapter, args.out, spec, precisions=args.precision, validation=args.validation,
-        quantization_data=args.quantization_data, gate_tolerance=args.gate_tolerance, default=args.default, force=args.force, repository=repository,
-        share_base=args.share_base,
+        quantization_data=args.quantization_data, gate_tolerance=args.gate_tolerance, default=args.default, force=args.force,
+        repository=repository,        share_base=args.share_base,
     )
 
 
-def remove_command(args: argparse.Namespace) -> int:
-    from filterserve.export.group import remove_filter
-
+def remove_options(args: argparse.Namespace) -> RemoveOptions:
+    """``export --remove NAME``: the flags that take a filter out; those of an export are refused."""
     given = [flag for flag, value in (("--adapter", args.adapter), ("--filter", args.filter), ("--share-base", args.share_base)) if value]
     if given:
         raise FilterServeError(f"--remove takes no {', '.join(given)}: it only takes a filter out of --out")
-    group = remove_filter(Path(args.out).expanduser(), args.remove, args.base)
-    left = f"; group {group['group']} now serves {', '.join(group['members'])}" if group else ""
-    print(f"removed filter {args.remove} from {args.out}{left}", file=sys.stderr)
+    return RemoveOptions(args.out, args.remove, args.base)
+
+
+def remove_command(options: RemoveOptions) -> int:
+    from filterserve.export.group import remove_filter
+
+    group = remove_filter(options)
+    left = f"; group {group.group} now serves {', '.join(group.members)}" if group else ""
+    print(f"removed filter {options.name} from {options.out}{left}", file=sys.stderr)
     return 0
 
 
@@ -96,29 +104,28 @@ def export_command(args: argparse.Namespace) -> int:
     from filterserve.export.pipeline import run_export
 
     if args.remove:
-        return remove_command(args)
+        return remove_command(remove_options(args))
     missing = [flag for flag, value in (("--base", args.base), ("--adapter", args.adapter)) if not value]
     if missing:
         raise FilterServeError(f"filterserve export needs {' and '.join(missing)} (or --remove NAME)")
-    manifest = run_export(export_options(args))
-    summary = {p: round(r["max_abs_diff"], 8) for p, r in manifest["parity"].items()}
-    gate = manifest["accuracy_gate"]
+    options = export_options(args)
+    record = run_export(options)
+    gate = record.accuracy_gate
     print(json.dumps({
-        "repository": str(args.out),
-        "models": manifest["models"],
-        "default_precision": manifest["default_precision"],
-        "parity_max_abs_diff": summary,
-        "validation_mae_change": gate and {v: round(m["mae_delta"], 6) for v, m in gate["report"]["variants"].items()},
-        **({"group": manifest["group"]} if "group" in manifest else {
-            "latency_ms_batch1": manifest["latency_ms_batch1"],
-            "export_seconds": manifest["export_seconds"],
-            "peak_rss_mb": manifest["peak_rss_mb"],
+        "repository": str(options.out),
+        "models": record.models,
+        "default_precision": record.default_precision,
+        "parity_max_abs_diff": {p: round(r.max_abs_diff, 8) for p, r in record.parity.items()},
+        "validation_mae_change": gate and {v: round(m["mae_delta"], 6) for v, m in gate.report["variants"].items()},
+        **({"group": to_json(record.group)} if record.group is not None else {
+            "latency_ms_batch1": record.latency_ms_batch1,
+            "export_seconds": record.export_seconds,
+            "peak_rss_mb": record.peak_rss_mb,
         }),
     }, indent=2))
-    name = manifest["filter"]["name"]
-    print(f"wrote filter {name} into {args.out}; serve it with: filterserve serve --model-repository {args.out}\n"
-          f"a server already running on it keeps its loaded models until told: "
-          f"POST /v2/repository/models/{name}/load", file=sys.stderr)
+    print(f"wrote filter {record.name} into {options.out}; serve it with: filterserve serve --model-repository {options.out}\n"
+          "a server already running on it keeps the models it loaded: restart filterserve serve to serve this export",
+          file=sys.stderr)
     return 0
 
 
@@ -128,24 +135,24 @@ def add_standin_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny and gemma3-tiny (seconds), or the real Qwen2.5-1.5B (~6 GB) or Gemma-3-1B (~4 GB) "
                         "dimensions; random weights. The Gemma-3 shapes are saved as the hub's Gemma3ForCausalLM")
     parser.add_argument("--filter", help="filter description JSON (default: uplifting v4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=defaults.STANDIN_SEED, help="seed of the random weights")
     parser.add_argument("--layers", type=int, help="number of decoder layers (default: the shape's)")
     parser.add_argument("--tokenizer", help="a real tokenizer.json (Qwen2.5's, or Gemma-3's for the gemma3 shapes: "
                         "see filterserve.export.standin.install_gemma3_tokenizer) instead of the tiny trained one: the "
                         "real token lengths of articles; the vocabulary grows to the real model's if smaller")
 
 
+def standin_options(args: argparse.Namespace) -> StandinOptions:
+    return StandinOptions(Path(args.out), load_filter(args.filter), args.shape, args.seed, args.layers,
+                          Path(args.tokenizer) if args.tokenizer else None)
+
+
 def standin_command(args: argparse.Namespace) -> int:
     from filterserve.export.standin import build_standin, standin_shape
 
-    shape = standin_shape(args.shape, args.layers, bool(args.tokenizer))
+    options = standin_options(args)
+    shape = standin_shape(options.shape, options.layers, options.tokenizer is not None)
     print(f"building a random-weight stand-in ({shape}); its scores mean nothing", file=sys.stderr)
-    made = build_standin(
-        Path(args.out),
-        load_filter(args.filter),
-        shape=shape,
-        seed=args.seed,
-        tokenizer_file=Path(args.tokenizer) if args.tokenizer else None,
-    )
+    made = build_standin(options.out, options.spec, shape=shape, seed=options.seed, tokenizer_file=options.tokenizer)
     print(json.dumps({"base": str(made.base_dir), "adapter": str(made.adapter_dir)}))
     return 0

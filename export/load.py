@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from filterserve import defaults
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 from filterserve.manifest import read_json_object
@@ -99,7 +100,7 @@ def score_head(tensors: dict[str, torch.Tensor], adapter_dir: Path) -> torch.Ten
     return tensors[heads[0]]
 
 
-def check_shapes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+def check_shapes(model: Any, tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
     """Every LoRA pair must fit the base module it targets, and the head must fit the hidden size."""
     problems: list[str] = []
     for key, tensor in tensors.items():
@@ -154,10 +155,78 @@ def check_head_tail_tokenizer(tokenizer: Any, spec: FilterSpec, adapter_dir: Pat
         )
 
 
+def path_like(base: str) -> str | None:
+    """Why a --base that is not a folder is meant as one, not as a hub id ``org/name`` (None: it may be a hub id)."""
+    if base.startswith((".", "/", "~")):
+        return "it starts like a path"
+    if base.count("/") != 1:
+        return "a hub id is org/name"
+    first = base.split("/")[0]
+    return f"{first}/ is a folder here" if Path(first).is_dir() else None
+
+
+def locate_base(base: str) -> str:
+    """Where the base model loads from: its folder, or a hub id's snapshot in the local Hugging Face cache.
+
+    Refused in one line, within seconds: a folder that does not exist, and a hub id that is neither
+    cached nor known to the hub, asked once (no retry loop, :data:`defaults.HUB_TIMEOUT_S`). A hub id
+    the hub knows is returned as it is, for transformers to download.
+    """
+    if Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser())
+    why = path_like(base)
+    if why is not None:
+        raise FilterServeError(f"base model not found: {base} (no such folder, and not a hub id: {why})")
+    import httpx2
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    cached = try_to_load_from_cache(base, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)  # the snapshot folder: loads without asking the hub
+    try:
+        HfApi().model_info(base, timeout=defaults.HUB_TIMEOUT_S)
+    except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError) as exc:
+        raise FilterServeError(
+            f"base model {base!r} is not a folder, not in the local Hugging Face cache, and the hub did not give it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}): pass the model's folder, "
+            f"or download it first (hf download {base})"
+        ) from None
+    return base
+
+
+def load_base_model(base: str, num_labels: int) -> Any:
+    """The base for sequence classification in fp32; a folder or cached hub id that cannot be read is one line naming the file."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification
+
+    where = locate_base(base)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise FilterServeError(f"cannot load the base model {base!r}: {exc}") from None
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        raise FilterServeError(f"cannot read the base model's weights {unreadable_weights(Path(where))} "
+                               f"(truncated or corrupt?): {exc}") from None
+
+
+def unreadable_weights(folder: Path) -> Path | str:
+    """The first ``*.safetensors`` file of ``folder`` that safetensors cannot open (the error does not name it)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except SafetensorError:
+            return path
+    return f"in {folder}"
+
+
 def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
     """The card's recipe: fp32 base for sequence classification, pad id set, PEFT adapter on top."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     quiet_libraries()
     check_adapter_config(adapter_dir)
@@ -170,14 +239,7 @@ def load_reference(base: str, adapter_dir: Path, spec: FilterSpec) -> Loaded:
         )
     tokenizer = load_tokenizer(adapter_dir)
     check_head_tail_tokenizer(tokenizer, spec, adapter_dir)
-    if not Path(base).exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
-        raise FilterServeError(f"base model not found: {base} (neither a folder nor a hub id 'org/name')")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=spec.num_labels, dtype=torch.float32
-        )
-    except (OSError, ValueError) as exc:
-        raise FilterServeError(f"cannot load the base model {base!r}: {exc}") from None
+    model = load_base_model(base, spec.num_labels)
     config_pad = model.config.pad_token_id
     if config_pad is not None and config_pad != tokenizer.pad_token_id:
         raise FilterServeError(

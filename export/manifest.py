@@ -1,18 +1,18 @@
-"""A filter's record (``<name>.filter.json``): where the model came from, and the proof it scores right.
+"""Where an exported model came from (checksums, hub ids, library versions) and what makes two exports the same.
 
-Clients and benchmarks read the dimension names and weights from it; a later export of the same
-filter reads its fingerprint to refuse replacing a different model by accident.
+The records themselves are :mod:`filterserve.manifest`'s; a later export of the same filter reads
+the fingerprint to refuse replacing a different model by accident.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from filterserve.manifest import FILTER_FORMAT
+from filterserve.manifest import FilterRecord, Source
 
 _CHECKSUMMED = (".safetensors", ".bin", ".json", ".model", ".txt")
 
@@ -33,12 +33,12 @@ def folder_checksums(folder: Path) -> dict[str, str]:
     }
 
 
-def describe_source(source: str) -> dict[str, Any]:
+def describe_source(source: str) -> Source:
     """A local folder is checksummed; a hub id is recorded as given (its revision once loaded)."""
     path = Path(source)
     if path.is_dir():
-        return {"path": str(path.resolve()), "sha256": folder_checksums(path)}
-    return {"hub_id": source}
+        return Source(path=str(path.resolve()), sha256=folder_checksums(path))
+    return Source(hub_id=source)
 
 
 def versions() -> dict[str, str]:
@@ -52,17 +52,18 @@ def versions() -> dict[str, str]:
     return found
 
 
-def fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What makes two exports the same model: filter, base and adapter contents."""
-    sources = manifest.get("sources", {})
-    strip = lambda s: {k: v for k, v in s.items() if k != "path"}  # noqa: E731 - a moved folder is the same model
-    return {
-        "filter": manifest.get("filter"),
-        "base": strip(sources.get("base", {})),
-        "adapter": strip(sources.get("adapter", {})),
-    }
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two exports the same model: filter, base and adapter contents (a moved folder is the same model)."""
 
+    filter: dict[str, Any]
+    base: Source
+    adapter: Source
 
-def new_record(fields: dict[str, Any]) -> dict[str, Any]:
-    """A filter's record as it will be written: format first, and exactly what JSON keeps."""
-    return json.loads(json.dumps({"format": FILTER_FORMAT, **fields}))
+    @classmethod
+    def of(cls, record: FilterRecord) -> Fingerprint:
+        return cls.made(record.filter, record.sources)
+
+    @classmethod
+    def made(cls, filter: dict[str, Any], sources: dict[str, Source]) -> Fingerprint:
+        return cls(filter, *(replace(sources.get(k, Source()), path=None) for k in ("base", "adapter")))

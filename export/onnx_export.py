@@ -78,6 +78,8 @@ def export_graph(graph: torch.nn.Module, inputs: dict[str, np.ndarray], path: Pa
             data_name = path.name + ".data"
             if (path.parent / data_name).exists():
                 os.remove(path.parent / data_name)
+            if program is None:  # only the TorchScript exporter (dynamo=False) returns none
+                raise FilterServeError("ONNX export returned no program")
             program.save(str(path), external_data=True)
     except Exception as exc:  # torch.export raises many types; the log says which step failed
         raise FilterServeError(f"ONNX export failed: {type(exc).__name__}: {exc}\n{log.getvalue()[-2000:]}") from exc

@@ -265,7 +265,8 @@ def matmul_roles(model: Any) -> tuple[list[str], list[str], list[str]]:
     """
     matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
     head = [op.get_friendly_name() for op in matmuls[-2:]]
-    weights, products = [], []
+    weights: list[str] = []
+    products: list[str] = []
     for op in matmuls[:-2]:
         (products if _has_parameter_upstream(op.input_value(1).get_node()) else weights).append(op.get_friendly_name())
     return head, weights, products

@@ -1,4 +1,6 @@
-"""What an export is asked to do, as one value checked once: :class:`ExportOptions`.
+"""What each export command is asked to do, as one value checked once: :class:`ExportOptions`
+(``export``), :class:`RemoveOptions` (``export --remove``), :class:`StandinOptions` (``standin``),
+:class:`EngineOptions` (``build-engine``).
 
 The CLI, :func:`filterserve.export.pipeline.export_filter` and every stage read the same value,
 so a new option (an engine's setting, a filter family's, a shared base's) is added here and read
@@ -10,11 +12,11 @@ text limit, the device) is the repository's own value, :class:`RepositorySetting
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from filterserve import contract
+from filterserve import contract, defaults
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, FilterSpec
 from filterserve.model_repository.repository import RepositorySettings
@@ -58,11 +60,11 @@ class ExportOptions:
     out: Path
     spec: FilterSpec = UPLIFTING_V4
     _: KW_ONLY
-    precisions: tuple[str, ...] = ("fp32",)
+    precisions: tuple[str, ...] = (defaults.EXPORT_PRECISION,)
     validation: Path | None = None
     quantization_data: Path | None = None
     gate_tolerance: float = contract.GATE_TOLERANCE
-    default: str = "auto"
+    default: str = defaults.EXPORT_DEFAULT_PRECISION
     force: bool = False
     repository: RepositorySettings = RepositorySettings()
     # Add the filter to the repository's shared-base group for ``base`` (filterserve.export.group)
@@ -124,10 +126,78 @@ class ExportOptions:
         those that name a :class:`RepositorySettings` field go to ``repository``."""
         own = {f.name for f in fields(RepositorySettings)}
         flat = {k: keywords.pop(k) for k in list(keywords) if k in own}
-        return cls(*args, **keywords, **({"repository": RepositorySettings(**flat)} if flat else {}))
+        if flat:
+            keywords["repository"] = RepositorySettings(**flat)
+        return cls(*args, **keywords)
 
     @property
     def build(self) -> tuple[str, ...]:
         """What is built, in :data:`BUILD_ORDER`: the precisions asked for and what they are made from."""
         needed = set(self.precisions) | {MADE_FROM[p] for p in self.precisions if p in MADE_FROM}
         return tuple(p for p in BUILD_ORDER if p in needed)
+
+
+@dataclass(frozen=True)
+class RemoveOptions:
+    """``filterserve export --remove NAME --out REPO``: ``base`` names a group's base only when it moved."""
+
+    out: Path
+    name: str
+    base: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+
+
+@dataclass(frozen=True)
+class StandinOptions:
+    """``filterserve standin``: a random-weight base + adapter of ``shape`` (a :data:`defaults.STANDIN_SHAPES` name)."""
+
+    out: Path
+    spec: FilterSpec = UPLIFTING_V4
+    shape: str = defaults.STANDIN_SHAPE
+    seed: int = defaults.STANDIN_SEED
+    layers: int | None = None
+    tokenizer: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape not in defaults.STANDIN_SHAPES:
+            raise FilterServeError(f"unknown stand-in shape {self.shape!r}; choose from {', '.join(defaults.STANDIN_SHAPES)}")
+        if self.layers is not None and self.layers < 1:
+            raise FilterServeError(f"--layers must be at least 1, got {self.layers}")
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+        if self.tokenizer is not None:
+            object.__setattr__(self, "tokenizer", Path(self.tokenizer).expanduser())
+
+
+def fp16_tolerance() -> float:
+    """The fp16 variant's parity bound, which a TensorRT FP16 engine is held to by default."""
+    tolerance = contract.PARITY_TOLERANCES["fp16"]
+    assert tolerance is not None  # fp16 has a bound of its own (only int8's are the gate's alone)
+    return tolerance
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """``filterserve build-engine``: which filter of which repository, the engine's shape profile
+    (each ``BATCHxSEQ``; None: what the server sends), and what it is held to."""
+
+    model_repository: Path
+    name: str | None = None
+    min_shape: str | None = None
+    opt_shape: str | None = None
+    max_shape: str | None = None
+    tolerance: float = field(default_factory=lambda: fp16_tolerance())  # max |Δ| against the fp32 ONNX model
+    validation: Path | None = None
+    gate_tolerance: float = contract.GATE_TOLERANCE
+    make_default: bool = False
+    workspace_gb: int = defaults.ENGINE_WORKSPACE_GB
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_repository", Path(self.model_repository).expanduser())
+        if self.validation is not None:
+            object.__setattr__(self, "validation", Path(self.validation))
+            if not self.validation.is_file():
+                raise FilterServeError(f"validation data not found: {self.validation}")
+        if self.workspace_gb < 1:
+            raise FilterServeError(f"--workspace-gb must be at least 1, got {self.workspace_gb}")

@@ -18,6 +18,8 @@ import torch
 from filterserve.contract import FILTER_INDEX, PARITY_TOLERANCES, RELATIVE_PARITY, TENSOR_OUTPUTS, TOKEN_INPUTS
 from filterserve.errors import ParityError
 from filterserve.filters import FilterSpec
+from filterserve.gate import GATE_BATCH, LabelledSet
+from filterserve.manifest import ParityRecord
 
 _SENTENCE = (
     "Neighbours in the valley rebuilt the flooded library together, and the children's corner "
@@ -160,6 +162,12 @@ def score_in_batches(
     ])
 
 
+def gate_scores(score_batch: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, labelled: LabelledSet, max_length: int,
+                batch_size: int = GATE_BATCH) -> np.ndarray:
+    """A variant's scores on the accuracy gate's articles, in right-padded batches as a server runs them."""
+    return score_in_batches(score_batch, tokenizer, labelled.texts, max_length, batch_size)
+
+
 @torch.inference_mode()
 def reference_scores(model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
     """The card's recipe, one unpadded text at a time."""
@@ -210,17 +218,16 @@ class ParityResult:
     def passed(self) -> bool:
         return self.finite and self.max_abs_diff <= self.tolerance
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+    def to_record(self, **given: Any) -> ParityRecord:
+        """What a record keeps of this check; ``given`` overrides or adds fields (the precision's tolerance, ``against``)."""
+        return ParityRecord(**{**asdict(self), "passed": self.passed, **given})
 
 
-def parity_record(result: ParityResult, precision: str, limit: float) -> dict[str, Any]:
+def parity_record(result: ParityResult, precision: str, limit: float) -> ParityRecord:
     """What a variant's record keeps of its parity check (a merged filter's or a group member's):
     the result, the precision's tolerance, and for a relative bound (bf16) the absolute limit it came to."""
-    record = result.to_dict() | {"tolerance": PARITY_TOLERANCES[precision]}
-    if precision in RELATIVE_PARITY:
-        record |= {"relative": True, "limit": limit}
-    return record
+    relative = {"relative": True, "limit": limit} if precision in RELATIVE_PARITY else {}
+    return result.to_record(tolerance=PARITY_TOLERANCES[precision], **relative)
 
 
 def compare(
@@ -245,4 +252,15 @@ def compare(
             f"{variant} {what}: max |Δ| = {result.max_abs_diff:.3g} > tolerance {tolerance:g} "
             f"(worst: text {row}, output {col}; mean |Δ| = {result.mean_abs_diff:.3g})"
         )
+    return result
+
+
+def compare_outputs(
+    variant: str, logits: np.ndarray, weighted: np.ndarray, scores: np.ndarray, weighted_reference: np.ndarray, tolerance: float,
+    against: str = "the PyTorch + PEFT reference",
+) -> ParityResult:
+    """Both outputs of a tensor model against the reference's: ``logits`` (the result returned) and
+    ``weighted_score`` [rows, 1]; raises :class:`ParityError` naming the one that is off."""
+    result = compare(variant, logits, scores, tolerance, against)
+    compare(f"{variant} weighted_score", weighted.reshape(-1, 1), weighted_reference.reshape(-1, 1), tolerance, against)
     return result

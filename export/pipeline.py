@@ -1,6 +1,9 @@
 """``filterserve export``: base + adapter → merged → ONNX variants → parity → accuracy gate → repository.
 
-The export is a sequence of named stages, each taking what it needs and returning what it
+A merged filter is one kind of :class:`~filterserve.export.plan.Plan`, :class:`MergedPlan` (a
+shared-base group's change is another, :mod:`filterserve.export.group`); its stages run under
+:func:`~filterserve.export.plan.execute`, which stages, writes and commits every kind alike. The
+stages are named, each taking what it needs and returning what it
 made, so every step can be read and tested alone. What the caller asked for is one value,
 :class:`~filterserve.export.options.ExportOptions`, checked when it is made (before anything is
 read) and read by every stage; what the stages share besides it is one :class:`Run`.
@@ -13,10 +16,12 @@ read) and read by every stage; what the stages share besides it is one :class:`R
 - int8: the fp32 file → INT8 on the exclusion ladder's first rung, added to the variants
 - openvino: the fp32 file → OpenVINO IR (bf16, ov_fp32) and NNCF's static int8 (ov_int8, on the
   ladder's first rung), each checked as Triton's OpenVINO backend will compile it
-- gate: variants, labelled validation data → :class:`GateOutcome`; a refused variant that has a
-  :data:`CLIMBS` entry (INT8) is rebuilt closer to fp32 and gated again first
+- gate: variants, labelled validation data → :class:`Admission` (:func:`filterserve.gate.judge`'s
+  outcome); a refused variant that has a :data:`CLIMBS` entry (INT8) is rebuilt closer to fp32 and
+  gated again first
 - default: admitted variants → :class:`DefaultPick` (batch-1 latency per variant, the served precision)
-- write: all of the above → the filter's record, swapped into the repository
+- write: all of the above → the filter's record (:class:`~filterserve.manifest.FilterRecord`),
+  swapped into the repository by the one commit
 
 Everything is built in a staging folder beside the repository (:mod:`filterserve.export.staging`)
 and swapped in only after every check passed: a failure at any stage leaves the repository,
@@ -33,14 +38,12 @@ default pick and the write stage take every built variant as it comes.
 from __future__ import annotations
 
 import gc
-import resource
 import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,26 +53,29 @@ from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.export import openvino_engine, quantization_data
 from filterserve.export.group import export_shared, refuse_member
-from filterserve.export.load import Loaded, adapter_weights_path, load_reference
-from filterserve.export.manifest import describe_source, new_record, versions
+from filterserve.export.load import Loaded, adapter_weights_path, load_reference, locate_base
+from filterserve.export.manifest import Fingerprint, describe_source
 from filterserve.export.merge import merge
 from filterserve.export.onnx_export import export_onnx
 from filterserve.export.options import MADE_FROM, ExportOptions
 from filterserve.export.options import parse_precisions as parse_precisions  # its name here before options.py
 from filterserve.export.parity import (
-    compare,
+    compare_outputs,
     encode,
+    gate_scores,
     ort_scores,
     ort_session,
     parity_record,
     parity_texts,
     reference_scores,
-    score_in_batches,
 )
+from filterserve.export.plan import Plan, execute
 from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
-from filterserve.export.staging import candidate_models, commit, plan_replacement, staging_folder
+from filterserve.export.records import RunFigures, filter_record
+from filterserve.export.staging import Change, candidate_models, plan_replacement
 from filterserve.filters import FilterSpec
-from filterserve.gate import AccuracyGateRefusal, LabelledSet, build_report, read_labelled, refusals
+from filterserve.gate import AccuracyGateRefusal, GateOutcome, LabelledSet, judge, read_labelled
+from filterserve.manifest import FilterRecord, Int8Record, ParityRecord, Source, to_json
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.model_repository.gpu import TENSORRT_PRECISION
 from filterserve.model_repository.runtime.openvino import MODEL_FILE
@@ -77,7 +83,6 @@ from filterserve.progress import Steps
 
 TOLERANCES = contract.PARITY_TOLERANCES
 LATENCY_REPEATS = 5
-GATE_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,10 @@ def scorer(precision: str, path: Path) -> Scorer:
         return openvino_engine.served_model(precision, path).scores
     session = ort_session(path)
     return lambda ids, mask: ort_scores(session, ids, mask)
+
+
+def logits_of(score: Scorer) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    return lambda ids, mask: score(ids, mask)[0]
 
 
 def median_latency_ms(score: Scorer, ids: np.ndarray, mask: np.ndarray) -> float:
@@ -158,9 +167,8 @@ class Int8Build:
     # ov_int8's calibration inputs, kept for a rebuild up the ladder (not part of the record).
     feeds: tuple[dict[str, np.ndarray], ...] = field(default=(), repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        fields = {"rung": self.rung, "kept_fp32": self.kept_fp32, "fp32_matmuls": self.fp32_matmuls}
-        return fields | ({"calibration": self.calibration} if self.calibration is not None else {})
+    def to_record(self) -> Int8Record:
+        return Int8Record(self.rung, self.kept_fp32, self.fp32_matmuls, self.calibration)
 
 
 @dataclass(frozen=True)
@@ -169,15 +177,21 @@ class Variant:
     that has choices (INT8's exclusion ladder), the one it took."""
 
     path: Path
-    parity: dict[str, Any]
+    parity: ParityRecord
     built: Int8Build | None = None
+
+    @property
+    def execution_precision(self) -> str | None:
+        """What OpenVINO ran this variant at (None: not an OpenVINO variant)."""
+        return str(self.parity.execution["precision"]) if self.parity.execution is not None else None
 
 
 @dataclass(frozen=True)
 class Variants:
-    """The variants built so far, by precision in build order, and the merge's own parity record."""
+    """The variants built so far, by precision in build order (a rebuilt one keeps its place), and the
+    merge's own parity record."""
 
-    merged: dict[str, Any]
+    merged: ParityRecord
     built: dict[str, Variant]
 
     def adding(self, precision: str, variant: Variant) -> Variants:
@@ -188,19 +202,26 @@ class Variants:
         return {p: self.built[p].path for p in precisions}
 
     @property
-    def parity(self) -> dict[str, Any]:
+    def parity(self) -> dict[str, ParityRecord]:
         """As the record keeps it: the merge's first, then every built variant's."""
         return {"merged": self.merged, **{p: v.parity for p, v in self.built.items()}}
 
+    def int8_record(self, precision: str) -> Int8Record | None:
+        variant = self.built.get(precision)
+        return variant.built.to_record() if variant is not None and variant.built is not None else None
+
 
 @dataclass(frozen=True)
-class GateOutcome:
-    """The accuracy gate's report (None without validation data), what it refused and why, and
-    what it admitted, in the order the precisions were asked for."""
+class Admission:
+    """The accuracy gate's outcome (None without validation data) and what it admitted, in the
+    order the precisions were asked for."""
 
-    report: dict[str, Any] | None
-    refused: dict[str, list[str]]
+    gate: GateOutcome | None
     admitted: list[str]
+
+    @property
+    def refused(self) -> dict[str, list[str]]:
+        return self.gate.refused if self.gate is not None else {}
 
 
 @dataclass(frozen=True)
@@ -212,20 +233,21 @@ class DefaultPick:
     precision: str
 
 
-def check_stage(options: ExportOptions, steps: Steps) -> dict[str, Any]:
+def check_stage(options: ExportOptions, steps: Steps) -> dict[str, Source]:
     """Paths exist, the sources are checksummed, and the repository accepts this filter: before any loading."""
     with steps.step("check inputs and checksum the sources"):
         adapter_weights_path(options.adapter)
+        locate_base(options.base)
         refuse_member(options.out, options.spec.name)
         sources = {"base": describe_source(options.base), "adapter": describe_source(str(options.adapter))}
         plan_replacement(
             options.out, options.spec.name, candidate_models(options.spec.name, options.build),
-            {"filter": options.spec.to_dict(), "sources": sources}, options.force,
+            Fingerprint.made(options.spec.to_dict(), sources), options.force,
         )
     return sources
 
 
-def load_stage(run: Run, sources: dict[str, Any]) -> tuple[Loaded, dict[str, Any]]:
+def load_stage(run: Run, sources: dict[str, Source]) -> tuple[Loaded, dict[str, Source]]:
     """The card's recipe in fp32; the sources gain the hub revision when the base came from the hub."""
     options = run.options
     with run.steps.step(f"load {options.base} (fp32) + adapter with PEFT, as the card does"):
@@ -234,8 +256,8 @@ def load_stage(run: Run, sources: dict[str, Any]) -> tuple[Loaded, dict[str, Any
         if options.spec.max_length > max_positions:
             raise FilterServeError(f"filter max_length {options.spec.max_length} exceeds the model's {max_positions} positions")
         commit_hash = getattr(loaded.model.config, "_commit_hash", None)
-        if commit_hash and "hub_id" in sources["base"]:
-            sources = {**sources, "base": {**sources["base"], "revision": commit_hash}}
+        if commit_hash and sources["base"].hub_id is not None:
+            sources = {**sources, "base": replace(sources["base"], revision=str(commit_hash))}
     return loaded, sources
 
 
@@ -259,7 +281,7 @@ def reference_stage(run: Run, loaded: Loaded) -> Reference:
     return Reference(texts, scores, weighted, ids, mask, validation)
 
 
-def check_parity(precision: str, path: Path, reference: Reference, steps: Steps) -> dict[str, Any]:
+def check_parity(precision: str, path: Path, reference: Reference, steps: Steps) -> ParityRecord:
     """Raw scores and the weighted score against the reference; raises ParityError outside the tolerance.
 
     An OpenVINO variant's record also holds what OpenVINO reports it ran (``execution``). A
@@ -271,14 +293,13 @@ def check_parity(precision: str, path: Path, reference: Reference, steps: Steps)
     tolerance = TOLERANCES[precision]
     limit = contract.parity_limit(precision, float(np.abs(reference.scores).max()))
     label = f"{'OpenVINO' if openvino else 'ONNX'} {precision}"
-    result = compare(label, logits, reference.scores, limit)
-    compare(f"{label} weighted_score", weighted[:, :1], reference.weighted[:, None], limit)
+    result = compare_outputs(label, logits, weighted[:, :1], reference.scores, reference.weighted, limit)
     bound = "the accuracy gate" if tolerance is None else f"{limit:.3g}" + (
         f" = {tolerance:g} × the largest |score|" if precision in contract.RELATIVE_PARITY else "")
     steps.say(f"max |Δ| = {result.max_abs_diff:.2e} (tolerance {bound})")
     record = parity_record(result, precision, limit)
     if model is not None:
-        record["execution"] = openvino_engine.execution_record(model.execution)
+        record = replace(record, execution=openvino_engine.execution_record(model.execution))
         steps.say(f"OpenVINO runs {model.execution.precision} (compute layers {model.execution.layers}; "
                   f"CPU flags {', '.join(model.execution.cpu.flags) or 'none'})")
     return record
@@ -292,6 +313,7 @@ def pytorch_stage(run: Run, loaded: Loaded, reference: Reference) -> Variants:
     holds its own copy of the fp32 graph (both together approach 24 GB at 1.5B).
     """
     steps, spec = run.steps, run.options.spec
+    merged: Any = None  # the merged PyTorch model, released in `finally` whatever happened
     try:
         with steps.step("merge LoRA into the base and check the merge"):
             merged, merged_parity = merge(loaded, reference.ids, reference.mask, reference.scores)
@@ -308,7 +330,7 @@ def pytorch_stage(run: Run, loaded: Loaded, reference: Reference) -> Variants:
     finally:
         merged = loaded.model = None
         gc.collect()
-    return Variants(merged_parity.to_dict(), built)
+    return Variants(merged_parity.to_record(), built)
 
 
 def build_int8(fp32_path: Path, int8_path: Path, rung: int, steps: Steps) -> Int8Build:
@@ -327,18 +349,6 @@ def int8_stage(run: Run, reference: Reference, variants: Variants) -> Variants:
     with run.steps.step("parity int8 (ONNX Runtime) vs PyTorch + PEFT"):
         parity = check_parity("int8", path, reference, run.steps)
     return variants.adding("int8", Variant(path, parity, built))
-
-
-def climb_int8(run: Run, reference: Reference, variants: Variants, reasons: list[str]) -> Variants | None:
-    """INT8 rebuilt one rung up the exclusion ladder (more layers kept in fp32); None at the top."""
-    int8 = variants.built["int8"]
-    assert int8.built is not None  # every INT8 variant is built on a rung
-    rung = int8.built.rung + 1
-    if rung >= len(EXCLUSION_LADDER):
-        return None
-    run.steps.say("int8 refused: " + "; ".join(reasons) + "; keeping more layers in fp32")
-    built = build_int8(variants.built["fp32"].path, int8.path, rung, run.steps)
-    return variants.adding("int8", Variant(int8.path, check_parity("int8", int8.path, reference, run.steps), built))
 
 
 def calibration_feeds(run: Run, tokenizer: Any, reference: Reference) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
@@ -383,63 +393,67 @@ def openvino_stage(run: Run, tokenizer: Any, reference: Reference, variants: Var
     return variants
 
 
-def climb_ov_int8(run: Run, reference: Reference, variants: Variants, reasons: list[str]) -> Variants | None:
-    """ov_int8 requantized one rung up the exclusion ladder, on the same calibration articles; None at the top."""
-    ov_int8 = variants.built["ov_int8"]
-    assert ov_int8.built is not None
-    rung = ov_int8.built.rung + 1
+def rebuild_int8(run: Run, variants: Variants, variant: Variant, rung: int) -> Int8Build:
+    """int8 again from the fp32 file, on ``rung``."""
+    return build_int8(variants.built["fp32"].path, variant.path, rung, run.steps)
+
+
+def rebuild_ov_int8(run: Run, variants: Variants, variant: Variant, rung: int) -> Int8Build:
+    """ov_int8 requantized on ``rung``, on the same calibration articles."""
+    assert variant.built is not None
+    return build_ov_int8(run, variants, variant.path, rung, variant.built.feeds, variant.built.calibration or {})
+
+
+# What the gate may try before refusing a variant: a rebuild one rung up the exclusion ladder
+# (more layers kept in fp32), which gives up speed for accuracy.
+CLIMBS: dict[str, Callable[[Run, Variants, Variant, int], Int8Build]] = {"int8": rebuild_int8, "ov_int8": rebuild_ov_int8}
+
+
+def climb(run: Run, reference: Reference, variants: Variants, precision: str, reasons: list[str]) -> Variants | None:
+    """``precision`` rebuilt one rung up the exclusion ladder and checked again; None at the top."""
+    variant = variants.built[precision]
+    assert variant.built is not None  # every variant that climbs is built on a rung
+    rung = variant.built.rung + 1
     if rung >= len(EXCLUSION_LADDER):
         return None
-    run.steps.say("ov_int8 refused: " + "; ".join(reasons) + "; keeping more layers in fp32")
-    built = build_ov_int8(run, variants, ov_int8.path, rung, ov_int8.built.feeds, ov_int8.built.calibration or {})
-    return variants.adding("ov_int8", Variant(ov_int8.path, check_parity("ov_int8", ov_int8.path, reference, run.steps), built))
-
-
-# What the gate may try before refusing a variant: a rebuild that gives up speed for accuracy,
-# or None when there is nothing left to try. Called with the gate's reasons for refusing it.
-CLIMBS: dict[str, Callable[[Run, Reference, Variants, list[str]], Variants | None]] = {
-    "int8": climb_int8, "ov_int8": climb_ov_int8,
-}
+    run.steps.say(f"{precision} refused: " + "; ".join(reasons) + "; keeping more layers in fp32")
+    built = CLIMBS[precision](run, variants, variant, rung)
+    return variants.adding(precision, Variant(variant.path, check_parity(precision, variant.path, reference, run.steps), built))
 
 
 def gate_variants(
     validation: Validation, tokenizer: Any, spec: FilterSpec, variants: dict[str, Path], tolerance: float
-) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """Validation MAE per variant against the reference's; returns the report and the refusals."""
-    texts = validation.labelled.texts
+) -> GateOutcome:
+    """Validation MAE per variant against the reference's: the gate's outcome."""
     scored = {}
     for precision, path in variants.items():
-        score = scorer(precision, path)
-        scored[precision] = score_in_batches(lambda ids, mask: score(ids, mask)[0], tokenizer, texts, spec.max_length, GATE_BATCH)
-    report = build_report(spec, validation.labelled.truth, validation.reference, scored)
-    return report, refusals(report, tolerance)
+        scored[precision] = gate_scores(logits_of(scorer(precision, path)), tokenizer, validation.labelled, spec.max_length)
+    return judge(spec, validation.labelled, validation.reference, scored, tolerance)
 
 
-def gate_stage(run: Run, tokenizer: Any, reference: Reference, variants: Variants) -> tuple[Variants, GateOutcome]:
+def gate_stage(run: Run, tokenizer: Any, reference: Reference, variants: Variants) -> tuple[Variants, Admission]:
     """Every asked-for variant through the accuracy gate; a refused one with a :data:`CLIMBS` entry is
     rebuilt and gated again until admitted or out of rungs. Raises :class:`AccuracyGateRefusal` when
     nothing is admitted; returns the variants as they ended."""
     options, steps, validation = run.options, run.steps, reference.validation
     if validation is None:
-        return variants, GateOutcome(None, {}, list(options.precisions))
+        return variants, Admission(None, list(options.precisions))
     tolerance, spec = options.gate_tolerance, options.spec
     with steps.step(f"accuracy gate on {options.validation} (MAE change ≤ {tolerance:g}, overall and per dimension)"):
-        report, refused = gate_variants(validation, tokenizer, spec, variants.paths(options.precisions), tolerance)
-        for precision, climb in CLIMBS.items():
-            while precision in refused and (climbed := climb(run, reference, variants, refused[precision])) is not None:
+        gate = gate_variants(validation, tokenizer, spec, variants.paths(options.precisions), tolerance)
+        for precision in CLIMBS:
+            while precision in gate.refused and (climbed := climb(run, reference, variants, precision, gate.refused[precision])):
                 variants = climbed
-                retry, retry_refused = gate_variants(validation, tokenizer, spec, variants.paths([precision]), tolerance)
-                report = {**report, "variants": {**report["variants"], precision: retry["variants"][precision]}}
-                refused = {**{p: r for p, r in refused.items() if p != precision}, **retry_refused}
-        for precision, reasons in refused.items():
+                gate = gate.retried(gate_variants(validation, tokenizer, spec, variants.paths([precision]), tolerance), precision)
+        for precision, reasons in gate.refused.items():
             steps.say(f"REFUSED {precision}: " + "; ".join(reasons))
-    admitted = [p for p in options.precisions if p not in refused]
+    admitted = [p for p in options.precisions if p not in gate.refused]
     if not admitted:
-        raise AccuracyGateRefusal(refused)
-    return variants, GateOutcome(report, refused, admitted)
+        raise AccuracyGateRefusal(gate.refused)
+    return variants, Admission(gate, admitted)
 
 
-def default_stage(run: Run, reference: Reference, variants: Variants, gate: GateOutcome) -> DefaultPick:
+def default_stage(run: Run, reference: Reference, variants: Variants, gate: Admission) -> DefaultPick:
     """Batch-1 latency of every asked-for variant (refused ones too, for the record) and the precision the ensemble serves."""
     options = run.options
     with run.steps.step("batch-1 latency of each variant (refused ones too, for the record), to pick the default"):
@@ -455,15 +469,54 @@ def default_stage(run: Run, reference: Reference, variants: Variants, gate: Gate
     return DefaultPick(latency, precision)
 
 
-def write_stage(
-    run: Run, loaded: Loaded, sources: dict[str, Any], reference: Reference, variants: Variants, gate: GateOutcome, pick: DefaultPick
-) -> dict[str, Any]:
-    """Complete the repository in the staging folder, record it, then swap the filter into ``options.out``.
+@dataclass(frozen=True)
+class MergedBuild:
+    """What the build stages of a merged export made, for the write stage."""
 
-    Variants that were refused, or built only to make another from, are left out.
-    """
-    options, staging, spec, settings = run.options, run.staging, run.options.spec, run.options.repository
-    with run.steps.step("write the Triton model repository and the filter's record, then swap them in"):
+    loaded: Loaded
+    sources: dict[str, Source]
+    reference: Reference
+    variants: Variants
+    gate: Admission
+    pick: DefaultPick
+
+
+@dataclass(frozen=True)
+class MergedPlan(Plan[MergedBuild]):
+    """A filter exported merged: its own tensor models, one per admitted variant (:class:`ExportOptions`)."""
+
+    options: ExportOptions
+    sources: dict[str, Source]  # checksummed by the check stage
+    started: float  # time.perf_counter() when the export began, for the record's export_seconds
+
+    def target(self) -> tuple[Path, str]:
+        return self.options.out, self.options.spec.name
+
+    def total_steps(self) -> int:
+        return total_steps(self.options)
+
+    def build(self, staging: Path, steps: Steps) -> MergedBuild:
+        run = Run(self.options, steps, staging, self.started)
+        loaded, sources = load_stage(run, self.sources)
+        reference = reference_stage(run, loaded)
+        variants = pytorch_stage(run, loaded, reference)
+        if "int8" in self.options.build:
+            variants = int8_stage(run, reference, variants)
+        variants = openvino_stage(run, loaded.tokenizer, reference, variants)
+        variants, gate = gate_stage(run, loaded.tokenizer, reference, variants)
+        pick = default_stage(run, reference, variants, gate)
+        return MergedBuild(loaded, sources, reference, variants, gate, pick)
+
+    def write_label(self) -> str:
+        return "write the Triton model repository and the filter's record, then swap them in"
+
+    def write(self, staging: Path, built: MergedBuild, steps: Steps) -> Change:
+        """Complete the repository in the staging folder and record it.
+
+        Variants that were refused, or built only to make another from, are left out.
+        """
+        options, spec, settings = self.options, self.options.spec, self.options.repository
+        variants, gate, pick, loaded = built.variants, built.gate, built.pick, built.loaded
         for precision, variant in variants.built.items():
             if precision not in gate.admitted:
                 shutil.rmtree(variant.path.parent.parent)
@@ -474,47 +527,25 @@ def write_stage(
             write_repository(
                 staging, spec, settings, tokenizer_dir=Path(tmp), precisions=gate.admitted,
                 default_precision=pick.precision, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size,
-                executions={p: variants.built[p].parity["execution"]["precision"] for p in gate.admitted
-                            if p in contract.OPENVINO_PRECISIONS},
+                executions={p: executed for p in gate.admitted if (executed := variants.built[p].execution_precision)},
             )
-        validation = reference.validation
-        int8, ov_int8 = variants.built.get("int8"), variants.built.get("ov_int8")
-        record = new_record({
-            "filter": spec.to_dict(),
-            "models": [spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values()],
-            "ensemble": spec.name,
-            "tensor_models": names,
-            "default_precision": pick.precision,
-            "architecture": loaded.architecture,
-            "pad_token_id": loaded.pad_token_id,
-            "vocab_size": loaded.vocab_size,
-            "max_length": spec.max_length,
-            **settings.record_fields(),
-            "sources": sources,
-            "versions": versions(),
-            "parity": variants.parity,
-            "parity_texts": len(reference.texts),
-            "accuracy_gate": {
-                "tolerance": options.gate_tolerance,
-                "data": str(options.validation),
-                "skipped": [{"line": line, "reason": reason} for line, reason in validation.labelled.skipped],
-                "report": gate.report,
-            } if validation is not None else None,
-            "refused": gate.refused,
-            "int8": int8.built.to_dict() if int8 is not None and int8.built is not None else None,
-            "ov_int8": ov_int8.built.to_dict() if ov_int8 is not None and ov_int8.built is not None else None,
-            "latency_ms_batch1": pick.latency,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "export_seconds": round(time.perf_counter() - run.started, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "step_seconds": run.steps.timings,
-        })
-        commit(options.out, staging, record, options.force)
-        run.steps.say(f"{spec.name} is in {options.out}: {', '.join(record['models'])}")
-    return record
+        record = filter_record(
+            spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values()],
+            tensor_models=names, default_precision=pick.precision, pad_token_id=loaded.pad_token_id,
+            vocab_size=loaded.vocab_size, settings=settings, sources=built.sources, parity=variants.parity,
+            parity_texts=len(built.reference.texts), accuracy_gate=gate.gate.record if gate.gate is not None else None,
+            architecture=loaded.architecture, refused=gate.refused, int8=variants.int8_record("int8"),
+            ov_int8=variants.int8_record("ov_int8"), latency_ms_batch1=pick.latency,
+            **RunFigures.of(self.started, steps).fields(),
+        )
+        return Change({spec.name: record}, force=options.force)
+
+    def written(self, change: Change) -> str:
+        record = change.records[self.options.spec.name]
+        return f"{record.name} is in {self.options.out}: {', '.join(record.models)}"
 
 
-def run_export(options: ExportOptions, stream: TextIO | None = None) -> dict[str, Any]:
+def run_export(options: ExportOptions, stream: TextIO | None = None) -> FilterRecord:
     """Run every stage and return the filter's record, as written to ``out/<name>.filter.json``.
 
     ``out`` may hold other filters: they are left as they are. Variants refused by the gate are
@@ -527,25 +558,16 @@ def run_export(options: ExportOptions, stream: TextIO | None = None) -> dict[str
     started = time.perf_counter()
     steps = Steps(total=total_steps(options), stream=stream)
     sources = check_stage(options, steps)
-    with staging_folder(options.out, options.spec.name) as staging:
-        run = Run(options, steps, staging, started)
-        loaded, sources = load_stage(run, sources)
-        reference = reference_stage(run, loaded)
-        variants = pytorch_stage(run, loaded, reference)
-        if "int8" in options.build:
-            variants = int8_stage(run, reference, variants)
-        variants = openvino_stage(run, loaded.tokenizer, reference, variants)
-        variants, gate = gate_stage(run, loaded.tokenizer, reference, variants)
-        pick = default_stage(run, reference, variants, gate)
-        record = write_stage(run, loaded, sources, reference, variants, gate, pick)
-    if gate.refused:
-        raise AccuracyGateRefusal(gate.refused, written=list(record["tensor_models"]))
+    record = execute(MergedPlan(options, sources, started), steps).records[options.spec.name]
+    if record.refused:
+        raise AccuracyGateRefusal(record.refused, written=list(record.tensor_models))
     return record
 
 
 def export_filter(*args: Any, stream: TextIO | None = None, **options: Any) -> dict[str, Any]:
     """:func:`run_export` with the options given as arguments, as this function has always taken them:
-    ``export_filter(base, adapter, out, spec, precisions="fp32,fp16", max_batch_size=16, ...)``.
+    ``export_filter(base, adapter, out, spec, precisions="fp32,fp16", max_batch_size=16, ...)``; returns
+    the record as the JSON written to ``out/<name>.filter.json``.
 
     The arguments are :class:`ExportOptions`' (base, adapter, out and spec may be positional), with
     :class:`~filterserve.model_repository.repository.RepositorySettings`' given flat
@@ -553,7 +575,7 @@ def export_filter(*args: Any, stream: TextIO | None = None, **options: Any) -> d
     ``default`` names the precision the ensemble serves; ``auto`` is the fastest variant the
     accuracy gate admitted when ``validation`` is given, else the first listed.
     """
-    return run_export(ExportOptions.of(*args, **options), stream)
+    return dict(to_json(run_export(ExportOptions.of(*args, **options), stream)))
 
 
 def choose_default(default: str, admitted: list[str], latency: dict[str, float], validated: bool, gpu: bool = False) -> str:

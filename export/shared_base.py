@@ -35,11 +35,12 @@ import torch
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
-from filterserve.export.load import Loaded, check_adapter_config, load_reference, load_tokenizer
+from filterserve.export.load import Loaded, check_adapter_config, load_base_model, load_reference, load_tokenizer
 from filterserve.export.manifest import folder_checksums
 from filterserve.export.onnx_export import export_graph
-from filterserve.export.parity import compare, ort_scores, ort_session, parity_record, parity_texts, reference_scores
+from filterserve.export.parity import compare, compare_outputs, ort_scores, ort_session, parity_record, parity_texts, reference_scores
 from filterserve.filters import FilterSpec
+from filterserve.manifest import ParityRecord
 from filterserve.progress import Steps
 
 # Base config fields that must agree for an adapter trained on one base to run on another folder.
@@ -186,9 +187,10 @@ def member_weights(loaded: Loaded, spec: FilterSpec, adapter_dir: Path) -> Membe
         )
         if problem:
             raise FilterServeError(f"adapter {adapter_dir} uses {problem} ({path}); a shared base holds plain LoRA on Linear layers only")
-        (name,) = module.lora_A.keys()
-        a = module.lora_A[name].weight.detach().float().clone()
-        b = module.lora_B[name].weight.detach().float() * float(module.scaling[name])
+        layer: Any = module  # a peft LoraLayer (peft has no type information)
+        (name,) = layer.lora_A.keys()
+        a = layer.lora_A[name].weight.detach().float().clone()
+        b = layer.lora_B[name].weight.detach().float() * float(layer.scaling[name])
         lora[path] = (a, b)
     if not lora:
         raise FilterServeError(f"adapter {adapter_dir} holds no LoRA layers")
@@ -225,7 +227,8 @@ def load_members(
     """
     if not members:
         raise FilterServeError(f"group {group} has no members")
-    tokenizers, bases = [], []
+    tokenizers: list[Any] = []
+    bases: list[str] = []
     for member in members:
         config = check_adapter_config(member.adapter)
         check_trained_on(member.adapter, config, base, bases)
@@ -279,6 +282,8 @@ class RowLoraLinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, selection: RowSelection) -> None:
         super().__init__()
         self.base = base
+        self.lora_a: torch.Tensor
+        self.lora_b: torch.Tensor
         self.register_buffer("lora_a", lora_a)  # [n_members, in, r_max]
         self.register_buffer("lora_b", lora_b)  # [n_members, r_max, out], scaling folded in
         self.selection = selection
@@ -294,6 +299,7 @@ class RowHead(torch.nn.Module):
 
     def __init__(self, heads: torch.Tensor, selection: RowSelection) -> None:
         super().__init__()
+        self.heads: torch.Tensor
         self.register_buffer("heads", heads)  # [n_members, hidden, width]
         self.selection = selection
 
@@ -307,6 +313,7 @@ class SharedScoringGraph(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, weights: torch.Tensor, selection: RowSelection) -> None:
         super().__init__()
         self.model = model
+        self.weights: torch.Tensor
         self.register_buffer("weights", weights)  # [n_members, width], zero past each member's dimensions
         self.selection = selection
 
@@ -348,12 +355,7 @@ def _stacked(members: list[MemberWeights], path: str, layer: torch.nn.Linear) ->
 
 def shared_model(base: str, members: list[MemberWeights], pad_token_id: int) -> SharedScoringGraph:
     """The base once (fp32), every targeted Linear wrapped, the head replaced: the graph the group's ONNX is traced from."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=width(members), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise FilterServeError(f"cannot load the base model {base!r}: {exc}") from None
+    model = load_base_model(base, width(members))
     model.config.pad_token_id = pad_token_id
     model.eval()
     selection = RowSelection()
@@ -433,7 +435,7 @@ def onnx_group_scorer(path: Path) -> GroupScorer:
 
 
 def check_group_parity(score: GroupScorer, references: list[MemberReference], batch: MixedBatch, precision: str,
-                       variant: str) -> dict[str, Any]:
+                       variant: str) -> dict[str, ParityRecord]:
     """Per member, its rows of the mixed batch against its own reference: raw scores, weighted score, and zeros past its dimensions.
 
     The bound is ``precision``'s (:func:`contract.parity_limit`: bf16's is relative to each
@@ -446,8 +448,7 @@ def check_group_parity(score: GroupScorer, references: list[MemberReference], ba
         rows, n = batch.rows[i], reference.spec.num_labels
         limit = contract.parity_limit(precision, float(np.abs(reference.scores).max()))
         label = f"{variant}, member {reference.spec.name} (rows mixed with {len(references) - 1} other filters)"
-        result = compare(label, logits[rows, :n], reference.scores, limit)
-        compare(f"{label} weighted_score", weighted[rows], reference.weighted[:, None], limit)
+        result = compare_outputs(label, logits[rows, :n], weighted[rows], reference.scores, reference.weighted, limit)
         if logits.shape[1] > n:
             compare(f"{label} columns past its {n} dimensions", logits[rows, n:], np.zeros_like(logits[rows, n:]), 0.0,
                     against="zero")

@@ -19,22 +19,25 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
-from filterserve.export.manifest import fingerprint
+from filterserve.export.manifest import Fingerprint
 from filterserve.manifest import (
-    REPOSITORY_FORMAT,
     REPOSITORY_MANIFEST,
+    FilterRecord,
+    GroupRecord,
     filter_record_name,
     group_record_name,
     is_repository,
     read_filter_records,
     read_group_records,
-    repository_filters,
     repository_groups,
+    repository_index,
+    to_json,
     write_json_atomic,
 )
 
@@ -47,7 +50,7 @@ def candidate_models(name: str, precisions: Iterable[str]) -> set[str]:
     return fixed | {contract.tensor_model(name, p) for p in precisions}
 
 
-def plan_replacement(repo: Path, name: str, models: set[str], new: dict[str, Any], force: bool) -> list[str]:
+def plan_replacement(repo: Path, name: str, models: set[str], new: Fingerprint, force: bool) -> list[str]:
     """Check that an export of filter ``name`` may write ``models`` into ``repo``; return the folders it replaces.
 
     Refused: a non-empty folder that is not a filterserve repository (a mistyped ``--out`` must not
@@ -67,24 +70,25 @@ def plan_replacement(repo: Path, name: str, models: set[str], new: dict[str, Any
         return []
     records = read_filter_records(repo)
     for other, record in records.items():
-        clash = models & set(record.get("models", [])) if other != name else set()
+        clash = models & set(record.models) if other != name else set()
         if clash:
             raise FilterServeError(
                 f"filter {name!r} would overwrite {', '.join(sorted(clash))} of filter {other!r} in {repo}; choose another --name"
             )
-    for group, record in read_group_records(repo).items():
-        clash = models & set(record["models"])
+    for group, group_record in read_group_records(repo).items():
+        clash = models & set(group_record.models)
         if clash:
             raise FilterServeError(
                 f"filter {name!r} would overwrite {', '.join(sorted(clash))} of shared-base group {group} in {repo}; choose another --name"
             )
-    old = records.get(name, {})
-    if old and fingerprint(old) != fingerprint(new) and not force:
+    old = records.get(name)
+    if old is not None and Fingerprint.of(old) != new and not force:
+        adapter = old.sources.get("adapter")
         raise FilterServeError(
             f"{repo} already holds a different export of filter {name!r} "
-            f"(adapter {old.get('sources', {}).get('adapter', {}).get('path')}); pass --force to replace it"
+            f"(adapter {adapter.path if adapter else None}); pass --force to replace it"
         )
-    owned = set(old.get("models", []))
+    owned = set(old.models) if old is not None else set()
     unowned = sorted(m for m in models - owned if (repo / m).exists())
     if unowned and not force:
         raise FilterServeError(f"{repo / unowned[0]} exists but no filter record lists it; pass --force to replace it")
@@ -147,45 +151,75 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def commit(
-    repo: Path, staging: Path, record: dict[str, Any], force: bool, update_of: dict[str, Any] | None = None
-) -> None:
-    """Swap the filter built in ``staging`` (its model folders) into ``repo`` with its record.
+@dataclass(frozen=True)
+class Change:
+    """What one commit swaps into a repository: every kind of export (a merged filter, a shared-base
+    group's change, an engine added to a filter, a removal) ends in one of these.
 
-    The ensemble moves in last, so a server polling the repository finds its composing models
-    first. On any failure the moves and record writes done so far are undone, in reverse.
-
-    ``update_of`` is the filter's record as read before an amendment was built (build-engine adds
-    an engine to an export): only the record's models that are in ``staging`` move in, the others
-    stay, and the commit is refused if the record changed since (another export committed: the
-    amendment was made from models that are no longer there).
+    ``records``: the filters written, by name; the model folders of theirs that are in the staging
+    folder move in (a listed folder that is not there stays as it is: build-engine adds one model to
+    a filter). ``leaving``: filters whose folders and records go. ``group``: the shared-base group
+    this change rebuilds, with its new record, or None as the record to drop it.
+    ``expected``: the records the change was planned from (and ``expected_group``, the group's: None
+    for a new group); the commit is refused when one changed since (another export committed). A
+    written filter not in ``expected`` is checked again as it was before it was built
+    (:func:`plan_replacement`, with ``force``).
     """
-    name, models = record["filter"]["name"], list(record["models"])
-    staged = models if update_of is None else [m for m in models if (staging / m).is_dir()]
+
+    records: dict[str, FilterRecord]
+    leaving: tuple[str, ...] = ()
+    group: str | None = None
+    group_record: GroupRecord | None = None
+    expected: dict[str, FilterRecord] = field(default_factory=dict)
+    expected_group: GroupRecord | None = None
+    force: bool = False
+
+
+def commit(repo: Path, staging: Path, change: Change) -> None:
+    """Swap ``change``, built in ``staging``, into ``repo`` at once: its folders, its records, the manifest.
+
+    A group's tensor model moves in first and each filter's ensemble last, so a server polling the
+    repository finds the composing models first. On any failure the moves and record writes done so
+    far are undone, in reverse.
+    """
     repo.mkdir(parents=True, exist_ok=True)
     with _locked(repo):
-        replaced = plan_replacement(repo, name, set(models), record, force)
-        if update_of is not None:
-            if read_filter_records(repo).get(name) != update_of:
-                raise FilterServeError(
-                    f"filter {name!r} in {repo} changed while this was being built (another export committed); "
-                    "nothing was written: run it again"
-                )
-            replaced = [f for f in replaced if f in staged]
-        filters = repository_filters(repo) if is_repository(repo) else {}
-        _swap(repo, staging, replaced, [m for m in staged if m != name] + [m for m in staged if m == name], {
-            repo / filter_record_name(name): record,
-            repo / REPOSITORY_MANIFEST: _index({*filters, name}, repository_groups(repo)),
-        }, [])
-
-
-def _index(filters: Iterable[str], groups: dict[str, str]) -> dict[str, Any]:
-    """The repository manifest: every filter's record, and (when there are any) every shared-base group's."""
-    index: dict[str, Any] = {"format": REPOSITORY_FORMAT, "filters": {n: filter_record_name(n) for n in sorted(filters)}}
-    if groups:
-        index["groups"] = dict(sorted(groups.items()))
-    return index
-
+        current = read_filter_records(repo) if is_repository(repo) else {}
+        changed = [n for n, r in change.expected.items() if current.get(n) != r]
+        if change.group is not None and read_group_records(repo).get(change.group) != change.expected_group:
+            changed.append(f"group {change.group}")
+        if changed:
+            raise FilterServeError(
+                f"{', '.join(changed)} in {repo} changed while this was being built (another export committed); "
+                "nothing was written: run it again"
+            )
+        for name, record in change.records.items():
+            if name not in change.expected:
+                plan_replacement(repo, name, set(record.models), Fingerprint.of(record), change.force)
+        owners = {m: n for n, r in current.items() for m in r.models if n not in change.records and n not in change.leaving}
+        staged = [m for r in change.records.values() for m in r.models if (staging / m).is_dir()]
+        clash = sorted(m for m in staged if m in owners)
+        if clash:
+            raise FilterServeError(f"{', '.join(clash)} in {repo} belong to filter {owners[clash[0]]!r}; nothing was written")
+        tensor = [contract.tensor_model(change.group)] if change.group is not None else []
+        kept = {m for r in change.records.values() for m in r.models if m not in staged}
+        gone = {m for n in [*change.leaving, *change.records] if n in current for m in current[n].models} - kept
+        out = sorted((gone | set(staged) | set(tensor)) & {p.name for p in repo.iterdir() if p.is_dir()})
+        into = (tensor if change.group_record is not None else []) + \
+            [m for m in staged if m not in change.records] + [m for m in staged if m in change.records]
+        groups = repository_groups(repo)
+        if change.group is not None:
+            groups.pop(change.group, None)
+            if change.group_record is not None:
+                groups[change.group] = group_record_name(change.group)
+        writes: dict[Path, Any] = {repo / filter_record_name(n): to_json(r) for n, r in change.records.items()}
+        if change.group is not None and change.group_record is not None:
+            writes[repo / group_record_name(change.group)] = to_json(change.group_record)
+        writes[repo / REPOSITORY_MANIFEST] = repository_index((set(current) - set(change.leaving)) | set(change.records), groups)
+        deletes = [repo / filter_record_name(n) for n in change.leaving]
+        if change.group is not None and change.group_record is None:
+            deletes.append(repo / group_record_name(change.group))
+        _swap(repo, staging, out, into, writes, deletes)
 
 
 def _swap(repo: Path, staging: Path, out: list[str], into: list[str], writes: dict[Path, Any], deletes: list[Path]) -> None:
@@ -213,60 +247,3 @@ def _swap(repo: Path, staging: Path, out: list[str], into: list[str], writes: di
             else:
                 path.unlink(missing_ok=True)
         raise
-
-
-def commit_changes(
-    repo: Path,
-    staging: Path,
-    *,
-    group: str | None,
-    group_record: dict[str, Any] | None,
-    records: dict[str, dict[str, Any]],
-    leaving: list[str],
-    expected: dict[str, dict[str, Any]],
-    expected_group: dict[str, Any] | None = None,
-) -> None:
-    """Swap a shared-base group's change into ``repo`` at once: its tensor model, every member's steps, the records.
-
-    ``records``: member → its new record, its folders built in ``staging``; ``group_record``: the
-    group's new record (its tensor model in ``staging``), or None to drop ``group`` (or when no
-    group is involved: a merged filter's removal); ``leaving``: filters whose folders and records
-    go. ``expected`` and ``expected_group``: the records the change was planned from (the group's:
-    None for a new group): the commit is refused if one changed since (another export committed),
-    as it is when a member's folders would overwrite another filter's. Members' ensembles move in last, so a polling server finds their steps first.
-    """
-    repo.mkdir(parents=True, exist_ok=True)
-    with _locked(repo):
-        current = read_filter_records(repo) if is_repository(repo) else {}
-        groups = repository_groups(repo)
-        changed = [n for n, r in expected.items() if current.get(n) != r]
-        if group is not None and read_group_records(repo).get(group) != expected_group:
-            changed.append(f"group {group}")
-        if changed:
-            raise FilterServeError(
-                f"{', '.join(changed)} in {repo} changed while this was being built (another export committed); "
-                "nothing was written: run it again"
-            )
-        owners = {m: n for n, r in current.items() for m in r.get("models", []) if n not in records and n not in leaving}
-        into = [m for r in records.values() for m in r["models"]]
-        clash = sorted(m for m in into if m in owners)
-        if clash:
-            raise FilterServeError(f"{', '.join(clash)} in {repo} belong to filter {owners[clash[0]]!r}; nothing was written")
-        tensor = [contract.tensor_model(group)] if group is not None else []
-        gone = {m for n in [*leaving, *records] for m in current.get(n, {}).get("models", [])}
-        out = sorted((gone | set(into) | set(tensor)) & {p.name for p in repo.iterdir() if p.is_dir()})
-        ensembles = set(records)
-        order = (tensor if group_record is not None else []) + [m for m in into if m not in ensembles] + [m for m in into if m in ensembles]
-        if group is not None:
-            groups.pop(group, None)
-            if group_record is not None:
-                groups[group] = group_record_name(group)
-        index = _index((set(current) - set(leaving)) | set(records), groups)
-        writes: dict[Path, Any] = {repo / filter_record_name(n): r for n, r in records.items()}
-        if group_record is not None:
-            writes[repo / group_record_name(group)] = group_record
-        writes[repo / REPOSITORY_MANIFEST] = index
-        deletes = [repo / filter_record_name(n) for n in leaving]
-        if group is not None and group_record is None:
-            deletes.append(repo / group_record_name(group))
-        _swap(repo, staging, out, order, writes, deletes)

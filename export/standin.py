@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -156,7 +157,7 @@ def build_gemma_tokenizer(vocab_size: int, spec: FilterSpec):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False, limit_alphabet=400)
     trainer_tok.train_from_iterator(_corpus(spec), trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges: Any = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]  # pairs (untyped by transformers)
     return GemmaTokenizer(vocab=trained["vocab"], merges=merges, add_bos_token=True, add_eos_token=False)
 
 
@@ -236,7 +237,7 @@ def _base_config(shape: StandinShape, tokenizer):
     """The base checkpoint's config, as the hub's: Qwen2.5 has no pad id (the export sets it), Gemma-3 has 0."""
     from transformers import Gemma3TextConfig, Qwen2Config
 
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": shape.vocab_size,
         "hidden_size": shape.hidden_size,
         "num_hidden_layers": shape.num_hidden_layers,
@@ -256,7 +257,8 @@ def _base_config(shape: StandinShape, tokenizer):
             **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=shape.sliding_window or 512,
             layer_types=layer_types, pad_token_id=0, eos_token_id=1, bos_token_id=2,
         )
-    config = Qwen2Config(**common, rope_theta=1_000_000.0, bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id)
     config.pad_token_id = None  # as in Qwen2.5's config: the export must set it
     return config
 
@@ -327,7 +329,7 @@ def build_standin(
                 param.normal_(0.0, 0.05)
             elif "score" in name and "modules_to_save" in name:
                 param.normal_(0.0, 2.0 / shape.hidden_size**0.5)  # logits of a few units, as the real 0-10 scores
-    peft_model.save_pretrained(adapter_dir)
+    peft_model.save_pretrained(str(adapter_dir))
     if not with_tokenizer_pad:
         tokenizer.pad_token = None
     tokenizer.save_pretrained(adapter_dir)

@@ -19,30 +19,30 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from google.protobuf import text_format
+from google.protobuf import text_format  # type: ignore[import-untyped]  # no types without types-protobuf
 from tritonclient.grpc import model_config_pb2 as mc
 
-from filterserve import contract
+from filterserve import contract, defaults
 from filterserve.errors import FilterServeError
-from filterserve.export.staging import commit, staging_folder
+from filterserve.export.options import EngineOptions, fp16_tolerance
+from filterserve.export.staging import Change, commit, staging_folder
 from filterserve.filters import FilterSpec
-from filterserve.gate import AccuracyGateRefusal, build_report, read_labelled, refusals
-from filterserve.manifest import read_filter_record
+from filterserve.gate import GATE_BATCH, AccuracyGateRefusal, LabelledSet, judge, read_labelled
+from filterserve.manifest import EngineRecord, FilterRecord, read_filter_record
 from filterserve.model_repository.gpu import ShapeProfile, padded_length, serving_profile
-from filterserve.model_repository.repository import DEFAULT_BUCKET, tensor_model_config, write_tensor_model
+from filterserve.model_repository.repository import tensor_model_config, write_tensor_model
 
 if TYPE_CHECKING:  # the graph module needs onnx, which every `filterserve` command would otherwise import
     from filterserve.export.graph import Fp32Selection
 
 ENGINE_PRECISION = "trt-fp16"
 PLAN_FILE = "model.plan"
-GATE_BATCH = 16
 # What the checks compare the engine with: the exported fp32 model, which matched the card's
 # recipe within 1e-4 when it was exported (the device has no PyTorch + PEFT reference).
 REFERENCE = "onnx_fp32"
@@ -58,7 +58,7 @@ def engine_model(spec: FilterSpec) -> str:
 def import_tensorrt() -> Any:
     """TensorRT 10.x, or a one-line reason why not (checked before any work is done)."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # type: ignore[import-not-found]  # on the target GPU only, untyped
     except ImportError:
         raise FilterServeError(
             "TensorRT is not installed: build the engine on the target GPU with TensorRT 10.x "
@@ -124,7 +124,9 @@ def pin_fp32(network: Any, trt: Any, selected: Collection[str], node_names: Coll
         covered.add(node)
     missing = sorted(set(selected) - covered)
     if missing:
-        raise FilterServeError(f"TensorRT's parser made no float layer for {len(missing)} FP32 nodes ({', '.join(missing[:5])}): cannot pin them")
+        raise FilterServeError(
+            f"TensorRT's parser made no float layer for {len(missing)} FP32 nodes ({', '.join(missing[:5])}): cannot pin them"
+        )
     return pinned
 
 
@@ -188,36 +190,34 @@ class EngineRunner:
 class EnginePlan:
     """What build-engine will build and check, settled (and refused if wrong) before TensorRT is touched."""
 
-    repo: Path
-    manifest: dict[str, Any]
+    options: EngineOptions
+    manifest: FilterRecord  # the filter's record the engine is built from
     spec: FilterSpec
     onnx_path: Path
     profile: ShapeProfile
-    validation: Path | None
-    make_default: bool  # serve the engine from the ensemble once it passed
+
+    @property
+    def repo(self) -> Path:
+        return self.options.model_repository
 
 
-def plan_engine(args: argparse.Namespace) -> EnginePlan:
-    """Reads the repository and the arguments; a profile the server could send past is refused."""
-    repo = Path(args.model_repository)
-    manifest = read_filter_record(repo, args.name)
-    spec = FilterSpec.from_dict(manifest["filter"])
-    if "fp32" not in manifest["tensor_models"]:
+def plan_engine(options: EngineOptions) -> EnginePlan:
+    """Reads the repository; a profile the server could send past is refused."""
+    repo = options.model_repository
+    manifest = read_filter_record(repo, options.name)
+    spec = FilterSpec.from_dict(manifest.filter)
+    if "fp32" not in manifest.tensor_models:
         raise FilterServeError("build-engine needs the fp32 ONNX model: export with --precision fp32 (fp16 and int8 may be added)")
-    onnx_path = repo / manifest["tensor_models"]["fp32"] / "1" / "model.onnx"
-    validation = Path(args.validation) if args.validation else None
-    if validation is not None and not validation.is_file():
-        raise FilterServeError(f"validation data not found: {validation}")
-    max_batch_size, bucket = manifest["max_batch_size"], manifest.get("bucket", DEFAULT_BUCKET)
-    serving = serving_profile(max_batch_size, spec.max_length, bucket)
+    onnx_path = repo / manifest.tensor_models["fp32"] / "1" / "model.onnx"
+    serving = serving_profile(manifest.max_batch_size, spec.max_length, manifest.bucket)
     profile = ShapeProfile(
-        min=ShapeProfile.parse(args.min_shape) if args.min_shape else serving.min,
-        opt=ShapeProfile.parse(args.opt_shape) if args.opt_shape else serving.opt,
-        max=ShapeProfile.parse(args.max_shape) if args.max_shape else serving.max,
+        min=ShapeProfile.parse(options.min_shape) if options.min_shape else serving.min,
+        opt=ShapeProfile.parse(options.opt_shape) if options.opt_shape else serving.opt,
+        max=ShapeProfile.parse(options.max_shape) if options.max_shape else serving.max,
     )
     profile.check()
-    check_profile(profile, serving, bucket, spec.max_length, args.make_default)
-    return EnginePlan(repo, manifest, spec, onnx_path, profile, validation, args.make_default)
+    check_profile(profile, serving, manifest.bucket, spec.max_length, options.make_default)
+    return EnginePlan(options, manifest, spec, onnx_path, profile)
 
 
 def check_profile(profile: ShapeProfile, serving: ShapeProfile, bucket: int, max_length: int, make_default: bool) -> None:
@@ -240,17 +240,19 @@ def check_profile(profile: ShapeProfile, serving: ShapeProfile, bucket: int, max
         )
 
 
-def engine_config(spec: FilterSpec, manifest: dict[str, Any], profile: ShapeProfile) -> mc.ModelConfig:
-    """The tensor model's config (same tensors, batcher and warm-up), served by Triton's TensorRT backend."""
+def engine_config(spec: FilterSpec, profile: ShapeProfile, *, pad_token_id: int, vocab_size: int,
+                  max_batch_tokens: int | None) -> mc.ModelConfig:
+    """The tensor model's config (same tensors, batcher and warm-up), served by Triton's TensorRT backend;
+    the token facts and the batch-token limit are the filter record's."""
     config = tensor_model_config(
         spec,
         engine_model(spec),
         precision=ENGINE_PRECISION,
         max_batch_size=profile.max[0],
-        pad_token_id=manifest["pad_token_id"],
-        vocab_size=manifest["vocab_size"],
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
         gpu=True,
-        max_batch_tokens=manifest["max_batch_tokens"],
+        max_batch_tokens=max_batch_tokens,
     )
     config.ClearField("backend")
     config.platform = "tensorrt_plan"
@@ -277,10 +279,10 @@ def point_ensemble_at(repo: Path, spec: FilterSpec, tensor_model: str) -> None:
         tokenizer_path.write_text(text_format.MessageToString(tokenizer), encoding="utf-8")
 
 
-def write_engine(plan: EnginePlan, engine: bytes, engine_record: dict[str, Any]) -> dict[str, Any]:
+def write_engine(plan: EnginePlan, engine: bytes, engine_record: EngineRecord) -> FilterRecord:
     """Add ``<name>_trt`` to the filter through the staging commit, as every export writes; returns the new record.
 
-    The engine's model folder is built beside the repository; with ``plan.make_default`` so are copies of
+    The engine's model folder is built beside the repository; with ``--make-default`` so are copies of
     the ensemble and the tokenizer step, re-pointed at the engine. They are swapped in together with
     the record, so a server polling the repository never sees an ensemble naming a model that is not
     there yet, and a failure (Ctrl-C included) leaves the repository as it was. The commit is refused
@@ -290,20 +292,21 @@ def write_engine(plan: EnginePlan, engine: bytes, engine_record: dict[str, Any])
     with staging_folder(plan.repo, spec.name) as staging:
         (staging / name / "1").mkdir(parents=True)
         (staging / name / "1" / PLAN_FILE).write_bytes(engine)
-        write_tensor_model(staging / name, engine_config(spec, manifest, plan.profile))
-        if plan.make_default:
+        write_tensor_model(staging / name, engine_config(spec, plan.profile, pad_token_id=manifest.pad_token_id,
+                                                         vocab_size=manifest.vocab_size, max_batch_tokens=manifest.max_batch_tokens))
+        if plan.options.make_default:
             for model in (spec.name, contract.tokenizer_model(spec.name)):
                 shutil.copytree(plan.repo / model, staging / model)
             point_ensemble_at(staging, spec, name)
-        record = {
-            **manifest,
-            "models": [*manifest["models"], *([] if name in manifest["models"] else [name])],
-            "engines": {**manifest.get("engines", {}), ENGINE_PRECISION: engine_record},
-        }
-        # force: the check that matters here is update_of's (the record is the one the engine was
-        # built from), stricter than the fingerprint; a <name>_trt folder no record lists (left by
-        # an interrupted build-engine of an earlier version, which wrote in place) is replaced.
-        commit(plan.repo, staging, record, force=True, update_of=manifest)
+        record = replace(
+            manifest,
+            models=[*manifest.models, *([] if name in manifest.models else [name])],
+            engines={**(manifest.engines or {}), ENGINE_PRECISION: engine_record},
+        )
+        # expected: the record is the one the engine was built from (stricter than the fingerprint);
+        # force: a <name>_trt folder no record lists (left by an interrupted build-engine of an
+        # earlier version, which wrote in place) is replaced.
+        commit(plan.repo, staging, Change({spec.name: record}, expected={spec.name: manifest}, force=True))
     return record
 
 
@@ -313,16 +316,53 @@ def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-shape", help="BATCHxSEQ (default 1x1: clients may send unpadded ids)")
     parser.add_argument("--opt-shape", help="BATCHxSEQ the kernels are tuned for (default: 8 x a typical article, padded to a bucket)")
     parser.add_argument("--max-shape", help="BATCHxSEQ (default: max_batch_size x max_length)")
-    parser.add_argument("--tolerance", type=float, default=contract.PARITY_TOLERANCES["fp16"],
-                        help="max |Δ| against the fp32 ONNX model on the parity texts (default: the fp16 variant's)")
+    parser.add_argument("--tolerance", type=float, default=fp16_tolerance(),
+                        help="max |Δ| against the fp32 ONNX model on the parity texts (default: the fp16 variant's, %(default)s)")
     parser.add_argument("--validation", help="labelled JSONL (title, content, one field per dimension): the engine "
                         "must keep the validation MAE within --gate-tolerance of the fp32 ONNX model's")
     parser.add_argument("--gate-tolerance", type=float, default=contract.GATE_TOLERANCE, help="max MAE increase, overall and per dimension")
     parser.add_argument("--make-default", action="store_true", help="serve the engine as the ensemble's tensor model once it passed")
-    parser.add_argument("--workspace-gb", type=int, default=4, help="TensorRT's build workspace")
+    parser.add_argument("--workspace-gb", type=int, default=defaults.ENGINE_WORKSPACE_GB, help="TensorRT's build workspace")
+
+
+def build_engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The parsed flags as one checked value."""
+    return EngineOptions(
+        Path(args.model_repository), args.name, args.min_shape, args.opt_shape, args.max_shape, args.tolerance,
+        Path(args.validation) if args.validation else None, args.gate_tolerance, args.make_default, args.workspace_gb,
+    )
+
+
+Outputs = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def both_outputs(score: Outputs) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """logits and weighted_score side by side, so one pass checks both."""
+    return lambda ids, mask: np.hstack(score(ids, mask))
+
+
+def fp32_references(plan: EnginePlan, tokenizer: Any, texts: list[str], labelled: LabelledSet | None,
+                    gate_batch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fp32 ONNX model's scores on the parity texts (one at a time) and on the validation articles;
+    its session is released on return, before TensorRT builds."""
+    from filterserve.export.parity import gate_scores, ort_scores, ort_session, score_in_batches
+
+    session = ort_session(plan.onnx_path)
+
+    def fp32(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ort_scores(session, ids, mask)
+
+    reference = score_in_batches(both_outputs(fp32), tokenizer, texts, plan.spec.max_length, 1)
+    if labelled is None:
+        return reference, None
+    return reference, gate_scores(lambda i, m: fp32(i, m)[0], tokenizer, labelled, plan.spec.max_length, gate_batch)
 
 
 def build_engine_command(args: argparse.Namespace) -> int:
+    return run_build_engine(plan_engine(build_engine_options(args)))
+
+
+def run_build_engine(plan: EnginePlan) -> int:
     """Build ``<name>_trt`` from the fp32 ONNX model; write it only if it passes parity (and the gate).
 
     The fp32 references are scored before the engine is built and their session released, so the
@@ -333,66 +373,57 @@ def build_engine_command(args: argparse.Namespace) -> int:
 
     from filterserve.export.graph import fp32_nodes
     from filterserve.export.load import load_tokenizer
-    from filterserve.export.parity import compare, ort_scores, ort_session, parity_texts, score_in_batches
+    from filterserve.export.parity import compare_outputs, gate_scores, parity_texts, score_in_batches
     from filterserve.progress import Steps
 
-    plan = plan_engine(args)
-    trt = import_tensorrt()
+    options, trt = plan.options, import_tensorrt()
     spec, profile = plan.spec, plan.profile
+    tolerance = options.tolerance
     tokenizer = load_tokenizer(plan.repo / contract.tokenizer_model(spec.name) / "1" / "tokenizer")
     texts = parity_texts(tokenizer, spec)
-    labelled = read_labelled(plan.validation, spec, tokenizer) if plan.validation else None
+    labelled = read_labelled(options.validation, spec, tokenizer) if options.validation else None
     gate_batch = min(GATE_BATCH, profile.max[0])
     steps = Steps(total=5 + (labelled is not None))
 
-    def both(score):  # logits and weighted_score side by side, so one pass checks both
-        return lambda ids, mask: np.hstack(score(ids, mask))
-
     with steps.step(f"fp32 ONNX references: {len(texts)} parity texts one at a time"
                     + (f", {len(labelled.texts)} validation articles" if labelled else "")):
-        session = ort_session(plan.onnx_path)
-        reference = score_in_batches(both(lambda i, m: ort_scores(session, i, m)), tokenizer, texts, spec.max_length, 1)
-        held_out = None if labelled is None else score_in_batches(
-            lambda i, m: ort_scores(session, i, m)[0], tokenizer, labelled.texts, spec.max_length, gate_batch
-        )
-        del session
+        reference, held_out = fp32_references(plan, tokenizer, texts, labelled, gate_batch)
     with steps.step(f"find the FP32 layers in {plan.onnx_path}"):
         selection = fp32_nodes(onnx.load(str(plan.onnx_path), load_external_data=False))
         steps.say(json.dumps(selection.summary()))
     with steps.step(f"build the TensorRT {trt.__version__} FP16 engine, profile {profile.describe()}"):
-        engine, pinned = build_engine(plan.onnx_path, profile, selection, args.workspace_gb)
+        engine, pinned = build_engine(plan.onnx_path, profile, selection, options.workspace_gb)
         steps.say(f"{pinned} TensorRT layers pinned to FP32; {len(engine) / 2**30:.2f} GiB")
     runner = EngineRunner(engine)
     n = spec.num_labels
     with steps.step("parity: the engine on right-padded batches vs fp32 ONNX one text at a time"):
-        got = score_in_batches(both(runner), tokenizer, texts, spec.max_length, profile.max[0])
-        parity = compare("TensorRT fp16", got[:, :n], reference[:, :n], args.tolerance, against="the fp32 ONNX model")
-        compare("TensorRT fp16 weighted_score", got[:, n:], reference[:, n:], args.tolerance, against="the fp32 ONNX model")
-        steps.say(f"max |Δ| = {parity.max_abs_diff:.2e} over {len(texts)} texts (tolerance {args.tolerance:g})")
+        got = score_in_batches(both_outputs(runner), tokenizer, texts, spec.max_length, profile.max[0])
+        parity = compare_outputs("TensorRT fp16", got[:, :n], got[:, n:], reference[:, :n], reference[:, n:], tolerance,
+                                 against="the fp32 ONNX model")
+        steps.say(f"max |Δ| = {parity.max_abs_diff:.2e} over {len(texts)} texts (tolerance {tolerance:g})")
     gate = None
-    if labelled is not None:
-        with steps.step(f"accuracy gate on {plan.validation} (MAE change ≤ {args.gate_tolerance:g}, overall and per dimension)"):
-            scored = score_in_batches(lambda i, m: runner(i, m)[0], tokenizer, labelled.texts, spec.max_length, gate_batch)
-            report = build_report(spec, labelled.truth, held_out, {ENGINE_PRECISION: scored}, reference_name=REFERENCE)
-            refused = refusals(report, args.gate_tolerance)
-            if refused:
-                raise AccuracyGateRefusal(refused)
-            gate = {"tolerance": args.gate_tolerance, "data": str(plan.validation), "report": report}
+    if labelled is not None and held_out is not None:
+        with steps.step(f"accuracy gate on {options.validation} (MAE change ≤ {options.gate_tolerance:g}, overall and per dimension)"):
+            scored = gate_scores(lambda i, m: runner(i, m)[0], tokenizer, labelled, spec.max_length, gate_batch)
+            outcome = judge(spec, labelled, held_out, {ENGINE_PRECISION: scored}, options.gate_tolerance, reference_name=REFERENCE)
+            if outcome.refused:
+                raise AccuracyGateRefusal(outcome.refused)
+            gate = outcome.record
 
     name = engine_model(spec)
-    with steps.step(f"write {name}" + (f" and serve it from the ensemble {spec.name}" if plan.make_default else "")):
-        write_engine(plan, engine, {
-            "model": name,
-            "ensemble_default": plan.make_default,
-            "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
-            "fp32_layers": selection.summary() | {"tensorrt_layers": pinned},
-            "parity": parity.to_dict() | {"against": REFERENCE},
-            "accuracy_gate": gate,
-            "tensorrt": trt.__version__,
-            "device": torch.cuda.get_device_name(),
-        })
+    with steps.step(f"write {name}" + (f" and serve it from the ensemble {spec.name}" if options.make_default else "")):
+        write_engine(plan, engine, EngineRecord(
+            model=name,
+            ensemble_default=options.make_default,
+            profile={"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+            fp32_layers=selection.summary() | {"tensorrt_layers": pinned},
+            parity=parity.to_record(against=REFERENCE),
+            accuracy_gate=gate,
+            tensorrt=trt.__version__,
+            device=torch.cuda.get_device_name(),
+        ))
     print(json.dumps({"engine": name, "parity_max_abs_diff": parity.max_abs_diff,
-                      "validation_mae_change": gate and gate["report"]["variants"][ENGINE_PRECISION]["mae_delta"]}, indent=2))
-    if not plan.make_default:
+                      "validation_mae_change": gate and gate.report["variants"][ENGINE_PRECISION]["mae_delta"]}, indent=2))
+    if not options.make_default:
         print(f"call {name} directly, or rerun with --make-default to serve it from the ensemble {spec.name}", file=sys.stderr)
     return 0

@@ -32,6 +32,18 @@ STANDIN_SHAPE = "tiny"
 
 
 # ---- export ----------------------------------------------------------------------------------------
+# `filterserve export`: the variants built (--precision) and the one the ensemble serves (--default:
+# auto = the fastest the accuracy gate admitted, else the first listed). The gate's tolerance is the
+# contract's (filterserve.contract.GATE_TOLERANCE): the figure the model card's MAE is held to.
+EXPORT_PRECISION = "fp32"
+EXPORT_DEFAULT_PRECISION = "auto"
+# `filterserve standin`: the seed of its random weights.
+STANDIN_SEED = 0
+# `filterserve build-engine`: TensorRT's build workspace, in GiB.
+ENGINE_WORKSPACE_GB = 4
+# How long a --base or --adapter that is neither a folder nor in the local Hugging Face cache may
+# take to be fetched from the hub before the export gives up (one attempt, no retry loop).
+HUB_TIMEOUT_S = 10
 
 
 # ---- serve -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def load_filter(path: str | Path | None, name: str | None = None, *, stream: Tex
             for line in folder.report():
                 print(line, file=out)
             return folder.spec
-        return FilterSpec.from_dict(read_filter_record(p, name)["filter"], source=f"the record of {name or 'the filter'} in {p}")
+        return FilterSpec.from_dict(read_filter_record(p, name).filter, source=f"the record of {name or 'the filter'} in {p}")
     data = read_json(p, "filter description")
     if isinstance(data, dict) and "filter" in data and "dimensions" not in data:
         data = data["filter"]  # a filter record (<name>.filter.json) also works as a description

@@ -19,8 +19,11 @@ import numpy as np
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
+from filterserve.manifest import GateRecord, SkippedLine
 
 REFERENCE = "pytorch_peft"
+# Articles per batch the gate scores a variant in: right-padded batches, as a server runs them.
+GATE_BATCH = 16
 
 
 class AccuracyGateRefusal(FilterServeError):
@@ -171,3 +174,33 @@ def refusals(report: dict[str, Any], tolerance: float = GATE_TOLERANCE) -> dict[
         if reasons:
             refused[name] = reasons
     return refused
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the gate made of one run: the record kept in the filter's record, and what it refused and why."""
+
+    record: GateRecord
+    refused: dict[str, list[str]]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.record.report
+
+    def retried(self, again: GateOutcome, variant: str) -> GateOutcome:
+        """This outcome with ``variant``'s figures and verdict from ``again`` (its rebuild, gated alone)."""
+        variants = {**self.report["variants"], variant: again.report["variants"][variant]}
+        record = GateRecord(self.record.tolerance, self.record.data, {**self.report, "variants": variants}, self.record.skipped)
+        return GateOutcome(record, {**{v: r for v, r in self.refused.items() if v != variant}, **again.refused})
+
+
+def judge(spec: FilterSpec, labelled: LabelledSet, reference: np.ndarray, scored: dict[str, np.ndarray], tolerance: float,
+          reference_name: str = REFERENCE) -> GateOutcome:
+    """Every variant in ``scored`` against ``reference`` on ``labelled``: the report, the record, the refusals.
+
+    Each export (a merged filter's variants, a group's members, a TensorRT engine) gates with this,
+    so their records have one shape.
+    """
+    report = build_report(spec, labelled.truth, reference, scored, reference_name)
+    skipped = [SkippedLine(line, reason) for line, reason in labelled.skipped]
+    return GateOutcome(GateRecord(tolerance, str(labelled.path), report, skipped), refusals(report, tolerance))

@@ -210,13 +210,9 @@ def _max_lengths(repo: Path) -> dict[str, int]:
     """Model → the max_length it runs at, from the records of the filters and shared-base groups."""
     if not is_repository(repo):
         return {}
-    records = {**read_filter_records(repo), **read_group_records(repo)}
-    lengths: dict[str, int] = {}
-    for name, record in records.items():
-        models, max_length = record.get("models"), record.get("max_length")
-        if not isinstance(models, list) or not isinstance(max_length, int):
-            raise FilterServeError(f"the record of {name!r} in {repo} is malformed: it needs \"models\" and \"max_length\"")
-        lengths |= {model: max_length for model in models}
+    lengths = {}
+    for record in [*read_filter_records(repo).values(), *read_group_records(repo).values()]:
+        lengths |= {model: record.max_length for model in record.models}
     return lengths
 
 

@@ -30,6 +30,7 @@ from filterserve.export.tensorrt_engine import (
     ENGINE_PRECISION,
     EnginePlan,
     add_build_engine_arguments,
+    build_engine_options,
     check_tensorrt_version,
     engine_config,
     onnx_node_of_layer,
@@ -38,7 +39,7 @@ from filterserve.export.tensorrt_engine import (
     point_ensemble_at,
     write_engine,
 )
-from filterserve.manifest import read_filter_records
+from filterserve.manifest import EngineRecord, read_filter_records, to_json
 from filterserve.model_repository import write_repository
 from filterserve.model_repository.gpu import ShapeProfile, engine_cache_dir, onnx_checksum, serving_profile
 from filterserve.model_repository.repository import RepositorySettings
@@ -363,8 +364,7 @@ def test_build_engine_without_tensorrt_says_so_in_one_line(exported, capsys):
 
 def test_engine_model_config_is_a_valid_tensorrt_plan_config(tmp_path):
     profile = ShapeProfile(min=(1, 1), opt=(8, 64), max=(16, 64))
-    manifest = {"pad_token_id": 0, "vocab_size": 400, "max_batch_tokens": None}
-    config = engine_config(TOY_SPEC, manifest, profile)
+    config = engine_config(TOY_SPEC, profile, pad_token_id=0, vocab_size=400, max_batch_tokens=None)
     (tmp_path / "config.pbtxt").write_text(text_format.MessageToString(config))
     parsed = _config(tmp_path / "config.pbtxt")
     assert parsed.platform == "tensorrt_plan" and not parsed.backend
@@ -399,7 +399,7 @@ def test_make_default_points_the_ensemble_and_the_token_counters_at_the_engine(t
 def _engine_plan(repo: Path, *extra: str) -> EnginePlan:
     parser = argparse.ArgumentParser()
     add_build_engine_arguments(parser)
-    return plan_engine(parser.parse_args(["--model-repository", str(repo), *extra]))
+    return plan_engine(build_engine_options(parser.parse_args(["--model-repository", str(repo), *extra])))
 
 
 def _siblings(repo: Path) -> list[str]:
@@ -412,7 +412,7 @@ def test_an_engine_made_the_default_is_swapped_in_with_the_ensemble_and_the_reco
     shutil.copytree(exported[0], repo)
     before = tree_digest(repo)
     name, engine = "uplifting_v4", "uplifting_v4_trt"
-    record = write_engine(_engine_plan(repo, "--make-default"), b"engine bytes", {"model": engine, "ensemble_default": True})
+    record = to_json(write_engine(_engine_plan(repo, "--make-default"), b"engine bytes", EngineRecord(engine, ensemble_default=True)))
 
     assert (repo / engine / "1" / "model.plan").read_bytes() == b"engine bytes"
     config = _config(repo / engine / "config.pbtxt")
@@ -420,7 +420,7 @@ def test_an_engine_made_the_default_is_swapped_in_with_the_ensemble_and_the_reco
     assert (repo / engine / "warmup" / "attention_mask").is_file()
     assert engine in [s.model_name for s in _config(repo / name / "config.pbtxt").ensemble_scheduling.step]
     assert _config(repo / f"{name}_tokenizer" / "config.pbtxt").parameters["tensor_model"].string_value == engine
-    on_disk = read_filter_records(repo)[name]
+    on_disk = to_json(read_filter_records(repo)[name])
     assert on_disk == record and on_disk["models"] == [*exported[1]["models"], engine]
     assert on_disk["engines"] == {ENGINE_PRECISION: {"model": engine, "ensemble_default": True}}
     assert {k: v for k, v in on_disk.items() if k != "engines"} == {**exported[1], "models": on_disk["models"]}
@@ -435,14 +435,14 @@ def test_an_engine_not_made_the_default_leaves_the_ensemble_and_a_rebuild_replac
     shutil.copytree(exported[0], repo)
     before = tree_digest(repo)
     plan = _engine_plan(repo, "--max-shape", "8x512")
-    write_engine(plan, b"first", {"model": "uplifting_v4_trt", "ensemble_default": False})
+    write_engine(plan, b"first", EngineRecord("uplifting_v4_trt", ensemble_default=False))
     unchanged = {k: v for k, v in tree_digest(repo).items() if not k.startswith("uplifting_v4_trt/")}
     assert unchanged == {**before, "uplifting_v4.filter.json": unchanged["uplifting_v4.filter.json"]}
     assert _config(repo / "uplifting_v4_trt" / "config.pbtxt").max_batch_size == 8
 
-    write_engine(_engine_plan(repo), b"second", {"model": "uplifting_v4_trt", "ensemble_default": False})
+    write_engine(_engine_plan(repo), b"second", EngineRecord("uplifting_v4_trt", ensemble_default=False))
     assert (repo / "uplifting_v4_trt" / "1" / "model.plan").read_bytes() == b"second"
-    assert read_filter_records(repo)["uplifting_v4"]["models"].count("uplifting_v4_trt") == 1
+    assert read_filter_records(repo)["uplifting_v4"].models.count("uplifting_v4_trt") == 1
     assert _siblings(repo) == ["repo"]
 
 
@@ -455,5 +455,5 @@ def test_an_engine_built_from_a_filter_exported_again_meanwhile_is_not_written(e
     export_filter(str(standin.base_dir), standin.adapter_dir, repo, precisions="fp32", max_batch_size=16)
     before = tree_digest(repo)
     with pytest.raises(FilterServeError, match="changed while this was being built .*nothing was written: run it again"):
-        write_engine(plan, b"stale engine", {"model": "uplifting_v4_trt", "ensemble_default": True})
+        write_engine(plan, b"stale engine", EngineRecord("uplifting_v4_trt", ensemble_default=True))
     assert tree_digest(repo) == before and _siblings(repo) == ["repo"]

@@ -19,7 +19,7 @@ from filterserve.export import openvino_engine as ove
 from filterserve.export.pipeline import export_filter
 from filterserve.export.standin import build_standin
 from filterserve.filters import UPLIFTING_V4
-from filterserve.manifest import read_filter_records, read_group_records
+from filterserve.manifest import read_filter_records, read_group_records, to_json
 from filterserve.serve.assembly import read_model_config
 
 pytestmark = pytest.mark.slow  # every test here exports a group (or more) of its own, through the CLI
@@ -66,12 +66,12 @@ def test_two_filters_of_different_sizes_share_one_tensor_model_beside_a_merged_f
     records, groups = read_filter_records(grouped), read_group_records(grouped)
     assert set(records) == {"investment_risk_v2", "uplifting_v4", "uplifting_merged"}
     group = groups[GROUP]
-    assert group["members"] == ["investment_risk_v2", "uplifting_v4"] and group["width"] == 8
-    assert group["lora"] == {"investment_risk_v2": {"rank": 8, "layers": 14, "dimensions": 5},
-                             "uplifting_v4": {"rank": 16, "layers": 14, "dimensions": 8}}
-    for index, name in enumerate(group["members"]):
-        assert records[name]["group"]["filter_index"] == index and records[name]["tensor_models"] == {}
-        assert group["parity"]["fp32"][name]["max_abs_diff"] <= 1e-4
+    assert group.members == ["investment_risk_v2", "uplifting_v4"] and group.width == 8
+    assert to_json(group.lora) == {"investment_risk_v2": {"rank": 8, "layers": 14, "dimensions": 5},
+                                   "uplifting_v4": {"rank": 16, "layers": 14, "dimensions": 8}}
+    for index, name in enumerate(group.members):
+        assert records[name].group.filter_index == index and records[name].tensor_models == {}
+        assert group.parity["fp32"][name].max_abs_diff <= 1e-4
         tokenizer = read_model_config(grouped / f"{name}_tokenizer" / "config.pbtxt")
         assert tokenizer.parameters["filter_index"].string_value == str(index)
         assert tokenizer.parameters["tensor_model"].string_value == f"{GROUP}_onnx"
@@ -80,10 +80,10 @@ def test_two_filters_of_different_sizes_share_one_tensor_model_beside_a_merged_f
         ensemble = read_model_config(grouped / name / "config.pbtxt")
         assert ensemble.ensemble_scheduling.step[1].model_name == f"{GROUP}_onnx"
         assert "filter_index" in ensemble.ensemble_scheduling.step[1].input_map
-        assert [list(t.dims) for t in ensemble.output if t.name == contract.SCORES] == [[len(records[name]["filter"]["dimensions"])]]
+        assert [list(t.dims) for t in ensemble.output if t.name == contract.SCORES] == [[len(records[name].filter["dimensions"])]]
     tensor = read_model_config(grouped / f"{GROUP}_onnx" / "config.pbtxt")
     assert [t.name for t in tensor.input] == ["input_ids", "attention_mask", "filter_index"]
-    assert json.loads(tensor.parameters["filters"].string_value) == group["members"]
+    assert json.loads(tensor.parameters["filters"].string_value) == group.members
     assert tensor.parameters["max_length"].string_value == "512", "the longest member's (investment_risk_v2 reads 256)"
     folders = {p.name for p in grouped.iterdir() if p.is_dir()}
     assert "uplifting_v4_onnx" not in folders and "investment_risk_v2_onnx" not in folders
@@ -149,7 +149,7 @@ def test_removing_members_rebuilds_the_group_then_drops_it(grouped, family, tmp_
     done = _cli("export", "--remove", "uplifting_v4", "--out", str(repo))
     assert done.returncode == 0, done.stderr
     group = read_group_records(repo)[GROUP]
-    assert group["members"] == ["investment_risk_v2"] and group["width"] == 5
+    assert group.members == ["investment_risk_v2"] and group.width == 5
     assert not (repo / "uplifting_v4").exists() and not (repo / f"{GROUP}_onnx" / "adapters" / "uplifting_v4").exists()
     assert set(read_filter_records(repo)) == {"investment_risk_v2", "uplifting_merged"}
     assert [list(t.dims) for t in read_model_config(repo / "investment_risk_v2_decision" / "config.pbtxt").input] == [[5]]
@@ -261,16 +261,18 @@ def test_bench_memory_reads_the_group_model_once(grouped, tmp_path):
 def test_a_change_planned_before_another_export_committed_is_refused(grouped, family, tmp_path):
     """Two exports into one group at once: the later commit would drop what the first added, so it writes nothing."""
     from filterserve.export.group import apply_change, plan_add
+    from filterserve.export.options import ExportOptions
     from filterserve.model_repository.repository import RepositorySettings
     from filterserve.progress import Steps
 
     repo = _copy(grouped, tmp_path)
     eight, _ = family
-    planned = plan_add(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, False, None)
+    planned = plan_add(ExportOptions(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True,
+                                     repository=RepositorySettings(max_batch_size=16)))
     export_filter(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True)  # the other export
     after = tree_digest(repo)
     with pytest.raises(FilterServeError, match=r"investment_risk_v2, uplifting_v4, group shared_base in .* changed while this was being built"):
-        apply_change(planned, RepositorySettings(max_batch_size=16), Steps(total=0))
+        apply_change(planned, Steps(total=0))
     assert tree_digest(repo) == after
 
 
@@ -294,16 +296,16 @@ def test_a_bf16_group_runs_on_openvino_and_is_served_as_gated(family, references
     export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, precisions="bf16", max_batch_size=16,
                   validation=data)
     group = read_group_records(repo)[GROUP]
-    assert group["precision"] == "bf16" and group["execution"]["precision"] == "bf16"
-    assert set(group["parity"]) == {"fp32", "bf16"}  # the fp32 file the IR came from is checked first
+    assert group.precision == "bf16" and group.execution is not None and group.execution["precision"] == "bf16"
+    assert set(group.parity) == {"fp32", "bf16"}  # the fp32 file the IR came from is checked first
     folder = repo / f"{GROUP}_onnx"
     assert sorted(p.name for p in (folder / "1").iterdir()) == ["model.bin", "model.xml"]
     config = read_model_config(folder / "config.pbtxt")
     assert config.backend == "openvino" and set(config.parameters) <= set(backend.BACKEND_PARAMETERS)
     assert backend.read_standin_file(folder)[contract.GROUP_MEMBERS_PARAMETER] == ["investment_risk_v2", "uplifting_v4"]
     records = read_filter_records(repo)
-    assert records[FIVE_DIMS.name]["accuracy_gate"]["report"]["variants"]["bf16"]["mae_delta"] <= contract.GATE_TOLERANCE
-    assert records[UPLIFTING_V4.name]["accuracy_gate"] is None  # exported without validation data: parity vouches, nothing else
+    assert records[FIVE_DIMS.name].accuracy_gate.report["variants"]["bf16"]["mae_delta"] <= contract.GATE_TOLERANCE
+    assert records[UPLIFTING_V4.name].accuracy_gate is None  # exported without validation data: parity vouches, nothing else
 
     source = tmp_path / "mixed.jsonl"
     source.write_text("".join(json.dumps({"title": t, "content": c}, ensure_ascii=False) + "\n" for t, c in MIXED_ARTICLES),
@@ -322,6 +324,6 @@ def test_a_bf16_group_runs_on_openvino_and_is_served_as_gated(family, references
                 tokens = client.infer(contract.tokenizer_model(spec.name), text_inputs("grpc", [text]))
                 expected, _ = local.scores(*(tokens.as_numpy(n) for n in (*contract.TOKEN_INPUTS, contract.FILTER_INDEX)))
                 assert np.abs(got[i] - expected[0, : spec.num_labels]).max() <= 1e-5, (spec.name, i)
-            bound = records[spec.name]["parity"]["bf16"]["limit"]
+            bound = records[spec.name].parity["bf16"].limit
             assert np.abs(got - references[spec.name](texts)).max() <= bound, spec.name
         client.close()

@@ -37,11 +37,11 @@ def test_two_filters_side_by_side_each_with_its_own_record(multi_exported):
     index = json.loads((repo / "filterserve.json").read_text())
     assert index == {"format": "filterserve.repository/1", "filters": {n: f"{n}.filter.json" for n in NAMES}}
     records = read_filter_records(repo)
-    assert [len(records[n]["filter"]["dimensions"]) for n in NAMES] == [5, 8]
+    assert [len(records[n].filter["dimensions"]) for n in NAMES] == [5, 8]
     folders = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert folders == sorted(records["uplifting_v4"]["models"] + records["investment_risk_v2"]["models"])
+    assert folders == sorted(records["uplifting_v4"].models + records["investment_risk_v2"].models)
     for record in records.values():
-        assert record["parity"]["fp32"]["passed"] and record["sources"]["adapter"]["sha256"]
+        assert record.parity["fp32"].passed and record.sources["adapter"].sha256
 
     assert load_filter(repo, "investment_risk_v2") == FIVE_DIMS
     assert load_filter(repo / "uplifting_v4.filter.json") == UPLIFTING_V4
