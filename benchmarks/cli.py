@@ -128,15 +128,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_argument("--work", type=Path, help="keep the exported repositories in this folder (default: a temporary one, removed)")
     _out_argument(shared)
 
-    latency = command("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side")
-    _repository_arguments(latency)
-    _served_arguments(latency, started_here=True)
-    latency.add_argument("--requests", type=int, default=defaults.LATENCY_REQUESTS, help="timed requests per engine and text length")
+    def speed(name: str, help_text: str, requests: int, requests_help: str) -> argparse.ArgumentParser:
+        parser = command(name, help_text)
+        _repository_arguments(parser)
+        _served_arguments(parser, started_here=True)
+        parser.add_argument("--requests", type=int, default=requests, help=requests_help)
+        return parser
 
-    throughput = command("throughput", "articles/s and tokens/s against concurrency, every engine side by side")
-    _repository_arguments(throughput)
-    _served_arguments(throughput, started_here=True)
-    throughput.add_argument("--requests", type=int, default=defaults.THROUGHPUT_REQUESTS, help="articles per run")
+    speed("latency", "batch-1 latency p50/p95/p99 at short, median and max_length texts, every engine side by side",
+          defaults.LATENCY_REQUESTS, "timed requests per engine and text length")
+    throughput = speed("throughput", "articles/s and tokens/s against concurrency, every engine side by side",
+                       defaults.THROUGHPUT_REQUESTS, "articles per run")
     throughput.add_argument("--concurrency", type=_integers, default=_listed(defaults.THROUGHPUT_CONCURRENCY),
                             help="comma-separated levels (in process: batch sizes)")
     throughput.add_argument("--mix", type=_names, default=_listed(defaults.MIXES),

@@ -1,12 +1,15 @@
 """``filterserve demo``: the whole flow on one machine, train or take filters → export → serve → score.
 
-With no weights given it trains two small filters in seconds (uplifting v4's 8 dimensions on a
-Qwen2.5 stand-in, and investment-risk's 5 on a Gemma-3 stand-in with head+tail input and tiers, as
-the production filters run today), on generated articles whose cue words come from the sample
+With no weights given it trains two small filters, one process each, under one progress bar (a
+minute or two on two cores: uplifting v4's 8 dimensions on a Qwen2.5 stand-in, and investment-risk's
+5 on a Gemma-3 stand-in with head+tail input and tiers, as the production filters run today,
+described by ``examples/investment_risk_v2.json``), on generated articles whose cue words come from the sample
 articles themselves, exports both into one repository, serves it and scores the samples with both
 filters at once. Their scores follow those cue words, so the uplifting samples rank above the
 others on uplifting: a newcomer sees scores that mean something. With ``--base`` and
 ``--adapter`` (repeatable, with one ``--filter`` each) it is the same flow on the real filters.
+Every line it prints fits :data:`WIDTH` columns; the steps of each training and export go to
+``<workdir>/<name>/train.log`` and ``export.log``.
 """
 
 from __future__ import annotations
@@ -227,11 +230,11 @@ def _print_results(filters: list[FilterSpec], articles: list[dict[str, str]], re
     for article, by_filter in zip(articles, results):
         for k, spec in enumerate(filters):
             r = by_filter[spec.name]
-            rows.append([f"{article['id']} {article['title']}" if k == 0 else "", spec.name, r.weighted_average,
-                         "yes" if r.gatekeeper_applied else "no", r.tier])
-    print(_table(["article", "filter", "average", "gated", "tier"], rows, ARTICLE_WIDTH, left=2))
+            rows.append([f"{article['id']} {article['title']}" if k == 0 else "", spec.name, r.tier,
+                         "yes" if r.gatekeeper_applied else "no", r.weighted_average])
+    print(_table(["article", "filter", "tier", "gated", "average"], rows, ARTICLE_WIDTH, left=3))
     for spec in filters:
-        print(f"\n{spec.name}: final scores (calibrated, clamped to 0-10) and the weighted average, per article")
+        print(f"\n{spec.name}: final scores (calibrated, clamped to 0-10) per article")
         by_dimension = [[dim, *(r[spec.name].final_scores[dim] for r in results)] for dim in spec.dimensions]
         by_dimension.append(["average", *(r[spec.name].weighted_average for r in results)])
         print(_table(["dimension", *(a["id"] for a in articles)], by_dimension, max(len(d) for d in (*spec.dimensions, "dimension"))))

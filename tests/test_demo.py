@@ -15,7 +15,7 @@ from filterserve.filters import UPLIFTING_V4
 
 
 def _decisions(table: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
-    """The first table: its header, and ``{article id: {filter: [average, gated, tier]}}`` (one row per article and filter)."""
+    """The first table: its header, and ``{article id: {filter: [tier, gated, average]}}`` (one row per article and filter)."""
     header, _, *rows = table.splitlines()
     found: dict[str, dict[str, list[str]]] = {}
     for row in rows:
@@ -63,10 +63,10 @@ def test_demo_trains_two_filters_serves_both_and_ranks_the_uplifting_samples_fir
     articles = sample_articles()
 
     header, decisions = _decisions(summary)
-    assert header == ["article", "filter", "average", "gated", "tier"]
+    assert header == ["article", "filter", "tier", "gated", "average"]
     assert list(decisions) == [a["id"] for a in articles]
     assert all(list(by_filter) == ["uplifting_v4", "investment_risk_v2"] for by_filter in decisions.values())
-    uplifting = {a: float(by_filter["uplifting_v4"][0]) for a, by_filter in decisions.items()}
+    uplifting = {a: float(by_filter["uplifting_v4"][2]) for a, by_filter in decisions.items()}
     ranked = sorted(uplifting, key=uplifting.get, reverse=True)
     assert set(ranked[: len(UPLIFTING_SAMPLES)]) == set(UPLIFTING_SAMPLES), uplifting
 
@@ -82,7 +82,7 @@ def test_demo_trains_two_filters_serves_both_and_ranks_the_uplifting_samples_fir
             final, average = [cells[d][k] for d in spec.dimensions], cells["average"][k]
             assert all(0 <= x <= 10 for x in final)
             mean = sum(w * x for w, x in zip(spec.weights, final)) / sum(spec.weights)
-            shown_average, gated, tier = decisions[article["id"]][spec.name]
+            tier, gated, shown_average = decisions[article["id"]][spec.name]
             assert average == pytest.approx(min(mean, 3.0) if gated == "yes" else mean, abs=0.02)  # 2 decimals printed
             assert float(shown_average) == average
             # The tier: the first of the filter's ordered tiers the average reaches (both demo filters have tiers).
