@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from filterserve import contract
+from filterserve.benchmarks.engines import SERVED_TIMEOUT_S
 from filterserve.benchmarks.options import MemoryOptions
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 from filterserve.errors import FilterServeError
@@ -85,7 +86,7 @@ def run_token_batch(client: Any, model: str, batch: int, tokens: int, vocab_size
         tensor = grpcclient.InferInput(name, list(data.shape), "INT64")
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)
-    client.infer(model, inputs, client_timeout=3600)
+    client.infer(model, inputs, client_timeout=SERVED_TIMEOUT_S)
 
 
 def run_memory(options: MemoryOptions) -> dict[str, Any]:

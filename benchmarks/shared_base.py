@@ -31,6 +31,7 @@ import numpy as np
 
 from filterserve import contract
 from filterserve.benchmarks.articles import articles_of_lengths, realistic_lengths, texts_of_length
+from filterserve.benchmarks.engines import SERVED_TIMEOUT_S
 from filterserve.benchmarks.options import FamilyOptions, SharedBaseOptions
 from filterserve.benchmarks.report import machine, table, write_report
 from filterserve.errors import FilterServeError
@@ -153,7 +154,7 @@ def _fill_arenas(server: Any, repo: Path, batch: int, tokens: int) -> None:
 def _throughput(url: str, names: list[str], articles: list[tuple[str, str]], concurrency: int) -> dict[str, float]:
     from filterserve.client import MultiFilterClient
 
-    with MultiFilterClient(url, "grpc", filters=names, timeout_s=3600.0) as client:
+    with MultiFilterClient(url, "grpc", filters=names, timeout_s=SERVED_TIMEOUT_S) as client:
         list(client.score_iter(articles[:concurrency], concurrency))  # warm-up
         start = time.perf_counter()
         results = list(client.score_iter(articles, concurrency))
@@ -167,7 +168,7 @@ def _throughput(url: str, names: list[str], articles: list[tuple[str, str]], con
 def _latency(url: str, spec: FilterSpec, texts: dict[str, str], requests: int) -> dict[str, float]:
     from filterserve.client import FilterClient
 
-    client = FilterClient(url, "grpc", model=spec.name, timeout_s=3600.0)
+    client = FilterClient(url, "grpc", model=spec.name, timeout_s=SERVED_TIMEOUT_S)
     try:
         row = {}
         for label, text in texts.items():

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from filterserve import defaults
 from filterserve.errors import FilterServeError
 from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4, FilterSpec
@@ -123,10 +124,10 @@ def single_thread() -> Iterator[None]:
 def build_trained_fixture(
     out: Path,
     spec: FilterSpec = UPLIFTING_V4,
-    steps: int = 600,
+    steps: int = defaults.FIXTURE_STEPS,
     n_train: int = 480,
     n_val: int = 120,
-    seed: int = 42,
+    seed: int = defaults.FIXTURE_SEED,
     cues: Mapping[str, Sequence[str]] | None = None,
     backgrounds: Sequence[Sequence[str]] | None = None,
     shape: StandinShape | None = None,

@@ -260,7 +260,7 @@ def run_demo(options: DemoOptions) -> int:
     with TritonServer(repo) as server:
         url = server.grpc_url if options.protocol == "grpc" else server.http_url
         with MultiFilterClient(url, options.protocol, [spec.name for _, _, spec in filters]) as client:
-            scored = list(client.score_iter([(a["title"], a["content"]) for a in articles], concurrency=8))
+            scored = list(client.score_iter([(a["title"], a["content"]) for a in articles], concurrency=len(articles)))
     results: list[dict[str, FilterResult]] = []
     for article, by_filter in zip(articles, scored):
         failed = [f"{name}: {r.message}" for name, r in by_filter.items() if isinstance(r, ScoreError)]
