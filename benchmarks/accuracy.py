@@ -7,21 +7,20 @@ labelled articles; the report shows the MAE per dimension and whether the gate
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from filterserve.benchmarks.engines import (
     ACCURACY_BATCH,
-    OrtEngine,
+    OpenVinoEngine,
     exported_engines,
     n_exported_engines,
-    open_repository,
+    open_choice,
     served_engines,
 )
+from filterserve.benchmarks.options import AccuracyOptions
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
-from filterserve.contract import GATE_TOLERANCE
 from filterserve.gate import REFERENCE, AccuracyGateRefusal, build_report, read_labelled, refusals
 from filterserve.progress import Steps
 
@@ -73,17 +72,7 @@ def _figure(report: dict[str, Any], scores: dict[str, np.ndarray]) -> Any:
     return fig
 
 
-def run_accuracy(
-    repository: str | Path,
-    data: str | Path,
-    base: str | None = None,
-    adapter: str | Path | None = None,
-    url: str | None = None,
-    protocol: str = "grpc",
-    tolerance: float = GATE_TOLERANCE,
-    out: str | Path = "bench-report",
-    filter_name: str | None = None,
-) -> dict[str, Any]:
+def run_accuracy(options: AccuracyOptions) -> dict[str, Any]:
     """Score the labelled set with every variant, write the reports, then raise if the gate fails.
 
     The reports are written before the gate raises, so a failing run still leaves the figures
@@ -92,12 +81,12 @@ def run_accuracy(
     from filterserve.export.load import load_reference
     from filterserve.export.parity import reference_scores
 
-    repo = open_repository(repository, base, adapter, filter_name)
-    spec = repo.spec
+    repo = open_choice(options.repository)
+    spec, data, url, protocol = repo.spec, options.data, options.server.url, options.server.protocol
     steps = Steps(total=4 + n_exported_engines(repo))
     with steps.step(f"load the card's recipe: {repo.base} + {repo.adapter} (PyTorch + PEFT)"):
         loaded = load_reference(repo.base, repo.adapter, spec)
-    labelled = read_labelled(Path(data), spec, loaded.tokenizer)
+    labelled = read_labelled(data, spec, loaded.tokenizer)
     truth, texts = labelled.truth, labelled.texts
     for line, reason in labelled.skipped:
         steps.say(f"skipped {data} line {line}: {reason}")
@@ -105,7 +94,7 @@ def run_accuracy(
         reference = reference_scores(loaded.model, loaded.tokenizer, texts, spec.max_length)
     variants: dict[str, np.ndarray] = {}
     for engine in exported_engines(repo, loaded.tokenizer):
-        runtime = "ONNX Runtime" if isinstance(engine, OrtEngine) else f"OpenVINO ({engine.execution['precision']})"
+        runtime = f"OpenVINO ({engine.execution['precision']})" if isinstance(engine, OpenVinoEngine) else "ONNX Runtime"
         with steps.step(f"{engine.name}: {runtime}, right-padded batches of {ACCURACY_BATCH}"):
             variants[engine.name] = engine.run(texts)
     with steps.step(f"served model at {url} ({protocol})" if url else "served model: skipped (no --url)"):
@@ -113,11 +102,12 @@ def run_accuracy(
             variants[served.name] = served.run(texts)
     with steps.step("metrics, gate and reports"):
         report = build_report(spec, truth, reference, variants)
-        refused = refusals(report, tolerance)
+        refused = refusals(report, options.tolerance)
         report["failures"] = [reason for reasons in refused.values() for reason in reasons]
         report["skipped"] = [{"line": line, "reason": reason} for line, reason in labelled.skipped]
-        report.update(passed=not report["failures"], tolerance=tolerance, data=str(data), repository=str(repo.path), machine=machine())
-        paths = write_report(Path(out), "accuracy", report, _markdown(report), _figure(report, {REFERENCE: reference, **variants}))
+        report.update(passed=not report["failures"], tolerance=options.tolerance, data=str(data), repository=str(repo.path),
+                      machine=machine())
+        paths = write_report(options.out, "accuracy", report, _markdown(report), _figure(report, {REFERENCE: reference, **variants}))
         steps.say(f"wrote {', '.join(str(p) for p in paths.values())}")
     if report["failures"]:
         raise AccuracyGateRefusal(refused)

@@ -36,13 +36,19 @@ def realistic_lengths(count: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     lengths = []
     for _ in range(count):
-        pick, total = rng.random(), 0.0
-        for _, share, low, high in REALISTIC_MIX:
-            total += share
-            if pick < total:
-                break
+        low, high = _component_bounds(rng.random())
         lengths.append(int(math.exp(rng.uniform(math.log(low), math.log(high)))))
     return lengths
+
+
+def _component_bounds(pick: float) -> tuple[int, int]:
+    """The token bounds of the mix's component that ``pick`` (uniform on [0, 1)) falls in."""
+    total = 0.0
+    for _, share, low, high in REALISTIC_MIX:
+        total += share
+        if pick < total:
+            return low, high
+    return REALISTIC_MIX[-1][2], REALISTIC_MIX[-1][3]  # shares summed in floating point may end a hair below 1
 
 
 def _word_pool() -> list[str]:

@@ -9,13 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from filterserve.benchmarks.options import RepositoryChoice
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 from filterserve.manifest import FilterRecord, read_filter_record
+
+if TYPE_CHECKING:
+    from filterserve.client.endpoint import Protocol as WireProtocol
 
 # In-process engines score at most this many texts in one padded batch when not told otherwise.
 ACCURACY_BATCH = 16
@@ -62,6 +66,11 @@ def open_repository(
         raise FilterServeError(f"the record of filter {name!r} in {repo} names no base or adapter path; pass --base and --adapter")
     spec = FilterSpec.from_dict(record.filter, f"the record of filter {name!r} in {repo}")
     return Repository(repo, record, spec, str(base), Path(adapter))
+
+
+def open_choice(choice: RepositoryChoice) -> Repository:
+    """The filter and sources a benchmark's options name."""
+    return open_repository(choice.path, choice.base, choice.adapter, choice.name)
 
 
 @dataclass
@@ -191,7 +200,7 @@ def served_tokens(metrics_url: str | None, model: str) -> TokenCount | None:
 class ServedEngine:
     """The served ensemble through the project's client (what ``filterserve score`` runs), ``concurrency`` requests in flight."""
 
-    def __init__(self, name: str, url: str, protocol: str, spec: FilterSpec, metrics_url: str | None = None,
+    def __init__(self, name: str, url: str, protocol: WireProtocol, spec: FilterSpec, metrics_url: str | None = None,
                  arithmetic: str = "fp32") -> None:
         from filterserve.client import FilterClient
 
@@ -261,7 +270,7 @@ class PlainTritonEngine(ServedEngine):
 Engine = BatchEngine | ServedEngine
 
 
-def served_engines(repo: Repository, url: str | None, protocol: str, plain: bool = False) -> Iterator[ServedEngine]:
+def served_engines(repo: Repository, url: str | None, protocol: WireProtocol, plain: bool = False) -> Iterator[ServedEngine]:
     """The given server, or one started here on the filter's default variant (both protocols) and stopped after.
 
     A server started here loads that variant alone (:func:`variant_repository`): at 1.5B every
@@ -293,7 +302,7 @@ def variant_repository(repo: Repository, precision: str, dest: Path) -> Path:
     Only the default has an ensemble of its own; this is how every variant is measured served,
     one server at a time (one 1.5B variant per server, not all of them).
     """
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # type: ignore[import-untyped]
 
     from filterserve.contract import decision_model, tokenizer_model
     from filterserve.serve.assembly import read_model_config

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from filterserve import contract
+from filterserve.benchmarks.engines import SERVED_TIMEOUT_S
+from filterserve.benchmarks.options import MemoryOptions
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 from filterserve.errors import FilterServeError
 from filterserve.progress import Steps
@@ -27,6 +29,13 @@ from filterserve.serve.assembly import PYTHON_STUB
 from filterserve.serve.memory import MB, folder_bytes
 
 HOP_REQUESTS = 50
+
+
+def running_pid(server: Any) -> int:
+    """The process id of a started :class:`~filterserve.serve.TritonServer` (inside its ``with``, it has one)."""
+    if server.pid is None:
+        raise FilterServeError("tritonserver is not running: no process to measure")
+    return int(server.pid)
 
 
 def stub_processes(server_pid: int) -> dict[str, Any]:
@@ -77,10 +86,10 @@ def run_token_batch(client: Any, model: str, batch: int, tokens: int, vocab_size
         tensor = grpcclient.InferInput(name, list(data.shape), "INT64")
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)
-    client.infer(model, inputs, client_timeout=3600)
+    client.infer(model, inputs, client_timeout=SERVED_TIMEOUT_S)
 
 
-def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: int = 8, tokens: int = 512) -> dict[str, Any]:
+def run_memory(options: MemoryOptions) -> dict[str, Any]:
     """Per model: files on disk, served RSS/USS after loading and after one ``batch × tokens`` batch."""
     import psutil
     import tritonclient.grpc as grpcclient
@@ -88,13 +97,13 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
     from filterserve.manifest import read_filter_records, read_group_records
     from filterserve.serve import TritonServer
 
-    repo = Path(repository)
+    repo, batch, tokens = options.repository, options.batch, options.tokens
     records = read_filter_records(repo)
     groups = read_group_records(repo)
     steps = Steps(total=3)
     models: dict[str, dict[str, Any]] = {}
     with steps.step(f"start tritonserver on {repo} and read every model's process"), TritonServer(repo) as server:
-        stubs = stub_processes(server.pid)
+        stubs = stub_processes(running_pid(server))
         for name, record in records.items():
             kinds = {name: "ensemble", contract.tokenizer_model(name): "tokenizer", contract.decision_model(name): "decision"}
             kinds |= {model: f"tensor {precision}" for precision, model in record.tensor_models.items()}
@@ -108,10 +117,10 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
                              "files_mb": round(folder_bytes(repo / model) / MB, 1)}
             if model in stubs:
                 models[model]["loaded"] = _memory(stubs[model])
-        server_memory = _memory(psutil.Process(server.pid))
+        server_memory = _memory(psutil.Process(running_pid(server)))
         client = grpcclient.InferenceServerClient(server.grpc_url)
         with steps.step(f"one batch of {batch}×{tokens} tokens on every tensor model"):
-            for name, record in records.items():
+            for record in records.values():
                 for model in record.tensor_models.values():
                     run_token_batch(client, model, batch, min(tokens, record.max_length), record.vocab_size)
                     models[model]["after_batch"] = _memory(stubs[model])
@@ -154,5 +163,5 @@ def run_memory(repository: str | Path, out: str | Path = "bench-report", batch: 
         "RSS loaded": [models[m]["loaded"]["rss_mb"] for m in measured],
         "RSS after batch": [models[m].get("after_batch", models[m]["loaded"])["rss_mb"] for m in measured],
     }, "MB")
-    write_report(Path(out), "memory", report, markdown, figure)
+    write_report(options.out, "memory", report, markdown, figure)
     return report

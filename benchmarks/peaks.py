@@ -19,6 +19,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def _openvino_matmul(shape: Shape, arithmetic: str) -> Callable[[], Any]:
     weight = ops.constant(rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k))
     model = ov.Model([ops.matmul(activation, weight, False, True)], [activation], "peak")
     sample = rng.standard_normal((m, k)).astype(np.float32)
-    hint = "bf16" if arithmetic == "bf16" else "f32"
+    hint: str | None = "bf16" if arithmetic == "bf16" else "f32"
     if arithmetic == "int8":
         import nncf
 
@@ -110,9 +111,9 @@ def matmul_peaks(extra_shapes: Sequence[Shape] = (), reps: int = 5) -> dict[str,
         label = f"{m}×{k}×{n}"
         flops = 2 * m * k * n
         a, b = torch.randn(m, k), torch.randn(k, n)
-        measured["fp32"][f"pytorch {label}"] = flops / _best(lambda: torch.mm(a, b), reps)
+        measured["fp32"][f"pytorch {label}"] = flops / _best(partial(torch.mm, a, b), reps)
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
-        measured["bf16"][f"pytorch {label}"] = flops / _best(lambda: torch.mm(a16, b16), reps)
+        measured["bf16"][f"pytorch {label}"] = flops / _best(partial(torch.mm, a16, b16), reps)
         for arithmetic in ARITHMETICS:
             measured[arithmetic][f"openvino {label}"] = flops / _best(_openvino_matmul(shape, arithmetic), reps)
         with tempfile.TemporaryDirectory() as folder:

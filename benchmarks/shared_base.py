@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ import numpy as np
 
 from filterserve import contract
 from filterserve.benchmarks.articles import articles_of_lengths, realistic_lengths, texts_of_length
+from filterserve.benchmarks.engines import SERVED_TIMEOUT_S
+from filterserve.benchmarks.options import FamilyOptions, SharedBaseOptions
 from filterserve.benchmarks.report import machine, table, write_report
 from filterserve.errors import FilterServeError
 from filterserve.export.shared_base import MemberSource
@@ -39,7 +42,6 @@ from filterserve.manifest import REPOSITORY_FORMAT, REPOSITORY_MANIFEST, read_fi
 from filterserve.progress import Steps
 
 FAMILY_RECORD = "family.json"
-DEFAULT_COUNTS = (1, 2, 4, 6)
 LATENCY_TOKENS = 100  # the realistic mix's median article
 WARMUP = 2
 MB = 1 << 20
@@ -49,7 +51,7 @@ MB = 1 << 20
 # A family of stand-in filters on one base
 
 
-def build_family(out: Path, count: int, shape: Any = None, tokenizer_file: Path | None = None, seed: int = 0) -> dict[str, Any]:
+def build_family(options: FamilyOptions, seed: int = 0) -> dict[str, Any]:
     """One random base and ``count`` adapters on it, ``filter_1`` … : 8 dimensions at LoRA rank 16 (uplifting v4's)
     and 5 at rank 8 (its first five) in turn.
 
@@ -57,12 +59,10 @@ def build_family(out: Path, count: int, shape: Any = None, tokenizer_file: Path 
     ``out/family.json``: the input of :func:`run_shared_base`. Random weights: the figures are memory
     and speed, never scores.
     """
-    from filterserve.export.standin import StandinShape, build_standin
+    from filterserve.export.standin import build_standin
     from filterserve.filters import UPLIFTING_V4
 
-    if count < 1:
-        raise FilterServeError(f"a family needs at least 1 filter, got {count}")
-    shape = shape or StandinShape()
+    out, count = options.out, options.count
     five = FilterSpec("filter", UPLIFTING_V4.dimensions[:5], UPLIFTING_V4.weights[:5], text_template=UPLIFTING_V4.text_template)
     kinds = [(UPLIFTING_V4, 16), (five, 8)]
     first = None
@@ -70,8 +70,8 @@ def build_family(out: Path, count: int, shape: Any = None, tokenizer_file: Path 
     for k in range(count):
         spec, rank = kinds[k % 2]
         spec = replace(spec, name=f"filter_{k + 1}")
-        made = build_standin(out if first is None else out / spec.name, spec, shape=shape, seed=seed + k,
-                             tokenizer_file=tokenizer_file, rank=rank, on_base=first)
+        made = build_standin(out if first is None else out / spec.name, spec, shape=options.shape, seed=seed + k,
+                             tokenizer_file=options.tokenizer, rank=rank, on_base=first)
         if first is None:  # out/base is the family's; the first adapter moves beside the others
             (out / spec.name).mkdir()
             made = replace(made, adapter_dir=made.adapter_dir.rename(out / spec.name / "adapter"))
@@ -155,7 +155,7 @@ def _fill_arenas(server: Any, repo: Path, batch: int, tokens: int) -> None:
 def _throughput(url: str, names: list[str], articles: list[tuple[str, str]], concurrency: int) -> dict[str, float]:
     from filterserve.client import MultiFilterClient
 
-    with MultiFilterClient(url, "grpc", filters=names, timeout_s=3600.0) as client:
+    with MultiFilterClient(url, "grpc", filters=names, timeout_s=SERVED_TIMEOUT_S) as client:
         list(client.score_iter(articles[:concurrency], concurrency))  # warm-up
         start = time.perf_counter()
         results = list(client.score_iter(articles, concurrency))
@@ -169,7 +169,7 @@ def _throughput(url: str, names: list[str], articles: list[tuple[str, str]], con
 def _latency(url: str, spec: FilterSpec, texts: dict[str, str], requests: int) -> dict[str, float]:
     from filterserve.client import FilterClient
 
-    client = FilterClient(url, "grpc", model=spec.name, timeout_s=3600.0)
+    client = FilterClient(url, "grpc", model=spec.name, timeout_s=SERVED_TIMEOUT_S)
     try:
         row = {}
         for label, text in texts.items():
@@ -186,7 +186,8 @@ def _latency(url: str, spec: FilterSpec, texts: dict[str, str], requests: int) -
 
 
 def measure_served(repo: Path, names: list[str], articles: list[tuple[str, str]], latency_texts: dict[str, str],
-                   spec: FilterSpec, batch: int, tokens: int, concurrency: int, requests: int) -> dict[str, Any]:
+                   spec: FilterSpec, options: SharedBaseOptions) -> dict[str, Any]:
+    from filterserve.benchmarks.memory import running_pid
     from filterserve.serve import TritonServer
     from filterserve.serve.memory import check_memory
 
@@ -195,11 +196,11 @@ def measure_served(repo: Path, names: list[str], articles: list[tuple[str, str]]
     except FilterServeError as exc:
         return {"fits": False, "refused": str(exc)}
     with TritonServer(repo) as server:
-        loaded = _rss(server.pid)
-        _fill_arenas(server, repo, batch, tokens)
-        after = _rss(server.pid)
-        speed = _throughput(server.grpc_url, names, articles, concurrency)
-        latency = _latency(server.grpc_url, spec, latency_texts, requests)
+        loaded = _rss(running_pid(server))
+        _fill_arenas(server, repo, options.batch, options.tokens)
+        after = _rss(running_pid(server))
+        speed = _throughput(server.grpc_url, names, articles, options.concurrency)
+        latency = _latency(server.grpc_url, spec, latency_texts, options.requests)
     return {"fits": True, "rss_loaded": loaded, "rss_after_batch": after, "throughput": speed, "latency": latency}
 
 
@@ -232,8 +233,8 @@ def lora_cost(merged_onnx: Path, group_onnx: Path, group_size: int, tokenizer: A
                 times.append((time.perf_counter() - start) * 1000)
             return statistics.median(times)
 
-        merged_ms = timed(lambda: ort_scores(merged, ids, mask))
-        shared_ms = timed(lambda: ort_scores(shared, ids, mask, index))
+        merged_ms = timed(partial(ort_scores, merged, ids, mask))
+        shared_ms = timed(partial(ort_scores, shared, ids, mask, index))
         rows[label] = {"tokens": int(ids.size), "merged_ms": merged_ms, "shared_ms": shared_ms, "shared_over_merged": shared_ms / merged_ms}
     return {"group_size": group_size, "runs": rows, "lora_flop_share": lora_flop_share(group_onnx)}
 
@@ -257,33 +258,24 @@ def lora_flop_share(group_onnx: Path) -> float:
 # The run
 
 
-def run_shared_base(
-    base: str,
-    members: list[MemberSource],
-    out: str | Path = "bench-report",
-    counts: Sequence[int] = DEFAULT_COUNTS,
-    batch: int = 8,
-    tokens: int = 512,
-    articles: int = 32,
-    concurrency: int = 16,
-    requests: int = 10,
-    work: str | Path | None = None,
-) -> dict[str, Any]:
+def run_shared_base(options: SharedBaseOptions) -> dict[str, Any]:
     """Merged vs shared at every N in ``counts``: served memory, throughput, single-filter latency; LoRA cost in process."""
     import tempfile
 
     from filterserve.export.load import load_tokenizer
     from filterserve.model_repository.repository import RepositorySettings
 
-    counts = sorted(set(counts))
-    if not counts or counts[0] < 1 or counts[-1] > len(members):
-        raise FilterServeError(f"counts must lie between 1 and the {len(members)} filters given, got {list(counts)}")
-    settings = RepositorySettings(max_batch_size=max(batch, 16))
+    base, members = read_family(options.family)
+    counts = sorted(options.counts)
+    if counts[-1] > len(members):
+        raise FilterServeError(f"--counts must lie between 1 and the {len(members)} filters of {options.family}, got {list(counts)}")
+    settings = RepositorySettings(max_batch_size=max(options.batch, 16))
     steps = Steps(total=2 + 3 * len(counts))
-    scratch = Path(work) if work else Path(tempfile.mkdtemp(prefix="filterserve-shared-bench-"))
+    work = options.work
+    scratch = work or Path(tempfile.mkdtemp(prefix="filterserve-shared-bench-"))
     tokenizer = load_tokenizer(members[0].adapter)
     spec = members[0].spec
-    mix = articles_of_lengths(tokenizer, spec, realistic_lengths(articles, seed=1), seed=1)
+    mix = articles_of_lengths(tokenizer, spec, realistic_lengths(options.articles, seed=1), seed=1)
     latency_texts = {"median": texts_of_length(tokenizer, LATENCY_TOKENS, 1)[0],
                      "max_length": texts_of_length(tokenizer, spec.max_length, 1)[0]}
     from filterserve.export.group import build_group
@@ -301,14 +293,15 @@ def run_shared_base(
                     build_group(base, members[:n], repos["shared"], settings, stream=quiet)
                 for kind, repo in repos.items():
                     with steps.step(f"serve {n} filter(s) {kind}: memory, throughput, latency"):
-                        served[kind][n] = measure_served(repo, names, mix, latency_texts, spec, batch, tokens, concurrency, requests)
+                        served[kind][n] = measure_served(repo, names, mix, latency_texts, spec, options)
                 if n != counts[-1] and work is None:  # a 1.5B group is GBs: keep only the largest, for the LoRA cost
                     shutil.rmtree(repos["shared"])
         with steps.step("the LoRA paths' cost in process (ONNX Runtime, the first filter)"):
             largest = scratch / f"shared_{counts[-1]}"
             group = next(iter(read_group_records(largest).values()))
             cost = lora_cost(full / contract.tensor_model(spec.name) / "1" / "model.onnx",
-                             largest / group.tensor_model / "1" / "model.onnx", counts[-1], tokenizer, spec, mix, requests)
+                             largest / group.tensor_model / "1" / "model.onnx", counts[-1], tokenizer, spec, mix,
+                             options.requests)
     finally:
         if work is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -316,10 +309,10 @@ def run_shared_base(
         "base": base,
         "filters": [{"name": m.spec.name, "dimensions": m.spec.num_labels, "adapter": str(m.adapter)} for m in members],
         "counts": counts,
-        "batch": batch,
-        "tokens": tokens,
+        "batch": options.batch,
+        "tokens": options.tokens,
         "articles": len(mix),
-        "concurrency": concurrency,
+        "concurrency": options.concurrency,
         "served": {kind: {str(n): v for n, v in by_n.items()} for kind, by_n in served.items()},
         "lora_cost": cost,
         "goals": _goals(served, counts),
@@ -327,7 +320,7 @@ def run_shared_base(
     }
     report["summary"] = {kind: {str(n): (v["rss_after_batch"]["total_mb"], round(v["throughput"]["results_per_s"], 3)) if v["fits"]
                                 else "does not fit" for n, v in by_n.items()} for kind, by_n in served.items()}
-    write_report(Path(out), "shared_base", report, _markdown(report), _figure(report))
+    write_report(options.out, "shared_base", report, _markdown(report), _figure(report))
     return report
 
 
@@ -369,7 +362,8 @@ def _markdown(report: dict[str, Any]) -> str:
     cost_rows = [[label, r["tokens"], r["merged_ms"], r["shared_ms"], r["shared_over_merged"]] for label, r in cost["runs"].items()]
     return (
         f"# One base for N filters: merged vs shared ({report['base']})\n\n"
-        f"Memory: RSS of tritonserver + every stub, after loading and after each tensor model ran {report['batch']}×{report['tokens']} tokens. "
+        f"Memory: RSS of tritonserver + every stub, after loading and after each tensor model ran "
+        f"{report['batch']}×{report['tokens']} tokens. "
         f"Throughput: {report['articles']} articles of the realistic mix, each through every filter (one pass, "
         f"{report['concurrency']} requests in flight per filter), in article·filter results per second. Latency: batch 1, "
         f"filter {report['filters'][0]['name']}, p50.\n\n"

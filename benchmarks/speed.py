@@ -2,40 +2,42 @@
 
 Latency answers what the export and the server buy over the card's recipe (PyTorch + unmerged
 PEFT) per article, as a ratio and as achieved FLOP/s against this machine's measured matmul
-peak of the arithmetic each engine runs (fp32, bf16 or int8: :mod:`filterserve.benchmarks.peaks`). Throughput answers what users see on a day's news: uneven article lengths, bursts of
+peak of the arithmetic each engine runs (fp32, bf16 or int8: :mod:`filterserve.benchmarks.peaks`).
+Throughput answers what users see on a day's news: uneven article lengths, bursts of
 requests, and the tokens computed for padding, against the filter's production scorer.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from filterserve.benchmarks.articles import REALISTIC_MIX, articles_of_lengths, realistic_lengths, texts_of_length
 from filterserve.benchmarks.engines import (
     BatchEngine,
     Engine,
+    OpenVinoEngine,
     Repository,
     TorchEngine,
     exported_engines,
     n_exported_engines,
-    open_repository,
+    open_choice,
     served_engines,
     served_variants,
 )
+from filterserve.benchmarks.options import LatencyOptions, ServerChoice, ThroughputOptions
 from filterserve.benchmarks.peaks import matmul_peaks, model_shapes
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 
 CARD = "pytorch_peft"
 PRODUCTION = "production_scorer"
 PRODUCTION_BATCH = 16
-MIXES = ("uniform", "realistic")
 WARMUP = 2
 SHORT_TOKENS = 32
 # The median real article (DESIGN.md: 97 Qwen tokens over 116 multilingual articles).
@@ -57,7 +59,7 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if not any(s in name for s in skipped))
 
 
-def _engines(repo: Repository, url: str | None, protocol: str, context: dict[str, Any]) -> Iterator[Engine]:
+def _engines(repo: Repository, server: ServerChoice, context: dict[str, Any]) -> Iterator[Engine]:
     """One engine at a time, so a 1.5B model is never held twice; the merge happens after PEFT is measured,
     and the bf16 peer is loaded afresh (a merge cannot be undone)."""
     from filterserve.export.load import load_reference
@@ -73,8 +75,8 @@ def _engines(repo: Repository, url: str | None, protocol: str, context: dict[str
     yield TorchEngine(TORCH_BF16, loaded.model.to(torch.bfloat16), loaded.tokenizer, repo.spec.max_length)
     del loaded
     yield from exported_engines(repo, context["tokenizer"], in_process_f32=True)
-    yield from served_engines(repo, url, protocol)
-    if url is None:
+    yield from served_engines(repo, server.url, server.protocol)
+    if server.url is None:
         yield from served_variants(repo)
 
 
@@ -85,7 +87,7 @@ def _n_engines(repo: Repository, url: str | None) -> int:
 def _describe(engine: Engine, context: dict[str, Any]) -> None:
     """What the report says of an engine besides its figures: its arithmetic, and what OpenVINO ran."""
     context.setdefault("arithmetic", {})[engine.name] = engine.arithmetic
-    if getattr(engine, "execution", None) is not None:
+    if isinstance(engine, OpenVinoEngine):
         context.setdefault("openvino_execution", {})[engine.name] = engine.execution
 
 
@@ -98,8 +100,7 @@ def _efficiency(stats: dict[str, Any], tokens_per_s: float, arithmetic: str, con
 def _speed_run(
     kind: str,
     repo: Repository,
-    url: str | None,
-    protocol: str,
+    server: ServerChoice,
     units_per_engine: int,
     measure: Callable[[Engine, dict[str, Any], tqdm], dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -110,8 +111,8 @@ def _speed_run(
     """
     context: dict[str, Any] = {"peaks": matmul_peaks(model_shapes(repo.base))}
     results: dict[str, Any] = {}
-    with tqdm(total=_n_engines(repo, url) * units_per_engine, desc=kind, unit="req") as bar:
-        for engine in _engines(repo, url, protocol, context):
+    with tqdm(total=_n_engines(repo, server.url) * units_per_engine, desc=kind, unit="req") as bar:
+        for engine in _engines(repo, server, context):
             bar.set_postfix_str(engine.name)
             _describe(engine, context)
             results[engine.name] = measure(engine, context, bar)
@@ -124,18 +125,10 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def run_latency(
-    repository: str | Path,
-    base: str | None = None,
-    adapter: str | Path | None = None,
-    url: str | None = None,
-    protocol: str = "grpc",
-    requests: int = 20,
-    out: str | Path = "bench-report",
-    filter_name: str | None = None,
-) -> dict[str, Any]:
+def run_latency(options: LatencyOptions) -> dict[str, Any]:
     """Batch-1 latency at a short text, the median real article, half of max_length and max_length."""
-    repo = open_repository(repository, base, adapter, filter_name)
+    repo = open_choice(options.repository)
+    requests = options.requests
     probe = repo.spec.max_length
     lengths = {"short": min(SHORT_TOKENS, probe), "news_median": min(NEWS_MEDIAN_TOKENS, probe),
                "median": max(probe // 2, 1), "max_length": probe}
@@ -146,14 +139,14 @@ def run_latency(
             text = texts_of_length(context["tokenizer"], n_tokens, 1)[0]
             times = []
             for i in range(WARMUP + requests):
-                elapsed = _timed(lambda: engine.one(text))
+                elapsed = _timed(partial(engine.one, text))
                 if i >= WARMUP:
                     times.append(elapsed)
                 bar.update()
             row[label] = _percentiles(times)
         return row
 
-    context, results = _speed_run("latency", repo, url, protocol, len(lengths) * (WARMUP + requests), measure)
+    context, results = _speed_run("latency", repo, options.server, len(lengths) * (WARMUP + requests), measure)
     for name, row in results.items():
         for label, stats in row.items():
             stats["speedup_p50_vs_card"] = results[CARD][label]["p50_ms"] / stats["p50_ms"]
@@ -166,11 +159,11 @@ def run_latency(
         ["engine", "text", "tokens", "p50 ms", "p95 ms", "p99 ms", "speedup vs card (p50)", "GFLOP/s", "arithmetic", "of its peak"],
         rows,
     )
-    write_report(Path(out), "latency", report, markdown, _latency_figure(results, list(lengths)))
+    write_report(options.out, "latency", report, markdown, _latency_figure(results, list(lengths)))
     return report
 
 
-def _throughput_engines(repo: Repository, url: str | None, protocol: str, context: dict[str, Any]) -> Iterator[Engine]:
+def _throughput_engines(repo: Repository, server: ServerChoice, context: dict[str, Any]) -> Iterator[Engine]:
     """The production scorer's way (PyTorch + PEFT, padded to max_length, batches of 16), every
     exported variant on length-sorted batches, then the server: the client and a plain caller."""
     from filterserve.export.load import load_reference
@@ -182,38 +175,27 @@ def _throughput_engines(repo: Repository, url: str | None, protocol: str, contex
     yield TorchEngine(TORCH_BF16, loaded.model.to(torch.bfloat16), loaded.tokenizer, repo.spec.max_length, sort_by_length=True)
     del loaded
     yield from exported_engines(repo, context["tokenizer"], in_process_f32=True, sort_by_length=True)
-    yield from served_engines(repo, url, protocol, plain=url is None)
-    if url is None:
+    yield from served_engines(repo, server.url, server.protocol, plain=server.url is None)
+    if server.url is None:
         yield from served_variants(repo)
 
 
-def run_throughput(
-    repository: str | Path,
-    base: str | None = None,
-    adapter: str | Path | None = None,
-    url: str | None = None,
-    protocol: str = "grpc",
-    requests: int = 64,
-    concurrency: Sequence[int] = (1, 4, 16, 64),
-    mixes: Sequence[str] = MIXES,
-    out: str | Path = "bench-report",
-    filter_name: str | None = None,
-) -> dict[str, Any]:
+def run_throughput(options: ThroughputOptions) -> dict[str, Any]:
     """Articles/s and computed/real tokens at each concurrency, on uniform and realistic article lengths.
 
     In process, concurrency is the batch size; served, it is the number of requests in flight
     (the server's dynamic batcher joins them). The production scorer pads every batch of 16 to
     max_length whatever the concurrency, so it runs once per mix and is the baseline of every ratio.
     """
-    repo = open_repository(repository, base, adapter, filter_name)
-    spec = repo.spec
+    repo = open_choice(options.repository)
+    spec, url, requests, mixes = repo.spec, options.server.url, options.requests, options.mixes
     context: dict[str, Any] = {"peaks": matmul_peaks(model_shapes(repo.base))}
     results: dict[str, dict[str, dict[str, Any]]] = {mix: {} for mix in mixes}
     articles: dict[str, list[tuple[str, str]]] = {}
-    levels = [str(level) for level in concurrency]
+    levels = [str(level) for level in options.concurrency]
     n_engines = 2 + n_exported_engines(repo, in_process_f32=True) + (1 if url else 2 + len(repo.tensor_models))
     with tqdm(total=n_engines * len(mixes), desc="throughput", unit="run") as bar:
-        for engine in _throughput_engines(repo, url, protocol, context):
+        for engine in _throughput_engines(repo, options.server, context):
             _describe(engine, context)
             if not articles:
                 lengths = {"uniform": [spec.max_length // 2] * requests, "realistic": realistic_lengths(requests, seed=1)}
@@ -222,7 +204,7 @@ def run_throughput(
             for mix in mixes:
                 results[mix][engine.name] = _throughput_row(engine, articles[mix], spec, levels, context["tokenizer"])
                 bar.update()
-    for mix, engines in results.items():
+    for engines in results.values():
         for name, row in engines.items():
             for level, stats in row.items():
                 stats["ratio_vs_production"] = stats["articles_per_s"] / engines[PRODUCTION][level]["articles_per_s"]
@@ -236,10 +218,11 @@ def run_throughput(
         "repository": str(repo.path),
         "baseline": PRODUCTION,
         "requests": requests,
-        "concurrency": list(concurrency),
+        "concurrency": list(options.concurrency),
         "mixes": {mix: {"articles": len(articles[mix]), "median_tokens": float(np.median(real[mix])),
                         "mean_tokens": float(np.mean(real[mix])), "head_tail": spec.head_tail is not None,
-                        "truncated": sum(len(context["tokenizer"](spec.input_text(*a))["input_ids"]) > spec.max_length for a in articles[mix])}
+                        "truncated": sum(len(context["tokenizer"](spec.input_text(*a))["input_ids"]) > spec.max_length
+                                         for a in articles[mix])}
                   for mix in mixes},
         "realistic_mix": [dict(zip(("component", "share", "min_tokens", "max_tokens"), c)) for c in REALISTIC_MIX],
         "engines": results,
@@ -249,7 +232,7 @@ def run_throughput(
     }
     report["summary"] = {mix: {e: {c: round(s["articles_per_s"], 3) for c, s in row.items()} for e, row in engines.items()}
                          for mix, engines in results.items()}
-    write_report(Path(out), "throughput", report, _throughput_markdown(report), _throughput_figure(report))
+    write_report(options.out, "throughput", report, _throughput_markdown(report), _throughput_figure(report))
     return report
 
 
@@ -259,7 +242,7 @@ def _throughput_row(
     """In-process engines read the model texts (template and head+tail cut, as the production scorer
     does before tokenizing); served ones get the articles, and the server cuts them."""
     texts = spec.model_texts([spec.input_text(*a) for a in articles], tokenizer)
-    items = texts if isinstance(engine, BatchEngine) else articles
+    items: list[Any] = texts if isinstance(engine, BatchEngine) else articles
     row: dict[str, dict[str, Any]] = {}
     for level in levels:
         if engine.name == PRODUCTION and row:  # padded to max_length in batches of 16: the level changes nothing
@@ -267,7 +250,7 @@ def _throughput_row(
             continue
         size = PRODUCTION_BATCH if engine.name == PRODUCTION else int(level)
         engine.run(items[:size], size)  # warm-up at this batch size / concurrency
-        elapsed = _timed(lambda: engine.run(items, size))
+        elapsed = _timed(partial(engine.run, items, size))
         tokens = engine.tokens
         row[level] = {
             "articles_per_s": len(items) / elapsed,
@@ -299,7 +282,8 @@ def _goals(results: dict[str, dict[str, dict[str, Any]]], repo: Repository) -> l
     goal("computed/real tokens, plain tritonclient in random order, concurrency 16", plain.get("computed_per_real"), 1.3, True)
     served = realistic.get("served_grpc", {})
     if "1" in served and "16" in served:
-        goal("served articles/s at concurrency 16 ÷ at concurrency 1", served["16"]["articles_per_s"] / served["1"]["articles_per_s"], 0.95, False)
+        goal("served articles/s at concurrency 16 ÷ at concurrency 1",
+             served["16"]["articles_per_s"] / served["1"]["articles_per_s"], 0.95, False)
         goal("served (default precision) ÷ production scorer, concurrency 16", served["16"]["ratio_vs_production"], 3.0, False)
     int8 = realistic.get("onnx_int8", {}).get("16")
     if int8:
@@ -370,7 +354,8 @@ def _throughput_markdown(report: dict[str, Any]) -> str:
     parts = [f"# Throughput: {report['filter']}, {report['requests']} articles per run\n\n"
              f"Baseline: {report['baseline']} (PyTorch + PEFT, every batch of {PRODUCTION_BATCH} padded to max_length, "
              "as the filter's production scorer ran it). In process, concurrency = batch size (length-sorted batches); "
-             "served, concurrency = requests in flight. computed/real = tokens run ÷ article tokens (the server's counters for served runs). "
+             "served, concurrency = requests in flight. computed/real = tokens run ÷ article tokens "
+             "(the server's counters for served runs). "
              "OpenVINO tensor models are served unbatched (max_batch_size 0: Triton's OpenVINO backend would pad every run to "
              "max_batch_size rows), so concurrency only queues their requests.\n\n" + _peaks_note(report)]
     for mix, figures in report["mixes"].items():
@@ -397,7 +382,7 @@ def _throughput_figure(report: dict[str, Any]) -> Any:
     for column, mix in enumerate(mixes):
         speed, waste = axes[0][column], axes[1][column]
         for ax in (speed, waste):  # a dozen engines: the default ten colours would repeat
-            ax.set_prop_cycle(color=plt.cm.tab20.colors)
+            ax.set_prop_cycle(color=[plt.cm.tab20(i) for i in range(20)])
         for engine, row in report["engines"][mix].items():
             levels = [int(c) for c in row]
             speed.plot(levels, [s["articles_per_s"] for s in row.values()], marker="o", label=engine)

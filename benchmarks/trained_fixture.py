@@ -10,14 +10,16 @@ noise, and a tiny Qwen2 + LoRA regression filter (the stand-in's layout, trained
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from filterserve import defaults
 from filterserve.errors import FilterServeError
 from filterserve.export.standin import StandinShape, build_standin
 from filterserve.filters import UPLIFTING_V4, FilterSpec
@@ -72,9 +74,9 @@ def generate_articles(
     spec: FilterSpec,
     n: int,
     seed: int,
-    cues: dict[str, Sequence[str]] | None = None,
+    cues: Mapping[str, Sequence[str]] | None = None,
     backgrounds: Sequence[Sequence[str]] | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Articles whose labels follow from their words: clipped weighted cue counts plus noise, on 0–10.
 
     By default an article is a bag of :data:`FILLER` words and :func:`cue_words`. ``cues``
@@ -84,8 +86,8 @@ def generate_articles(
     the very sentences it will score (the demo does this with its sample articles).
     """
     rng = random.Random(seed)
-    cues = cues or cue_words(spec)
-    if set(cues) != set(spec.dimensions) or not all(cues.values()):
+    chosen: Mapping[str, Sequence[str]] = cues or cue_words(spec)
+    if set(chosen) != set(spec.dimensions) or not all(chosen.values()):
         raise FilterServeError(f"cue words must name every dimension of {spec.name!r} with at least one word")
     articles = []
     for i in range(n):
@@ -94,13 +96,13 @@ def generate_articles(
             words = list(rng.choice(backgrounds))
             for dim, count in counts.items():
                 for _ in range(count):
-                    words.insert(rng.randint(0, len(words)), rng.choice(cues[dim]))
+                    words.insert(rng.randint(0, len(words)), rng.choice(chosen[dim]))
         else:
             words = [rng.choice(FILLER) for _ in range(rng.randint(20, 40))]
             for dim, count in counts.items():
-                words += [rng.choice(cues[dim]) for _ in range(count)]
+                words += [rng.choice(chosen[dim]) for _ in range(count)]
             rng.shuffle(words)
-        article = {"id": f"t{seed}-{i}", "title": " ".join(words[:6]).capitalize(), "content": " ".join(words[6:]) + "."}
+        article: dict[str, Any] = {"id": f"t{seed}-{i}", "title": " ".join(words[:6]).capitalize(), "content": " ".join(words[6:]) + "."}
         for dim, count in counts.items():
             article[dim] = round(min(10.0, max(0.0, BASELINE + PER_CUE * count + rng.gauss(0.0, NOISE))), 3)
         articles.append(article)
@@ -122,19 +124,21 @@ def single_thread() -> Iterator[None]:
 def build_trained_fixture(
     out: Path,
     spec: FilterSpec = UPLIFTING_V4,
-    steps: int = 600,
+    steps: int = defaults.FIXTURE_STEPS,
     n_train: int = 480,
     n_val: int = 120,
-    seed: int = 42,
-    cues: dict[str, Sequence[str]] | None = None,
+    seed: int = defaults.FIXTURE_SEED,
+    cues: Mapping[str, Sequence[str]] | None = None,
     backgrounds: Sequence[Sequence[str]] | None = None,
     shape: StandinShape | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainedFixture:
     """Write ``out/base``, ``out/adapter`` (trained), ``out/train.jsonl`` and ``out/val.jsonl``.
 
     The stand-in's random adapter is the starting point, so the files are in exactly the layout
     the export reads; training only moves the LoRA weights and the score head. ``shape`` picks the
-    base (default: the tiny Qwen2; :meth:`StandinShape.gemma3_tiny` for Gemma-3's layout).
+    base (default: the tiny Qwen2; :meth:`StandinShape.gemma3_tiny` for Gemma-3's layout). ``on_step``
+    hears the number of steps done after each one (the demo's progress bar, across processes).
     """
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -178,6 +182,8 @@ def build_trained_fixture(
             loss.backward()
             optimizer.step()
             schedule.step()
+            if on_step is not None:
+                on_step(step + 1)
             if (step + 1) % max(1, steps // 5) == 0:
                 progress.say(f"step {step + 1}: loss {loss.item():.3f}")
         model.eval()
@@ -191,5 +197,5 @@ def build_trained_fixture(
         progress.say(f"validation MAE {val_mae:.3f} vs constant (train median) {constant_mae:.3f}")
 
     with progress.step(f"save the trained adapter to {standin.adapter_dir}"):
-        model.save_pretrained(standin.adapter_dir)
+        model.save_pretrained(str(standin.adapter_dir))
     return TrainedFixture(standin.base_dir, standin.adapter_dir, out / "train.jsonl", out / "val.jsonl", val_mae, constant_mae)

@@ -25,13 +25,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "standin": ("filterserve.export.cli", "build a random-weight Qwen2 or Gemma-3 + LoRA stand-in filter (tiny or real dimensions)"),
     "build-engine": ("filterserve.export.tensorrt_engine", "on the target GPU: build a TensorRT FP16 engine into the repository"),
     "serve": ("filterserve.serve.cli", "run tritonserver on a model repository (foreground)"),
-    "bench": ("filterserve.benchmarks.cli", "benchmark a model repository: trained fixture, accuracy gate, latency, throughput"),
+    "bench": ("filterserve.benchmarks.cli", "benchmarks: trained fixture, accuracy gate, latency, throughput, memory, shared base"),
     "score": ("filterserve.client.cli", "score JSONL articles against a running server"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="filterserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="filterserve", description=__doc__.splitlines()[0].replace("``", ""),
+                                     formatter_class=defaults.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text,

@@ -87,3 +87,27 @@ RAY_TIMEOUT_S = 600.0
 
 # ---- benchmarks and the demo -----------------------------------------------------------------------
 
+# Where `filterserve bench` writes its markdown, JSON and PNG reports, and the protocol it speaks to a
+# server given with --url (`filterserve demo` speaks it to the server it starts).
+BENCH_OUT = "bench-report"
+BENCH_PROTOCOL: Final = "grpc"
+# `bench fixture`: training steps (batch 16) and the seed of its articles and weights. The demo trains as many.
+FIXTURE_STEPS = 600
+FIXTURE_SEED = 42
+# `bench latency`: timed batch-1 requests per engine and text length; `bench throughput`: articles per run,
+# the concurrency levels (in process: batch sizes) and the article-length mixes, every one known by default.
+LATENCY_REQUESTS = 20
+THROUGHPUT_REQUESTS = 20
+THROUGHPUT_CONCURRENCY = (1, 4, 16, 64)
+MIXES = ("uniform", "realistic")
+# `bench memory` and `bench shared-base`: the batch every tensor model runs before its memory is read.
+MEMORY_BATCH = 8
+MEMORY_TOKENS = 512
+# `bench family`: how many stand-in filters share its base.
+FAMILY_COUNT = 6
+# `bench shared-base`: numbers of filters served, realistic-mix articles, timed batch-1 requests per text.
+SHARED_BASE_COUNTS = (1, 2, 4, 6)
+SHARED_BASE_ARTICLES = 32
+SHARED_BASE_REQUESTS = 10
+# `filterserve demo`: where the trained filters and the repository go.
+DEMO_WORKDIR = "filterserve-demo"
