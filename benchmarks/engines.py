@@ -302,7 +302,7 @@ def variant_repository(repo: Repository, precision: str, dest: Path) -> Path:
     Only the default has an ensemble of its own; this is how every variant is measured served,
     one server at a time (one 1.5B variant per server, not all of them).
     """
-    from google.protobuf import text_format  # type: ignore[import-untyped]
+    from google.protobuf import text_format
 
     from filterserve.contract import decision_model, tokenizer_model
     from filterserve.serve.assembly import read_model_config

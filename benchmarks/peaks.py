@@ -8,6 +8,10 @@ and ONNX Runtime's dynamic int8 (the int8 variant's kernel).
 One square size alone under-reads on a CPU with AMX, whose tile kernels reach their best on the
 tall, thin products a transformer runs (512 tokens × hidden × intermediate), so the model's own
 MLP shapes are measured too. Measured in the benchmark's own process, before any model is loaded.
+
+A CPU without bf16 arithmetic (no avx512_bf16, no AMX) has no bf16 peak: PyTorch would emulate
+the products (a 4096³ one ran for minutes on an avx2-only EPYC) and the figure would be no
+ceiling at all, so bf16 is left out of the peaks there and its rows read "no peak".
 """
 
 from __future__ import annotations
@@ -102,19 +106,28 @@ def model_shapes(base: str | Path) -> list[Shape]:
     return [(MODEL_TOKENS, hidden, intermediate), (MODEL_TOKENS, intermediate, hidden)]
 
 
+def measured_arithmetics() -> tuple[str, ...]:
+    """The arithmetics this CPU runs in hardware, so the ones with a peak worth measuring."""
+    from filterserve.export.openvino_engine import cpu_support
+
+    return ARITHMETICS if cpu_support().bf16 else tuple(a for a in ARITHMETICS if a != "bf16")
+
+
 def matmul_peaks(extra_shapes: Sequence[Shape] = (), reps: int = 5) -> dict[str, Any]:
-    """``{arithmetic: {"flops": best FLOP/s, "by": {"engine m×k×n": FLOP/s}}}`` for fp32, bf16 and int8,
-    over :data:`SQUARE_SHAPES` and ``extra_shapes``."""
-    measured: dict[str, dict[str, float]] = {a: {} for a in ARITHMETICS}
+    """``{arithmetic: {"flops": best FLOP/s, "by": {"engine m×k×n": FLOP/s}}}`` for each of
+    :func:`measured_arithmetics`, over :data:`SQUARE_SHAPES` and ``extra_shapes``."""
+    arithmetics = measured_arithmetics()
+    measured: dict[str, dict[str, float]] = {a: {} for a in arithmetics}
     for shape in (*SQUARE_SHAPES, *extra_shapes):
         m, k, n = shape
         label = f"{m}×{k}×{n}"
         flops = 2 * m * k * n
         a, b = torch.randn(m, k), torch.randn(k, n)
         measured["fp32"][f"pytorch {label}"] = flops / _best(partial(torch.mm, a, b), reps)
-        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
-        measured["bf16"][f"pytorch {label}"] = flops / _best(partial(torch.mm, a16, b16), reps)
-        for arithmetic in ARITHMETICS:
+        if "bf16" in measured:
+            a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            measured["bf16"][f"pytorch {label}"] = flops / _best(partial(torch.mm, a16, b16), reps)
+        for arithmetic in arithmetics:
             measured[arithmetic][f"openvino {label}"] = flops / _best(_openvino_matmul(shape, arithmetic), reps)
         with tempfile.TemporaryDirectory() as folder:
             measured["int8"][f"onnxruntime {label}"] = flops / _best(_onnxruntime_int8_matmul(shape, Path(folder)), reps)

@@ -32,7 +32,7 @@ from filterserve.benchmarks.engines import (
     served_variants,
 )
 from filterserve.benchmarks.options import LatencyOptions, ServerChoice, ThroughputOptions
-from filterserve.benchmarks.peaks import matmul_peaks, model_shapes
+from filterserve.benchmarks.peaks import ARITHMETICS, matmul_peaks, model_shapes
 from filterserve.benchmarks.report import grouped_bars, machine, table, write_report
 
 CARD = "pytorch_peft"
@@ -92,9 +92,11 @@ def _describe(engine: Engine, context: dict[str, Any]) -> None:
 
 
 def _efficiency(stats: dict[str, Any], tokens_per_s: float, arithmetic: str, context: dict[str, Any]) -> None:
-    """FLOP/s of the exported graph at this token rate, and their share of the arithmetic's peak."""
+    """FLOP/s of the exported graph at this token rate, and their share of the arithmetic's peak
+    (None where this CPU has no peak for it: bf16 emulated on a CPU without bf16 arithmetic)."""
     stats["flops_per_s"] = 2 * context["params"] * tokens_per_s
-    stats["fraction_of_peak"] = stats["flops_per_s"] / context["peaks"][arithmetic]["flops"]
+    peak = context["peaks"].get(arithmetic)
+    stats["fraction_of_peak"] = None if peak is None else stats["flops_per_s"] / peak["flops"]
 
 
 def _speed_run(
@@ -264,7 +266,7 @@ def _throughput_row(
 
 def _served_row(repo: Repository, precision: str) -> str:
     """The served row of a variant: the default is served through the ensemble itself (``served_grpc``)."""
-    return "served_grpc" if precision == repo.manifest.get("default_precision") else f"served_{precision}"
+    return "served_grpc" if precision == repo.manifest.default_precision else f"served_{precision}"
 
 
 def _goals(results: dict[str, dict[str, dict[str, Any]]], repo: Repository) -> list[dict[str, Any]]:
@@ -330,6 +332,9 @@ def _heading(title: str, report: dict[str, Any]) -> str:
 def _peaks_note(report: dict[str, Any]) -> str:
     """How FLOP/s and "of its peak" are computed, and what OpenVINO reported running."""
     peaks = ", ".join(f"{a} {p['flops'] / 1e9:.1f}" for a, p in report["peaks"].items())
+    missing = [a for a in ARITHMETICS if a not in report["peaks"]]
+    if missing:
+        peaks += f" ({', '.join(missing)}: none, this CPU has no {'/'.join(missing)} arithmetic, so those rows have no peak)"
     ran = "".join(f"- {engine}: {e['engine']} ran {e['precision']} (compute layers {e['compute_layers']}; CPU flags "
                   f"{', '.join(e['cpu']['flags']) or 'none'})\n" for engine, e in report["openvino_execution"].items())
     return (f"FLOP/s = 2 × {report['matmul_params']:,} parameters × tokens/s (computed tokens); of its peak = against the "

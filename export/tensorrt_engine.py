@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from google.protobuf import text_format  # type: ignore[import-untyped]  # no types without types-protobuf
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract, defaults
@@ -58,7 +58,7 @@ def engine_model(spec: FilterSpec) -> str:
 def import_tensorrt() -> Any:
     """TensorRT 10.x, or a one-line reason why not (checked before any work is done)."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]  # on the target GPU only, untyped
+        import tensorrt as trt  # on the target GPU only, untyped
     except ImportError:
         raise FilterServeError(
             "TensorRT is not installed: build the engine on the target GPU with TensorRT 10.x "

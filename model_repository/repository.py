@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import text_format  # type: ignore[import-untyped]  # types-protobuf is not a dependency
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract, head_tail

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from google.protobuf import text_format  # type: ignore[import-untyped]  # types-protobuf is not installed
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve import contract

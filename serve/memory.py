@@ -210,9 +210,11 @@ def _max_lengths(repo: Path) -> dict[str, int]:
     """Model → the max_length it runs at, from the records of the filters and shared-base groups."""
     if not is_repository(repo):
         return {}
-    lengths = {}
-    for record in [*read_filter_records(repo).values(), *read_group_records(repo).values()]:
+    lengths: dict[str, int] = {}
+    for record in read_filter_records(repo).values():
         lengths |= {model: record.max_length for model in record.models}
+    for group in read_group_records(repo).values():
+        lengths |= {model: group.max_length for model in group.models}
     return lengths
 
 

@@ -24,7 +24,8 @@ from filterserve.errors import FilterServeError
 from filterserve.manifest import REPOSITORY_MANIFEST, read_filter_records
 from filterserve.serve.memory import estimate
 
-TENSOR_CONFIG = 'name: "f_onnx"\nbackend: "onnxruntime"\nmax_batch_size: 8\nparameters { key: "precision" value { string_value: "fp32" } }\n'
+TENSOR_CONFIG = ('name: "f_onnx"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
+                 'parameters { key: "precision" value { string_value: "fp32" } }\n')
 
 
 def filterserve(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -153,7 +154,8 @@ def test_the_single_filter_layout_is_not_read(tmp_path: Path) -> None:
     """A root filter.json (the layout before several filters; never released) is no repository."""
     repo = tiny_repository(tmp_path)
     (repo / "filter.json").write_text(json.dumps([{"filter": {"name": "f"}}]))
-    with pytest.raises(FilterServeError, match=f"{re.escape(str(repo))} is not a filterserve model repository: {REPOSITORY_MANIFEST} is missing"):
+    missing = f"{re.escape(str(repo))} is not a filterserve model repository: {REPOSITORY_MANIFEST} is missing"
+    with pytest.raises(FilterServeError, match=missing):
         read_filter_records(repo)
 
 

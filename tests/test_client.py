@@ -165,7 +165,8 @@ def test_no_server_fails_fast_and_says_where(protocol):
 
 @pytest.mark.timeout(60)
 def test_bare_client_import_needs_no_torch():
-    check = "import filterserve.client, filterserve.client.cli, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    check = ("import filterserve.client, filterserve.client.cli, sys; "
+             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", check], check=True)
 
 

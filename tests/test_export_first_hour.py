@@ -220,5 +220,6 @@ def test_a_record_with_a_field_of_the_wrong_type_is_one_line_naming_the_file(tmp
     path = tmp_path / "repo" / "uplifting_v4.filter.json"
     record = json.loads(path.read_text(encoding="utf-8"))
     path.write_text(json.dumps({**record, "parity": {"fp32": {**record["parity"]["fp32"], "max_abs_diff": "small"}}}))
-    with pytest.raises(FilterServeError, match=r"filter record .*uplifting_v4.filter.json is malformed: parity.fp32.max_abs_diff must be float"):
+    malformed = r"filter record .*uplifting_v4.filter.json is malformed: parity.fp32.max_abs_diff must be float"
+    with pytest.raises(FilterServeError, match=malformed):
         read_filter_records(tmp_path / "repo")

@@ -190,7 +190,8 @@ def test_pinning_sets_precision_and_output_type_of_every_float_layer_of_a_select
         pin_fp32(network, _Trt, {"node_pow_1", "node_lost"}, graph | {"node_lost"})
 
 
-@pytest.mark.parametrize("version, message", [("10.3.0", None), ("10.14.1.48", None), ("11.0.0", "TensorRT 11 removed"), ("8.6.2", "INT64")])
+@pytest.mark.parametrize("version, message",
+                         [("10.3.0", None), ("10.14.1.48", None), ("11.0.0", "TensorRT 11 removed"), ("8.6.2", "INT64")])
 def test_only_tensorrt_10_builds(version, message):
     if message is None:
         check_tensorrt_version(version)

@@ -176,7 +176,8 @@ def test_the_memory_estimate_counts_the_base_once(grouped):
 
 @pytest.mark.timeout(300)
 def test_served_scores_are_each_members_own_reference_over_grpc_and_http(grouped, references, tmp_path):
-    """The issue's done-when: each filter of the group (and the merged one beside it) within contract's served tolerance of its PEFT reference."""
+    """The issue's done-when: each filter of the group (and the merged one beside it) within contract's
+    served tolerance of its PEFT reference."""
     from filterserve.serve import TritonServer
 
     source = tmp_path / "mixed.jsonl"
@@ -241,7 +242,8 @@ def test_the_member_added_goes_through_the_accuracy_gate_on_its_own_rows(grouped
     with pytest.raises(AccuracyGateRefusal, match=r"fp32: overall MAE .*> tolerance -1"):
         export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, validation=data, gate_tolerance=-1.0)
     assert tree_digest(repo) == before
-    with pytest.raises(FilterServeError, match=r"--share-base builds one precision for the whole group, fp32 or bf16 \(asked: fp32, fp16\)"):
+    refusal = r"--share-base builds one precision for the whole group, fp32 or bf16 \(asked: fp32, fp16\)"
+    with pytest.raises(FilterServeError, match=refusal):
         export_filter(str(five.base_dir), five.adapter_dir, repo, FIVE_DIMS, share_base=True, precisions="fp32,fp16")
 
 
@@ -271,7 +273,8 @@ def test_a_change_planned_before_another_export_committed_is_refused(grouped, fa
                                      repository=RepositorySettings(max_batch_size=16)))
     export_filter(str(eight.base_dir), eight.adapter_dir, repo, UPLIFTING_V4, share_base=True)  # the other export
     after = tree_digest(repo)
-    with pytest.raises(FilterServeError, match=r"investment_risk_v2, uplifting_v4, group shared_base in .* changed while this was being built"):
+    changed = r"investment_risk_v2, uplifting_v4, group shared_base in .* changed while this was being built"
+    with pytest.raises(FilterServeError, match=changed):
         apply_change(planned, Steps(total=0))
     assert tree_digest(repo) == after
 

@@ -30,7 +30,8 @@ def production_head_tail(text: str, tokenizer, head: int = 256, tail: int = 256,
     tokens = tokenizer.encode(text, add_special_tokens=False)
     if len(tokens) <= head + tail:
         return text
-    return tokenizer.decode(tokens[:head], skip_special_tokens=True) + separator + tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
+    head_text = tokenizer.decode(tokens[:head], skip_special_tokens=True)
+    return head_text + separator + tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,8 @@ def test_token_budget_splits_runs_and_keeps_scores(standin, tmp_path, reference)
         for row in encoded:  # one batch of every article padded to max_length: 9 × 512 tokens, budget 512
             ids.append(row + [int(reference.tokenizer.pad_token_id)] * (SPEC.max_length - len(row)))
             mask.append([1] * len(row) + [0] * (SPEC.max_length - len(row)))
-        result = client.infer(TENSOR_MODEL, [int_input("http", "input_ids", np.array(ids)), int_input("http", "attention_mask", np.array(mask))])
+        inputs = [int_input("http", "input_ids", np.array(ids)), int_input("http", "attention_mask", np.array(mask))]
+        result = client.infer(TENSOR_MODEL, inputs)
     assert np.abs(result.as_numpy("logits") - expected).max() <= SERVED_TOLERANCE
 
 

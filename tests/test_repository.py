@@ -29,7 +29,7 @@ def toy(tmp_path_factory):
     return build_toy_export(tmp_path_factory.mktemp("toy"), max_batch_size=8, bucket=32)
 
 
-def _write(tmp_path: Path, settings: RepositorySettings = RepositorySettings(max_batch_size=16), **overrides) -> Path:
+def _write(tmp_path: Path, settings: RepositorySettings | None = None, **overrides) -> Path:
     """A fresh repository with fp32 (default) and fp16 tensor models; ``overrides`` go to write_repository."""
     tokenizer_dir = tmp_path / "tokenizer"
     tok = build_tokenizer(tokenizer_dir)
@@ -43,7 +43,7 @@ def _write(tmp_path: Path, settings: RepositorySettings = RepositorySettings(max
         pad_token_id=0,
         vocab_size=tok.get_vocab_size(),
     )
-    write_repository(repo, SPEC, settings, **{**kwargs, **overrides})
+    write_repository(repo, SPEC, settings or RepositorySettings(max_batch_size=16), **{**kwargs, **overrides})
     return repo
 
 
@@ -134,7 +134,8 @@ def test_configs_follow_the_contract(toy):
         ({"precisions": ["fp32", "fp16", "int8"]}, "int8 tensor model missing"),
         ({"default_precision": "int8"}, "default precision"),
         ({"pad_token_id": 10**6}, "outside the vocabulary"),
-        ({"settings": RepositorySettings(max_batch_tokens=10)}, "max-batch-tokens 10 is below max_length 64: one full-length article must fit"),
+        ({"settings": RepositorySettings(max_batch_tokens=10)},
+         "max-batch-tokens 10 is below max_length 64: one full-length article must fit"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tmp_path, overrides, message):

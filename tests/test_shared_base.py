@@ -124,7 +124,9 @@ def test_a_member_with_another_vocabulary_is_refused_before_any_model_loads(fami
     tokenizer.save_pretrained(changed)
     members = [MemberSource(UPLIFTING_V4, eight.adapter_dir), MemberSource(FIVE_DIMS, changed)]
     steps = Steps(total=2)
-    with pytest.raises(FilterServeError, match=r"tokenizer in .*changed has another vocabulary than group family's \(\d+ vs \d+ tokens; differing: '<\|filter_token\|>'"):
+    other_vocabulary = (r"tokenizer in .*changed has another vocabulary than group family's "
+                        r"\(\d+ vs \d+ tokens; differing: '<\|filter_token\|>'")
+    with pytest.raises(FilterServeError, match=other_vocabulary):
         load_members(str(eight.base_dir), members, "family", steps)
     assert steps.timings == {}, "refused before loading any model"
 
@@ -141,7 +143,8 @@ def test_an_adapter_that_trains_other_base_layers_is_refused(family, tmp_path):
     get_peft_model(model, lora).save_pretrained(adapter)
     shutil.copy(eight.adapter_dir / "tokenizer.json", adapter)
     shutil.copy(eight.adapter_dir / "tokenizer_config.json", adapter)
-    with pytest.raises(FilterServeError, match=r"saves its own trained copy of model\.layers\.0\.input_layernorm: members of a shared base may differ only"):
+    own_copy = r"saves its own trained copy of model\.layers\.0\.input_layernorm: members of a shared base may differ only"
+    with pytest.raises(FilterServeError, match=own_copy):
         load_members(str(eight.base_dir), [MemberSource(FIVE_DIMS, adapter)], "family", Steps(total=1))
 
 
