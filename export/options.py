@@ -126,6 +126,8 @@ class ExportOptions:
         those that name a :class:`RepositorySettings` field go to ``repository``."""
         own = {f.name for f in fields(RepositorySettings)}
         flat = {k: keywords.pop(k) for k in list(keywords) if k in own}
+        if flat and "repository" in keywords:  # one of the two would be dropped silently
+            raise TypeError(f"repository settings given twice: repository= and {', '.join(sorted(flat))}")
         if flat:
             keywords["repository"] = RepositorySettings(**flat)
         return cls(*args, **keywords)

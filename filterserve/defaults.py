@@ -72,7 +72,7 @@ CONCURRENCY = 16
 # The protocol a bare HOST:PORT is spoken in (a URL's scheme, http:// or grpc://, decides otherwise),
 # and the port a URL without one gets: Triton's own, which `filterserve serve` listens on by default.
 PROTOCOL: Final = "grpc"
-PORTS = {"grpc": 8001, "http": 8000}
+PORTS = {"grpc": SERVE_GRPC_PORT, "http": SERVE_HTTP_PORT}
 # Seconds one request may take, and retries while a server is unreachable (a pool of several servers
 # fails over instead of retrying).
 TIMEOUT_S = 30.0

@@ -43,7 +43,7 @@ def test_every_member_matches_its_own_peft_reference_on_rows_that_mix_filters(gr
     parity = check_group_parity(onnx_group_scorer(path), loaded.references, batch, "fp32", "shared fp32")
     assert set(parity) == {"uplifting_v4", "investment_risk_v2"}
     for record in parity.values():
-        assert record["passed"] and record["max_abs_diff"] <= 1e-4 and record["n_texts"] == 7
+        assert record.passed and record.max_abs_diff <= 1e-4 and record.n_texts == 7
     assert [w.rank for w in loaded.weights] == [16, 8]
 
 
@@ -159,4 +159,4 @@ def test_a_gemma3_family_shares_its_base_too(tmp_path):
     path = tmp_path / "gemma_onnx" / "1" / "model.onnx"
     batch = export_group(str(eight.base_dir), loaded, path)
     parity = check_group_parity(onnx_group_scorer(path), loaded.references, batch, "fp32", "shared fp32")
-    assert all(p["max_abs_diff"] <= 1e-4 for p in parity.values())
+    assert all(p.max_abs_diff <= 1e-4 for p in parity.values())
