@@ -100,3 +100,10 @@ def decision_model(filter_name: str) -> str:
 def tensor_model(filter_name: str, precision: str | None = None) -> str:
     """``<name>_onnx`` is the one the ensemble serves; other precisions carry their suffix."""
     return f"{filter_name}_onnx" if precision is None else f"{filter_name}_onnx_{precision}"
+
+
+# ---- issue 27, same article, same score ------------------------------------------------------------
+# Max |Δ| of any score field (raw, final, weighted score and averages) between two servings of one
+# article by one fp32 filter: alone, batched with others, shuffled, at any concurrency, over either
+# protocol. Batching changes no arithmetic the article's row depends on, so this is rounding only.
+DETERMINISM_TOLERANCE = 1e-4
