@@ -68,3 +68,35 @@ def test_an_article_scores_the_same_however_it_is_sent(server, spread, articles)
         found = divergence(alone.results, run.results)
         assert found.max_delta <= DETERMINISM_TOLERANCE, f"{run.way.name}: {found}"
         assert found.tier_flips == 0 and found.gatekeeper_flips == 0, f"{run.way.name}: {found}"
+
+
+def test_dynamic_int8_runs_each_row_alone_at_its_own_length(exported, reference, articles, tmp_path):
+    """ONNX Runtime's dynamic int8 quantizes activations with one scale per run, padding included:
+    batched, a row's scores move with its neighbours. The stand-in backend runs such a model's rows
+    alone, cut to their own tokens (``own_rows``), which gives each row exactly its unpadded score."""
+    import onnxruntime as ort
+
+    from filterserve.contract import PER_RUN_SCALED_PRECISIONS, TOKEN_INPUTS
+    from filterserve.export.quantize import quantize_int8
+    from filterserve.model_repository.runtime.tensor_backend import own_rows
+
+    repo, manifest = exported
+    int8 = tmp_path / "model.onnx"
+    quantize_int8(repo / manifest["tensor_models"]["fp32"] / "1" / "model.onnx", int8)
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    ids = [reference.tokenizer(UPLIFTING_V4.input_text(*a), truncation=True, max_length=512)["input_ids"] for a in articles[:6]]
+    width = max(map(len, ids)) + 16  # padded past the longest row, as a bucket or a mixed batch pads it
+    input_ids = np.full((len(ids), width), reference.tokenizer.pad_token_id, dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+    feeds = dict(zip(TOKEN_INPUTS, (input_ids, mask)))
+
+    alone = np.concatenate([session.run(["logits"], dict(zip(TOKEN_INPUTS, (np.array([t]), np.ones((1, len(t)), np.int64)))))[0]
+                            for t in ids])
+    batched = session.run(["logits"], feeds)[0]
+    assert "int8" in PER_RUN_SCALED_PRECISIONS
+    assert np.abs(batched - alone).max() > DETERMINISM_TOLERANCE, "the cause: batched, the scales are the batch's"
+    pieces = own_rows(feeds)
+    assert [p[TOKEN_INPUTS[0]].shape for p in pieces] == [(1, len(t)) for t in ids]
+    assert np.array_equal(np.concatenate([session.run(["logits"], p)[0] for p in pieces]), alone)
