@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from filterserve.errors import FilterServeError
 
 if TYPE_CHECKING:
+    from filterserve.benchmarks.engines import Repository
+    from filterserve.benchmarks.options import DeterminismOptions
     from filterserve.client import FilterClient, FilterResult
     from filterserve.client.endpoint import Protocol as WireProtocol
     from filterserve.client.items import Item
@@ -172,3 +175,172 @@ def score_every_way(server: TritonServer, model: str, articles: Sequence[Item], 
         for client in clients.values():
             client.close()
     return runs
+
+
+# ---- `filterserve bench determinism` -----------------------------------------------------------------
+
+# The filters' production system on its own boxes (veen-systems/llm-distillery's box-parity study, as the
+# project's MODEL_CARD.md, "The system's own noise", records it): one article moved by up to 0.162 with
+# batch composition alone, flipping 7–9% of the verdicts near the threshold.
+PRODUCTION_MAX_DELTA = 0.162
+PRODUCTION_FLIP_SHARE = (0.07, 0.09)
+PRODUCTION_SOURCE = ("veen-systems/llm-distillery's box-parity study (MODEL_CARD.md, \"The system's own noise\"): "
+                     "batch composition alone, verdicts near the threshold")
+
+
+def _bench_articles(repo: Repository, count: int) -> list[tuple[str, str]]:
+    """The demo's articles and ``count`` drawn from the realistic mix (about 10% past max_length)."""
+    from filterserve.benchmarks.articles import articles_of_lengths, realistic_lengths
+    from filterserve.data import sample_articles
+    from filterserve.export.load import load_tokenizer
+
+    tokenizer = load_tokenizer(repo.adapter)
+    drawn = articles_of_lengths(tokenizer, repo.spec, realistic_lengths(count, seed=27), seed=27)
+    return [(a["title"], a["content"]) for a in sample_articles()] + drawn
+
+
+def _not_run(repo: Repository) -> dict[str, str]:
+    """Why each precision filterserve can export is missing from this run."""
+    from filterserve.export.openvino_engine import cpu_support
+    from filterserve.export.options import BUILD_ORDER
+
+    support = cpu_support()
+    reasons = {}
+    for precision in (p for p in BUILD_ORDER if p not in repo.manifest.tensor_models):
+        refused = repo.manifest.refused.get(precision)
+        if precision == "bf16" and not support.bf16:
+            reasons[precision] = f"this CPU ({support.device}) has no bf16 arithmetic: the export refuses bf16 here"
+        else:
+            reasons[precision] = "refused by the accuracy gate" if refused else "not in this repository"
+    return reasons
+
+
+def _cpu() -> dict[str, Any]:
+    from filterserve.export.openvino_engine import cpu_support
+
+    support = cpu_support()
+    return {"model": support.device, "flags": list(support.flags), "bf16": support.bf16}
+
+
+def _figures(runs: list[WayRun]) -> dict[str, Any]:
+    """One precision's figures: the worst way, and every way against the first."""
+    alone = runs[0]
+    ways = {}
+    for run in runs:
+        found = divergence(alone.results, run.results)
+        ways[run.way.name] = {**asdict(found), "requests": run.requests, "runs": run.runs,
+                              "computed_per_real": run.computed_tokens / run.real_tokens if run.real_tokens else None}
+    others = [w for name, w in ways.items() if name != alone.way.name]
+    return {
+        "max_score_delta": max(w["max_score_delta"] for w in others),
+        "max_average_delta": max(w["max_average_delta"] for w in others),
+        "tier_flips": max(w["tier_flips"] for w in others),
+        "gatekeeper_flips": max(w["gatekeeper_flips"] for w in others),
+        "flipped_share": max(w["flipped"] for w in others) / len(alone.results),
+        "truncated": sum(r.truncated for r in alone.results),
+        "tiers_seen": sorted({r.tier for r in alone.results}),
+        "gatekeeper_applied": sum(r.gatekeeper_applied for r in alone.results),
+        "ways": ways,
+    }
+
+
+def run_determinism(options: DeterminismOptions) -> dict[str, Any]:
+    """Every precision of the repository served in turn (one server each, through the filter's ensemble),
+    every way of :data:`WAYS`; each way compared with the articles scored alone over gRPC."""
+    import tempfile
+
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from filterserve.benchmarks.engines import open_choice, variant_repository
+    from filterserve.benchmarks.report import machine, write_report
+    from filterserve.contract import DETERMINISM_TOLERANCE
+    from filterserve.serve import TritonServer
+
+    repo = open_choice(options.repository)
+    articles = _bench_articles(repo, options.articles)
+    precisions: dict[str, Any] = {}
+    for precision in tqdm(list(repo.manifest.tensor_models), desc="determinism", unit="precision"):
+        with tempfile.TemporaryDirectory(prefix=f"filterserve-{precision}-") as tmp, \
+                TritonServer(variant_repository(repo, precision, Path(tmp) / "repo")) as server:
+            precisions[precision] = _figures(score_every_way(server, repo.spec.name, articles))
+    report = {
+        "filter": repo.spec.name,
+        "repository": str(repo.path),
+        "articles": len(articles),
+        "cpu": _cpu(),
+        "reference_way": WAYS[0].name,
+        "ways": [asdict(way) for way in WAYS],
+        "tolerance": DETERMINISM_TOLERANCE,
+        "production": {"max_delta": PRODUCTION_MAX_DELTA, "flip_share": list(PRODUCTION_FLIP_SHARE), "source": PRODUCTION_SOURCE},
+        "precisions": precisions,
+        "not_run": _not_run(repo),
+        "machine": machine(),
+    }
+    report["summary"] = {p: {"max_delta": max(f["max_score_delta"], f["max_average_delta"]), "flipped_share": f["flipped_share"]}
+                         for p, f in precisions.items()}
+    write_report(options.out, "determinism", report, _markdown(report), _figure(report))
+    return report
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    from filterserve.benchmarks.report import table
+
+    production = report["production"]
+    low, high = production["flip_share"]
+    parts = [
+        f"# Same article, same score: {report['filter']}, {report['articles']} articles\n\n"
+        f"Each way below sends the same articles; each is compared with the first ({report['reference_way']}). "
+        f"max |Δ| over the raw and final scores and the weighted score, and over the weighted average (before and "
+        f"after any normalization); a flip is an article whose tier, or whether the gatekeeper capped it, changed. "
+        f"fp32 is held to {report['tolerance']:g} and no flip. CPU: {report['cpu']['model']} "
+        f"({report['machine']['cpu_count']} cores).\n\n",
+        table(["precision", "max |Δ| scores", "max |Δ| weighted average", "tier flips", "gatekeeper flips", "articles flipped"],
+              [[p, f["max_score_delta"], f["max_average_delta"], f["tier_flips"], f["gatekeeper_flips"],
+                f"{100 * f['flipped_share']:.1f}%"] for p, f in report["precisions"].items()]
+              + [["production (its own boxes)", production["max_delta"], "", "", "", f"{100 * low:.0f}–{100 * high:.0f}%"]]),
+        f"\nProduction's figures: {production['source']}.\n",
+    ]
+    if report["not_run"]:
+        parts.append("\nNot run: " + "; ".join(f"{p}: {why}" for p, why in report["not_run"].items()) + ".\n")
+    for precision, figures in report["precisions"].items():
+        parts.append(f"\n## {precision}: tiers {', '.join(figures['tiers_seen'])}; gatekeeper applied to "
+                     f"{figures['gatekeeper_applied']}; {figures['truncated']} past max_length\n\n")
+        parts.append(table(["way", "max |Δ| scores", "max |Δ| average", "tier flips", "gatekeeper flips", "requests",
+                            "tensor-model runs", "computed/real tokens"],
+                           [[way, w["max_score_delta"], w["max_average_delta"], w["tier_flips"], w["gatekeeper_flips"],
+                             w["requests"], w["runs"], w["computed_per_real"]] for way, w in figures["ways"].items()]))
+    return "".join(parts)
+
+
+# A max |Δ| of exactly 0 is drawn at this height on the log axis.
+ZERO_DRAWN_AT = 1e-9
+
+
+def _figure(report: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["precisions"])
+    figures = list(report["precisions"].values())
+    production = report["production"]
+    fig, (delta, flips) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(len(names))
+    for offset, key, label in ((-0.2, "max_score_delta", "scores"), (0.2, "max_average_delta", "weighted average")):
+        delta.bar(x + offset, [max(f[key], ZERO_DRAWN_AT) for f in figures], 0.4, label=label)
+    delta.axhline(production["max_delta"], color="crimson", linestyle="--", label=f"production {production['max_delta']}")
+    delta.axhline(report["tolerance"], color="grey", linestyle=":", label=f"fp32 bound {report['tolerance']:g}")
+    delta.set_yscale("log")
+    delta.set_xticks(x, names)
+    delta.set_ylabel(f"max |Δ| across ways (0 drawn at {ZERO_DRAWN_AT:g})")
+    delta.legend(fontsize=7)
+    flips.bar(x, [100 * f["flipped_share"] for f in figures], 0.5)
+    flips.axhspan(100 * production["flip_share"][0], 100 * production["flip_share"][1], color="crimson", alpha=0.2,
+                  label=f"production {100 * production['flip_share'][0]:.0f}–{100 * production['flip_share'][1]:.0f}% (near the threshold)")
+    flips.set_xticks(x, names)
+    flips.set_ylabel("articles whose verdict flipped (%)")
+    flips.legend(fontsize=7)
+    fig.suptitle(f"{report['filter']}: same article, same score ({report['articles']} articles)")
+    fig.tight_layout()
+    return fig

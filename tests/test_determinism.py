@@ -100,3 +100,25 @@ def test_dynamic_int8_runs_each_row_alone_at_its_own_length(exported, reference,
     pieces = own_rows(feeds)
     assert [p[TOKEN_INPUTS[0]].shape for p in pieces] == [(1, len(t)) for t in ids]
     assert np.array_equal(np.concatenate([session.run(["logits"], p)[0] for p in pieces]), alone)
+
+
+def test_bench_determinism_reports_every_precision_beside_production(exported, tmp_path):
+    import json
+
+    from filterserve.benchmarks.determinism import PRODUCTION_FLIP_SHARE, PRODUCTION_MAX_DELTA
+    from filterserve.cli import main
+
+    repo, _ = exported
+    assert main(["bench", "determinism", "--model-repository", str(repo), "--articles", "16", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["determinism.json", "determinism.md", "determinism.png"]
+    report = json.loads((tmp_path / "determinism.json").read_text())
+    assert report["articles"] == 16 + 8  # and the demo's eight
+    assert report["production"]["max_delta"] == PRODUCTION_MAX_DELTA == 0.162
+    assert tuple(report["production"]["flip_share"]) == PRODUCTION_FLIP_SHARE and report["production"]["source"]
+    assert list(report["precisions"]) == ["fp32"] and {"fp16", "int8", "ov_int8"} <= set(report["not_run"])
+    fp32 = report["precisions"]["fp32"]
+    assert list(fp32["ways"]) == [way.name for way in WAYS]
+    assert fp32["tier_flips"] == fp32["gatekeeper_flips"] == fp32["flipped_share"] == 0
+    assert max(fp32["max_score_delta"], fp32["max_average_delta"]) <= DETERMINISM_TOLERANCE
+    markdown = (tmp_path / "determinism.md").read_text()
+    assert "| production (its own boxes) | 0.162 |" in markdown and "7–9%" in markdown and "## fp32" in markdown
