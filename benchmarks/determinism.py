@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from filterserve.client import FilterClient, FilterResult
     from filterserve.client.endpoint import Protocol as WireProtocol
     from filterserve.client.items import Item
+    from filterserve.filters import FilterSpec
     from filterserve.serve import TritonServer
 
 
@@ -222,7 +223,15 @@ def _cpu() -> dict[str, Any]:
     return {"model": support.device, "flags": list(support.flags), "bf16": support.bf16}
 
 
-def _figures(runs: list[WayRun]) -> dict[str, Any]:
+def near_threshold(result: FilterResult, spec: FilterSpec, within: float) -> bool:
+    """Whether production's own noise could flip this result: its weighted average within ``within`` of
+    a tier's threshold, or a gatekeeper's dimension within ``within`` of where it caps."""
+    tiers = any(abs(result.weighted_average - tier.threshold) <= within for tier in spec.tiers if tier.threshold > 0)
+    gates = any(abs(result.final_scores[gate.dimension] - gate.below) <= within for gate in spec.gatekeepers)
+    return tiers or gates
+
+
+def _figures(runs: list[WayRun], spec: FilterSpec) -> dict[str, Any]:
     """One precision's figures: the worst way, and every way against the first."""
     alone = runs[0]
     ways = {}
@@ -240,6 +249,7 @@ def _figures(runs: list[WayRun]) -> dict[str, Any]:
         "truncated": sum(r.truncated for r in alone.results),
         "tiers_seen": sorted({r.tier for r in alone.results}),
         "gatekeeper_applied": sum(r.gatekeeper_applied for r in alone.results),
+        "near_threshold": sum(near_threshold(r, spec, PRODUCTION_MAX_DELTA) for r in alone.results),
         "ways": ways,
     }
 
@@ -262,7 +272,7 @@ def run_determinism(options: DeterminismOptions) -> dict[str, Any]:
     for precision in tqdm(list(repo.manifest.tensor_models), desc="determinism", unit="precision"):
         with tempfile.TemporaryDirectory(prefix=f"filterserve-{precision}-") as tmp, \
                 TritonServer(variant_repository(repo, precision, Path(tmp) / "repo")) as server:
-            precisions[precision] = _figures(score_every_way(server, repo.spec.name, articles))
+            precisions[precision] = _figures(score_every_way(server, repo.spec.name, articles), repo.spec)
     report = {
         "filter": repo.spec.name,
         "repository": str(repo.path),
@@ -294,18 +304,22 @@ def _markdown(report: dict[str, Any]) -> str:
         f"after any normalization); a flip is an article whose tier, or whether the gatekeeper capped it, changed. "
         f"fp32 is held to {report['tolerance']:g} and no flip. CPU: {report['cpu']['model']} "
         f"({report['machine']['cpu_count']} cores).\n\n",
-        table(["precision", "max |Δ| scores", "max |Δ| weighted average", "tier flips", "gatekeeper flips", "articles flipped"],
+        table(["precision", "max \\|Δ\\| scores", "max \\|Δ\\| weighted average", "tier flips", "gatekeeper flips", "articles flipped",
+               f"articles within {production['max_delta']} of a threshold"],
               [[p, f["max_score_delta"], f["max_average_delta"], f["tier_flips"], f["gatekeeper_flips"],
-                f"{100 * f['flipped_share']:.1f}%"] for p, f in report["precisions"].items()]
-              + [["production (its own boxes)", production["max_delta"], "", "", "", f"{100 * low:.0f}–{100 * high:.0f}%"]]),
-        f"\nProduction's figures: {production['source']}.\n",
+                f"{100 * f['flipped_share']:.1f}%", f["near_threshold"]] for p, f in report["precisions"].items()]
+              + [["production (its own boxes)", production["max_delta"], "", "", "", f"{100 * low:.0f}–{100 * high:.0f}%", ""]]),
+        f"\nProduction's figures: {production['source']}. Requests, tensor-model runs and computed/real tokens are the "
+        f"server's counters (the tokenizer step's padding); an int8 tensor model runs each row at its own length.\n",
     ]
     if report["not_run"]:
         parts.append("\nNot run: " + "; ".join(f"{p}: {why}" for p, why in report["not_run"].items()) + ".\n")
     for precision, figures in report["precisions"].items():
         parts.append(f"\n## {precision}: tiers {', '.join(figures['tiers_seen'])}; gatekeeper applied to "
-                     f"{figures['gatekeeper_applied']}; {figures['truncated']} past max_length\n\n")
-        parts.append(table(["way", "max |Δ| scores", "max |Δ| average", "tier flips", "gatekeeper flips", "requests",
+                     f"{figures['gatekeeper_applied']}; {figures['truncated']} past max_length; "
+                     f"{figures['near_threshold']} within production's {production['max_delta']} of a tier or "
+                     f"gatekeeper threshold\n\n")
+        parts.append(table(["way", "max \\|Δ\\| scores", "max \\|Δ\\| average", "tier flips", "gatekeeper flips", "requests",
                             "tensor-model runs", "computed/real tokens"],
                            [[way, w["max_score_delta"], w["max_average_delta"], w["tier_flips"], w["gatekeeper_flips"],
                              w["requests"], w["runs"], w["computed_per_real"]] for way, w in figures["ways"].items()]))

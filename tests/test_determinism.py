@@ -121,4 +121,19 @@ def test_bench_determinism_reports_every_precision_beside_production(exported, t
     assert fp32["tier_flips"] == fp32["gatekeeper_flips"] == fp32["flipped_share"] == 0
     assert max(fp32["max_score_delta"], fp32["max_average_delta"]) <= DETERMINISM_TOLERANCE
     markdown = (tmp_path / "determinism.md").read_text()
+    assert 0 <= fp32["near_threshold"] <= report["articles"]
     assert "| production (its own boxes) | 0.162 |" in markdown and "7–9%" in markdown and "## fp32" in markdown
+
+
+def test_near_threshold_counts_what_production_noise_could_flip():
+    from filterserve.benchmarks.determinism import near_threshold
+    from filterserve.client import FilterResult
+
+    def result(average: float, collective_benefit: float) -> FilterResult:
+        final = dict.fromkeys(UPLIFTING_V4.dimensions, 6.0) | {"collective_benefit": collective_benefit}
+        return FilterResult(final, 0.0, final, average, False, 10, False, average, "connection", "", False)
+
+    assert near_threshold(result(4.1, 6.0), UPLIFTING_V4, 0.162)  # connection starts at 4.0
+    assert near_threshold(result(5.5, 5.1), UPLIFTING_V4, 0.162)  # the gatekeeper caps below 5
+    assert not near_threshold(result(5.5, 6.0), UPLIFTING_V4, 0.162)
+    assert not near_threshold(result(0.1, 6.0), UPLIFTING_V4, 0.162), "the 0.0 tier catches everything: nothing to flip"
