@@ -18,6 +18,7 @@ from filterserve import defaults
 from filterserve.benchmarks.options import (
     AccuracyOptions,
     BenchOptions,
+    DeterminismOptions,
     FamilyOptions,
     FixtureOptions,
     LatencyOptions,
@@ -145,6 +146,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"article lengths, comma-separated: {' and/or '.join(defaults.MIXES)} "
                                  "(max_length/2 each; the news-like mix)")
 
+    determinism = command("determinism", "same article, same score: every precision of the repository served, the same articles "
+                          "sent alone, in mixed batches, shuffled at concurrency 1 and 16, over gRPC and HTTP; max |Δ| and "
+                          "verdict flips beside production's own figures")
+    _repository_arguments(determinism)
+    determinism.add_argument("--articles", type=int, default=defaults.DETERMINISM_ARTICLES,
+                             help="realistic-mix articles (besides the demo's)")
+
 
 # ---- each command: its options value, then its run -------------------------------------------------
 
@@ -208,6 +216,12 @@ def _speed_summary(stem: str, out: Path, summary: object) -> int:
     return 0
 
 
+def _determinism(options: DeterminismOptions) -> int:
+    from filterserve.benchmarks.determinism import run_determinism
+
+    return _speed_summary("determinism", options.out, run_determinism(options)["summary"])
+
+
 def _family_options(args: argparse.Namespace) -> FamilyOptions:
     from filterserve.export.standin import standin_shape  # torch: only once the command runs
 
@@ -223,6 +237,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], BenchOptions], Callable
     "shared-base": (lambda a: SharedBaseOptions(a.family, a.counts, a.batch, a.tokens, a.articles, a.concurrency, a.requests,
                                                 a.work, a.out), _shared_base),
     "latency": (lambda a: LatencyOptions(_repository(a), _server(a), a.requests, a.out), _latency),
+    "determinism": (lambda a: DeterminismOptions(_repository(a), a.articles, a.out), _determinism),
     "throughput": (lambda a: ThroughputOptions(_repository(a), _server(a), a.requests, a.concurrency, a.mix, a.out), _throughput),
 }
 

@@ -156,3 +156,13 @@ class SharedBaseOptions:
         _positive(batch=self.batch, tokens=self.tokens, articles=self.articles, concurrency=self.concurrency,
                   requests=self.requests)
 
+
+
+@dataclass(frozen=True)
+class DeterminismOptions:
+    repository: RepositoryChoice
+    articles: int = defaults.DETERMINISM_ARTICLES
+    out: Path = Path(defaults.BENCH_OUT)
+
+    def check(self) -> None:
+        _positive(articles=self.articles)

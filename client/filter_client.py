@@ -182,6 +182,21 @@ class FilterClient(Scorer):
         data = {name: np.array([[value.encode("utf-8")]], dtype=object) for name, value in inputs.items()}
         return FilterResult.from_outputs(self.endpoint.infer(self.model, data, self._outputs), self.spec, self.model)
 
+    def score_batch(self, items: Sequence[Item]) -> list[FilterResult]:
+        """Several articles in one request, as a caller that batches its own rows sends them (at most
+        the ensemble's max_batch_size): the server pads them together to the longest one's length and
+        runs them as one batch. Always through the ensemble's tokenizer step. Results in input order.
+        """
+        inputs = [article_inputs(item) for item in items]
+        if not inputs:
+            return []
+        if any(set(row) != set(inputs[0]) for row in inputs):
+            raise ClientError("bad input: a batch must be all texts or all (title, content) articles")
+        data = {name: np.array([[row[name].encode("utf-8")] for row in inputs], dtype=object) for name in inputs[0]}
+        outputs = self.endpoint.infer(self.model, data, self._outputs)
+        return [FilterResult.from_outputs({name: value[row] for name, value in outputs.items()}, self.spec, self.model)
+                for row in range(len(inputs))]
+
     def score_tokens(self, input_ids: Sequence[int], truncated: bool = False) -> FilterResult:
         """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer.
 

@@ -100,3 +100,16 @@ def decision_model(filter_name: str) -> str:
 def tensor_model(filter_name: str, precision: str | None = None) -> str:
     """``<name>_onnx`` is the one the ensemble serves; other precisions carry their suffix."""
     return f"{filter_name}_onnx" if precision is None else f"{filter_name}_onnx_{precision}"
+
+
+# ---- issue 27, same article, same score ------------------------------------------------------------
+# Max |Δ| of any score field (raw, final, weighted score and averages) between two servings of one
+# article by one fp32 filter: alone, batched with others, shuffled, at any concurrency, over either
+# protocol. Batching changes no arithmetic the article's row depends on, so this is rounding only.
+DETERMINISM_TOLERANCE = 1e-4
+# Variants whose activations are quantized with one scale per run (ONNX Runtime's dynamic int8: each
+# DynamicQuantizeLinear takes the min and max of the whole input, every row and padding position): a row's
+# scores would move with the rows and the padding it runs with (by up to 1.3 on the trained fixture), so the
+# stand-in backend runs each of their rows alone, cut to its own tokens (read from the tensor model's
+# "precision" parameter). OpenVINO's int8 is calibrated (static scales) and batches freely.
+PER_RUN_SCALED_PRECISIONS = frozenset({"int8"})

@@ -111,3 +111,8 @@ SHARED_BASE_ARTICLES = 32
 SHARED_BASE_REQUESTS = 10
 # `filterserve demo`: where the trained filters and the repository go.
 DEMO_WORKDIR = "filterserve-demo"
+
+
+# ---- issue 27, same article, same score (`filterserve bench determinism`) --------------------------
+# Realistic-mix articles scored every way (besides the demo's articles), by every precision of the repository.
+DETERMINISM_ARTICLES = 120

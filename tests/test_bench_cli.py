@@ -29,6 +29,7 @@ MINIMAL = {
     "shared-base": (["--family", "family"], bench.SharedBaseOptions),
     "latency": (REPO, bench.LatencyOptions),
     "throughput": (REPO, bench.ThroughputOptions),
+    "determinism": (REPO, bench.DeterminismOptions),
 }
 
 
@@ -88,6 +89,7 @@ def test_help_of_every_bench_command_shows_its_defaults(command: str, capsys: py
         "shared-base": f"(default: {','.join(map(str, defaults.SHARED_BASE_COUNTS))})",
         "latency": f"(default: {defaults.LATENCY_REQUESTS})",
         "throughput": f"(default: {','.join(defaults.MIXES)})",
+        "determinism": f"(default: {defaults.DETERMINISM_ARTICLES})",
     }[command]
     assert expected in text, text
 
@@ -101,6 +103,7 @@ def test_help_of_every_bench_command_shows_its_defaults(command: str, capsys: py
     (["shared-base", "--family", "f", "--counts", "0"], "--counts takes positive integers, got 0"),
     (["fixture", "--out", "o", "--steps", "0"], "--steps must be a positive integer, got 0"),
     (["accuracy", "--data", "missing.jsonl", *REPO], "labelled data not found: missing.jsonl"),
+    (["determinism", *REPO, "--articles", "0"], "--articles must be a positive integer, got 0"),
 ])
 def test_a_bad_value_fails_in_one_line_before_any_work(argv: list[str], message: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

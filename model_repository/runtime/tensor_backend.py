@@ -98,11 +98,21 @@ def split_runs(feeds: dict[str, np.ndarray], max_batch_tokens: int | None) -> li
     return [{name: value[i : i + step] for name, value in feeds.items()} for i in range(0, rows, step)]
 
 
+def own_rows(feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each row alone, cut to its own tokens (the attention mask's ones): for a model whose arithmetic
+    spans the whole run (:data:`~filterserve.contract.PER_RUN_SCALED_PRECISIONS`), so that a row's
+    result depends on its article only, never on the rows or the padding it arrived with."""
+    real = feeds[contract.TOKEN_INPUTS[1]].sum(axis=1)
+    return [{name: value[i : i + 1, : real[i]] if name in contract.TOKEN_INPUTS else value[i : i + 1]
+             for name, value in feeds.items()} for i in range(len(real))]
+
+
 class TensorBackend:
     """``TritonPythonModel`` of a stand-in: subclasses :meth:`load` the model and :meth:`run` one piece.
 
     ``self.token_rules`` (set by :meth:`load`) turns the input checks and the token budget on;
-    small models (the decision step) have none.
+    small models (the decision step) have none. ``self.rows_alone`` (set by :meth:`load`) runs
+    every row by itself (:func:`own_rows`) instead.
     """
 
     engine = "the tensor backend"  # named in the error of a failed run
@@ -113,6 +123,7 @@ class TensorBackend:
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
         self.token_rules: TokenRules | None = None
+        self.rows_alone = False
         # A shared-base group's tensor model lists its members: each row's filter_index must name one.
         members = config.get("parameters", {}).get(contract.GROUP_MEMBERS_PARAMETER, {}).get("string_value")
         self.members: int | None = len(json.loads(members)) if members else None
@@ -159,7 +170,8 @@ class TensorBackend:
         for members in groups.values():
             feeds = {name: np.concatenate([f[name] for _, f in members]) for name in self.input_names}
             try:
-                runs = [self.run(run) for run in split_runs(feeds, budget)]
+                pieces = own_rows(feeds) if self.rows_alone else split_runs(feeds, budget)
+                runs = [self.run(piece) for piece in pieces]
                 outputs = [np.concatenate(parts) for parts in zip(*runs)]
             except self.expected_errors as exc:  # a failed run fails this group, not the others
                 for index, _ in members:

@@ -7,7 +7,8 @@ the onnxruntime Python package; in NVIDIA's container Triton's C++ backend takes
 "served" ONNX Runtime figure in this project's README was measured through this stand-in.
 
 Token models (``vocab_size`` among the config parameters) are checked before they run and run in
-pieces of at most ``max_batch_tokens`` tokens (:mod:`filterserve.model_repository.runtime.tensor_backend`).
+pieces of at most ``max_batch_tokens`` tokens (:mod:`filterserve.model_repository.runtime.tensor_backend`);
+a dynamic int8 model runs each row alone at its own length, since its activation scales span the run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from filterserve import contract
 from filterserve.model_repository.runtime.tensor_backend import TensorBackend, TokenRules, cpu_allowance
 
 
@@ -41,9 +43,11 @@ class TritonPythonModel(TensorBackend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_allowance()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items() if key in TokenRules.names()}
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        params = {key: value for key, value in parameters.items() if key in TokenRules.names()}
         if "vocab_size" in params:
             self.token_rules = TokenRules.from_mapping(params)
+        self.rows_alone = parameters.get("precision") in contract.PER_RUN_SCALED_PRECISIONS
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.output_names, feeds)
