@@ -32,6 +32,11 @@ from filterserve.serve import TritonServer
 from filterserve.serve.process import live_stubs
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
+# The dict production returns per article, keys in its order: FilterBaseScorer._create_empty_result
+# (filter_base_scorer.py @4d17e75), then HybridScorer's stage keys, then the consumer's three.
+PRODUCTION_KEYS = ("passed_prefilter", "prefilter_reason", "scores", "weighted_average", "tier", "tier_description",
+                   "gatekeeper_applied", "content_length", "short_content_cap_applied", "stage_used", "stage1_estimate",
+                   "raw_weighted_average", "normalization_method", "version")
 # What Triton answers a request it refuses as bad input, per protocol.
 BAD_REQUEST = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 
