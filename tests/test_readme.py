@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from filterserve.demo import DEMO_INVESTMENT_RISK
-from filterserve.filters import load_filter
+from filterserve.filter_loader import load_filter
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
