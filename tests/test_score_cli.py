@@ -260,9 +260,13 @@ def _nan_decision(path: Path, n_dims: int) -> None:
             helper.make_node("Greater", ["weighted_average", "zero"], ["gatekeeper_applied"]),
             helper.make_node("Identity", ["weighted_average"], ["raw_weighted_average"]),
             helper.make_node("Cast", ["gatekeeper_applied"], ["tier"], to=TensorProto.INT32),
+            helper.make_node("Identity", ["screened"], ["short_content_cap_applied"]),
+            helper.make_node("Identity", ["CONTENT_LENGTH"], ["content_length"]),
         ],
         "nan_decision",
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n_dims])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n_dims]),
+         helper.make_tensor_value_info("CONTENT_LENGTH", TensorProto.INT32, [None, 1]),
+         helper.make_tensor_value_info("screened", TensorProto.BOOL, [None, 1])],
         [
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, n_dims]),
             helper.make_tensor_value_info("final_scores", TensorProto.FLOAT, [None, n_dims]),
@@ -270,6 +274,8 @@ def _nan_decision(path: Path, n_dims: int) -> None:
             helper.make_tensor_value_info("gatekeeper_applied", TensorProto.BOOL, [None, 1]),
             helper.make_tensor_value_info("raw_weighted_average", TensorProto.FLOAT, [None, 1]),
             helper.make_tensor_value_info("tier", TensorProto.INT32, [None, 1]),
+            helper.make_tensor_value_info("short_content_cap_applied", TensorProto.BOOL, [None, 1]),
+            helper.make_tensor_value_info("content_length", TensorProto.INT32, [None, 1]),
         ],
         [
             helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),
