@@ -10,6 +10,7 @@ filterserve's core, so scoring never needs torch. The modules, by job:
   failure means, and what it serves (read once, shared by the clients on that connection);
 - ``concurrency``: many articles in flight, longest first, results in input order;
 - ``filter_client``: one filter; ``multi``: several filters; ``servers``: several servers;
+- ``production``: a drop-in for the filters' production scorer (its result dicts, its calls);
 - ``ray_data``: Ray Data batch scoring; ``cli``: ``filterserve score``.
 """
 

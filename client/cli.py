@@ -70,9 +70,10 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=defaults.RETRIES, help="retries while the server is unreachable")
     parser.add_argument(
         "--schema", choices=SCHEMAS, default=defaults.SCHEMA,
-        help="the object written under each filter's name: filterserve's (raw and final scores, tier, tokens), "
-        "or production: exactly the production scorer's fields (scores calibrated and clamped, weighted_average, tier, "
-        "tier_description, gatekeeper_applied, and raw_weighted_average where the filter normalizes)",
+        help="the object written under each filter's name: filterserve's (raw and final scores, tier, tokens, the stamps), "
+        "or production: exactly the production scorer's dict, in its order (passed_prefilter, prefilter_reason, scores "
+        "calibrated and clamped, weighted_average, tier, tier_description, gatekeeper_applied, content_length, "
+        "short_content_cap_applied, stage_used, stage1_estimate, raw_weighted_average, normalization_method, version)",
     )
 
 

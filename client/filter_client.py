@@ -16,10 +16,12 @@ from tokenizers import Tokenizer
 from filterserve.client.concurrency import Scorer
 from filterserve.client.endpoint import Protocol, Served, TritonEndpoint
 from filterserve.client.errors import ClientError, ServerUnavailable
-from filterserve.client.items import Item, article_inputs
+from filterserve.client.items import Item, article_inputs, content_length
 from filterserve.client.results import FilterResult
 from filterserve.contract import (
     CONTENT,
+    CONTENT_LENGTH,
+    CONTENT_LENGTH_INPUT,
     DECISION_OUTPUTS,
     ENSEMBLE_OUTPUTS,
     FILTER_INDEX,
@@ -27,11 +29,13 @@ from filterserve.contract import (
     LOGITS,
     N_TOKENS,
     SCORES,
+    SCREENED,
     TENSOR_OUTPUTS,
     TEXT,
     TITLE,
     TOKEN_INPUTS,
     TRUNCATED,
+    UNKNOWN_CONTENT_LENGTH,
     WEIGHTED_SCORE,
 )
 from filterserve.filters import FilterSpec
@@ -91,6 +95,8 @@ class FilterClient(Scorer):
         declared = {output.get("name") for output in config.get("output", [])}
         self._outputs = [name for name in ENSEMBLE_OUTPUTS if name in declared] or list(ENSEMBLE_OUTPUTS)
         self._decision_outputs = [name for name in DECISION_OUTPUTS if name in self._outputs]
+        # A repository exported before the current rules (issue 26) takes no content length.
+        self._measures = CONTENT_LENGTH in self._outputs
 
         # A shared-base group's member: its tokenizer step tells the group's tensor model which filter a row is.
         indexing = next((step["model_name"] for step in steps if FILTER_INDEX in step.get("output_map", {})), None)
@@ -172,14 +178,17 @@ class FilterClient(Scorer):
 
     def score_item(self, item: Item) -> FilterResult:
         inputs = article_inputs(item)
+        length = content_length(item)
         if self._tokenizer is not None:
             text = inputs[TEXT] if TEXT in inputs else self.spec.input_text(inputs[TITLE], inputs[CONTENT])
             cut = False
             if self.spec.head_tail is not None:
                 text, cut = self.spec.head_tail.apply(text, self._counting)
             encoding = self._tokenizer.encode(text)
-            return self.score_tokens(encoding.ids, truncated=cut or bool(encoding.overflowing))
+            return self.score_tokens(encoding.ids, truncated=cut or bool(encoding.overflowing), content_length=length)
         data = {name: np.array([[value.encode("utf-8")]], dtype=object) for name, value in inputs.items()}
+        if self._measures and length != len(inputs.get(CONTENT, inputs.get(TEXT, ""))):  # a record's text: production measures it
+            data[CONTENT_LENGTH_INPUT] = np.array([[length]], dtype=np.int32)
         return FilterResult.from_outputs(self.endpoint.infer(self.model, data, self._outputs), self.spec, self.model)
 
     def score_batch(self, items: Sequence[Item]) -> list[FilterResult]:
@@ -197,10 +206,13 @@ class FilterClient(Scorer):
         return [FilterResult.from_outputs({name: value[row] for name, value in outputs.items()}, self.spec, self.model)
                 for row in range(len(inputs))]
 
-    def score_tokens(self, input_ids: Sequence[int], truncated: bool = False) -> FilterResult:
+    def score_tokens(self, input_ids: Sequence[int], truncated: bool = False,
+                     content_length: int = UNKNOWN_CONTENT_LENGTH) -> FilterResult:
         """Scores token ids on the tensor model, then the decision step; ids must come from the filter's tokenizer.
 
-        Ids past max_length are cut here (and the result says ``truncated``).
+        Ids past max_length are cut here (and the result says ``truncated``). ``content_length``:
+        the article's, for the short-content cap; without it none applies, as production applies
+        none to a row it never measured.
         """
         if not input_ids or not self.tensor_model or not self.decision_model:
             raise ClientError("bad input: no tokens" if not input_ids else f"model {self.model} has no tensor model step")
@@ -210,7 +222,10 @@ class FilterClient(Scorer):
         if self._filter_index is not None:
             feeds[FILTER_INDEX] = np.array([[self._filter_index]], dtype=np.int64)
         tensor = self.endpoint.infer(self.tensor_model, feeds, TENSOR_OUTPUTS)
-        decided = self.endpoint.infer(self.decision_model, {LOGITS: tensor[LOGITS].astype(np.float32)}, self._decision_outputs)
+        rows = {LOGITS: tensor[LOGITS].astype(np.float32)}
+        if self._measures:
+            rows.update({CONTENT_LENGTH_INPUT: np.array([[content_length]], dtype=np.int32), SCREENED: np.array([[False]])})
+        decided = self.endpoint.infer(self.decision_model, rows, self._decision_outputs)
         # The outputs as the ensemble would name them: its SCORES are the tensor model's logits (a group's
         # are as wide as its widest member: this filter's are the first columns).
         outputs = {SCORES: tensor[LOGITS][..., : self.spec.num_labels], WEIGHTED_SCORE: tensor[WEIGHTED_SCORE], **decided,

@@ -40,6 +40,17 @@ def article_inputs(item: Item) -> dict[str, str]:
     return {TITLE: title, CONTENT: content}
 
 
+def content_length(item: Item) -> int:
+    """Characters of the item's content as the production scorer stamps them
+    (``BasePreFilter.content_length``: a record's ``text``, else its ``content``); a joined text is its own."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, tuple):
+        return len(item[1])
+    text = item.get("text")
+    return len(text) if isinstance(text, str) and text else len(item["content"])
+
+
 def _check_encodable(name: str, value: str) -> None:
     """JSON may escape a lone surrogate (``"\\ud800"``): a str that has no UTF-8 bytes to send."""
     try:

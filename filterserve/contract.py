@@ -35,15 +35,16 @@ GROUP_ADAPTERS = "adapters"
 # that also feeds a later step twice, so a client asking for a subset of the outputs got "unexpected
 # deadlock". No ensemble output feeds another step.
 SCORES = "scores"
-# WEIGHTED_AVERAGE: after the gatekeepers, and normalized where the filter has a normalization;
-# RAW_WEIGHTED_AVERAGE: the same before the normalization (equal to it without one); TIER: INT32,
-# the index into the filter's ordered tiers (its FILTER_PARAMETER lists their names and
-# descriptions) of the first one WEIGHTED_AVERAGE reaches, or NO_TIER_INDEX when none is reached.
+# WEIGHTED_AVERAGE: after the gatekeepers and the short-content cap, and normalized where the
+# filter has a normalization; RAW_WEIGHTED_AVERAGE: the same before the normalization (equal to it
+# without one); TIER: INT32, the index into the filter's ordered tiers (its FILTER_PARAMETER lists
+# their names and descriptions) of the first one RAW_WEIGHTED_AVERAGE reaches (the op-point on the
+# calibrated raw average; the normalization only ranks), or NO_TIER_INDEX when none is reached.
 FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED = "final_scores", "weighted_average", "gatekeeper_applied"
 RAW_WEIGHTED_AVERAGE, TIER = "raw_weighted_average", "tier"
 NO_TIER_INDEX = -1
-DECISION_OUTPUTS = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED, RAW_WEIGHTED_AVERAGE, TIER)
-ENSEMBLE_OUTPUTS = (SCORES, WEIGHTED_SCORE, *DECISION_OUTPUTS, N_TOKENS, TRUNCATED)
+DECISION_OUTPUTS: tuple[str, ...] = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED, RAW_WEIGHTED_AVERAGE, TIER)
+ENSEMBLE_OUTPUTS: tuple[str, ...] = (SCORES, WEIGHTED_SCORE, *DECISION_OUTPUTS, N_TOKENS, TRUNCATED)
 # The ensemble's config parameter holding the filter description as JSON: clients read the
 # dimensions, weights, template and rules from the server rather than from a local copy.
 FILTER_PARAMETER = "filter"
@@ -113,3 +114,27 @@ DETERMINISM_TOLERANCE = 1e-4
 # stand-in backend runs each of their rows alone, cut to its own tokens (read from the tensor model's
 # "precision" parameter). OpenVINO's int8 is calibrated (static scales) and batches freely.
 PER_RUN_SCALED_PRECISIONS = frozenset({"int8"})
+
+
+# --- The current rules (issue 26: the short-content cap, the op-point tier, the stamped fields) ---
+# CONTENT_LENGTH, INT32 [1]: characters (code points) of the article's content, as the production
+# scorer stamps it (BasePreFilter.content_length: the record's ``text``, else its ``content``).
+# The tokenizer step measures CONTENT (or the joined TEXT), unless the request sends the ensemble's
+# optional CONTENT_LENGTH_INPUT (a record whose ``text`` field production measures instead); the
+# decision step reads it as CONTENT_LENGTH_INPUT for the short-content cap and answers it as
+# CONTENT_LENGTH (sent in upper case, answered in lower case, as TEXT is sent and scores answered).
+# UNKNOWN_CONTENT_LENGTH (token ids sent without their text) applies no cap, as the scorer applies
+# none to a row it never stamped.
+CONTENT_LENGTH, CONTENT_LENGTH_INPUT = "content_length", "CONTENT_LENGTH"
+UNKNOWN_CONTENT_LENGTH = -1
+# SCREENED, BOOL [1], a decision-step input: the row's scores are the stage-1 probe's (the hybrid's
+# stage1_low rows), which production clamps but neither calibrates nor gates (HybridScorer: no
+# gatekeeper on stage 1); the short-content cap and the tier still apply. The tokenizer step sends
+# false for every row it tokenizes.
+SCREENED = "screened"
+DECISION_INPUTS = (LOGITS, CONTENT_LENGTH_INPUT, SCREENED)
+# SHORT_CONTENT_CAP_APPLIED, BOOL [1]: the short-content cap lowered the average.
+SHORT_CONTENT_CAP_APPLIED = "short_content_cap_applied"
+# Extended here rather than above, so that the parts of issue 26 merge cleanly.
+DECISION_OUTPUTS = (*DECISION_OUTPUTS, SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)
+ENSEMBLE_OUTPUTS = (*ENSEMBLE_OUTPUTS, SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)

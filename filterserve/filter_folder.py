@@ -10,8 +10,8 @@ several files, and the production system reads them this way:
   no scoring code reads config.yaml's tiers, and config.yaml has shipped stale values (a tier of
   3.75 against a live 4.0). It is read here with :mod:`ast`, never imported or executed (it
   imports torch and the filter's prefilter).
-- ``config.yaml``: documentation, except ``preprocessing.head_tail``, which the base scorer does
-  read (``_load_preprocessing_config``), and ``scoring.score_scale_factor``, the consuming
+- ``config.yaml``: documentation, except ``preprocessing.head_tail`` and ``short_content``, which
+  the base scorer does read (``_load_preprocessing_config``), and ``scoring.score_scale_factor``, the consuming
   service's fallback normalization. Everything else in it is compared with base_scorer.py, and
   every disagreement is reported; base_scorer.py wins. A folder without base_scorer.py (uplifting
   v4's, from before the common scorer) takes its rules from config.yaml alone, gatekeeper
@@ -41,6 +41,7 @@ from filterserve.filters import (
     Gatekeeper,
     HeadTail,
     Normalization,
+    ShortContent,
     Tier,
     breakpoints_from,
     calibration_dimensions,
@@ -336,6 +337,19 @@ class _Reader:
             raise FilterServeError(f"{self.path / CONFIG} preprocessing: {exc}") from None
         return made
 
+    def short_content(self) -> ShortContent | None:
+        """config.yaml ``short_content: {min_chars, cap}``: off without a cap (``_load_short_content_config``)."""
+        entry = self.config.get("short_content")
+        if not entry:
+            return None
+        try:
+            made = ShortContent.from_dict(entry)
+        except FilterServeError as exc:
+            raise FilterServeError(f"{self.path / CONFIG} {exc}") from None
+        if made is not None:
+            self.notes.append(f"short-content cap: content under {made.min_chars:g} characters caps the average at {made.cap:g}")
+        return made
+
     def max_length(self) -> int:
         value = self.constant("MAX_TOKEN_LENGTH")
         if value is None:
@@ -454,6 +468,8 @@ def read_filter_folder(path: str | Path) -> FilterFolder:
             head_tail=reader.head_tail(),
             tiers=reader.tiers(),
             normalization=reader.normalization(),
+            short_content=reader.short_content(),
+            version=reader.filter_version,
         )
     except FilterServeError as exc:
         raise FilterServeError(f"filter folder {path}: {exc}") from None

@@ -8,7 +8,8 @@ works the same way.
 The description holds the production scorer's whole rulebook (veen-systems/llm-distillery,
 ``filters/common/filter_base_scorer.py`` and the consuming service's normalization): input template
 and head+tail cut, per-dimension calibration, clamp, weighted average, any number of gatekeepers,
-an optional normalization of the average, and ordered tiers read on the final average. A filter
+an optional short-content cap, ordered tiers read on the calibrated raw average, and an optional
+normalization of that average (ranking metadata, never a second cut). A filter
 folder as it ships (config.yaml, base_scorer.py, calibration.json, normalization.json) is turned
 into one by :mod:`filterserve.filter_folder`.
 """
@@ -141,7 +142,7 @@ class HeadTail:
 
 @dataclass(frozen=True)
 class Tier:
-    """One entry of the ordered tier list: an article is in the first tier whose threshold its final average reaches."""
+    """One entry of the ordered tier list: an article is in the first tier whose threshold its raw average reaches."""
 
     name: str
     threshold: float
@@ -157,6 +158,39 @@ class Tier:
         return cls(str(data["name"]), _number(data["threshold"], f"threshold of tier {data['name']!r}"), str(data.get("description", "")))
 
 
+@dataclass(frozen=True)
+class ShortContent:
+    """The production scorer's short-content cap (config.yaml ``short_content: {min_chars, cap}``, #93).
+
+    An article whose ``content_length`` (characters of its content, as
+    ``BasePreFilter.content_length`` counts them) is below ``min_chars`` has its weighted average
+    lowered to ``cap``: after the gatekeeper, before the tier, and on stage-1 rows as well
+    (``FilterBaseScorer._apply_short_content_cap``). Without a ``cap`` there is no rule (None).
+    """
+
+    cap: float
+    min_chars: float = 300.0
+
+    def check(self) -> None:
+        for what, value in (("cap", self.cap), ("min_chars", self.min_chars)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise FilterServeError(f"short_content {what} must be a finite number, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cap": self.cap, "min_chars": self.min_chars}
+
+    @classmethod
+    def from_dict(cls, data: object) -> ShortContent | None:
+        """``{"min_chars": 300, "cap": 2.0}``; a missing or null cap is no rule, as the scorer reads it."""
+        if not isinstance(data, dict):
+            raise FilterServeError(f'short_content must be {{"min_chars": 300, "cap": 2.0}}, got {data!r}')
+        if data.get("cap") is None:
+            return None
+        made = cls(data["cap"], data.get("min_chars", 300.0))
+        made.check()
+        return cls(float(made.cap), float(made.min_chars))
+
+
 # What the production scorer answers when no tier's threshold is reached (its ``_assign_tier``);
 # the server's tier output is then contract.NO_TIER_INDEX.
 NO_TIER = Tier("low", -math.inf, "No tier matched")
@@ -165,11 +199,12 @@ NORMALIZATION_METHODS = ("percentile", "linear")
 
 @dataclass(frozen=True)
 class Normalization:
-    """The consuming service's normalization of the (gated) weighted average, before the tier.
+    """The consuming service's normalization of the (gated, capped) weighted average: ranking metadata.
 
     ``percentile``: ``np.interp(average, x, y)`` (flat past the ends; a non-finite average → 0);
-    ``linear``: ``min(10, average × score_scale_factor)``. The tier is then assigned on the
-    normalized average; the average before it is served as ``raw_weighted_average``.
+    ``linear``: ``min(10, average × score_scale_factor)``. The tier is not re-assigned on it: it
+    stays the op-point tier of the calibrated raw average (ADR-022, NM#280), which is served as
+    ``raw_weighted_average``.
     """
 
     method: str
@@ -208,6 +243,15 @@ class Normalization:
         made.check()
         return made
 
+    @property
+    def method_name(self) -> str:
+        """The consumer's ``normalization_method`` for this rule (``"none"`` stands for no rule)."""
+        return {"percentile": "percentile", "linear": "scale_factor"}[self.method]
+
+
+# The consumer's normalization_method for a filter without a normalization.
+NO_NORMALIZATION = "none"
+
 
 @dataclass(frozen=True)
 class FilterSpec:
@@ -226,9 +270,14 @@ class FilterSpec:
     calibration: tuple[tuple[str, Breakpoints], ...] = field(default=())
     # None: the text is truncated from the right only (what uplifting v4 was trained on).
     head_tail: HeadTail | None = None
-    # In order: the first whose threshold the final average reaches.
+    # In order: the first whose threshold the calibrated raw average (after the gatekeeper and the
+    # short-content cap, before any normalization) reaches: the op-point decides once.
     tiers: tuple[Tier, ...] = ()
     normalization: Normalization | None = None
+    # None: no short-content cap (every live filter today).
+    short_content: ShortContent | None = None
+    # The filter's version string as its scorer stamps it (base_scorer.py FILTER_VERSION, "3.0").
+    version: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -276,6 +325,13 @@ class FilterSpec:
                 raise FilterServeError(f"threshold of tier {tier.name!r} must be finite, got {tier.threshold}")
         if self.normalization is not None:
             self.normalization.check()
+        if self.short_content is not None:
+            self.short_content.check()
+
+    @property
+    def normalization_method(self) -> str:
+        """What the consumer stamps as ``normalization_method``: percentile, scale_factor or none."""
+        return self.normalization.method_name if self.normalization else NO_NORMALIZATION
 
     def _check_template(self) -> None:
         try:
@@ -344,11 +400,13 @@ class FilterSpec:
             "calibration": {d: {"x": list(p.x), "y": list(p.y)} for d, p in self.calibration} or None,
             "normalization": self.normalization.to_dict() if self.normalization else None,
             "tiers": [t.to_dict() for t in self.tiers],
+            "short_content": self.short_content.to_dict() if self.short_content else None,
+            "version": self.version,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "filter description") -> FilterSpec:
-        """Also reads records written before head_tail, tiers and normalization (and with one ``gatekeeper``)."""
+        """Also reads records written before head_tail, tiers, normalization, short_content and version (and with one ``gatekeeper``)."""
         try:
             dims = data["dimensions"]
             if "gatekeepers" in data:
@@ -367,6 +425,8 @@ class FilterSpec:
                 head_tail=HeadTail.from_dict(data["head_tail"]) if data.get("head_tail") else None,
                 tiers=tuple(Tier.from_dict(t) for t in data.get("tiers") or ()),
                 normalization=Normalization.from_dict(data["normalization"]) if data.get("normalization") else None,
+                short_content=ShortContent.from_dict(data["short_content"]) if data.get("short_content") else None,
+                version=None if data.get("version") is None else str(data["version"]),
             )
         except FilterServeError as exc:
             raise FilterServeError(f"{source}: {exc}") from None
@@ -450,4 +510,6 @@ UPLIFTING_V4 = FilterSpec(
         Tier("connection", 4.0, "Moderate collective benefit or connection"),
         Tier("not_uplifting", 0.0, "Low collective benefit"),
     ),
+    # filters/uplifting/v4/config.yaml, filter.version.
+    version="4.0",
 )

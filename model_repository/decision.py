@@ -1,11 +1,17 @@
 """The filter's decision as a tiny ONNX graph: raw scores → what consumers read.
 
-The production scorer (``filters/common/filter_base_scorer.py``) turns the raw outputs into, in
-this order: per-dimension calibration (isotonic breakpoints, linear interpolation, flat past the
-ends; a non-finite raw score on a calibrated dimension becomes 0), a clamp to [0, 10], the weighted
-average of the clamped scores, and the gatekeepers' caps; its consumer then normalizes that average
-where the filter has a normalization (a percentile lookup, or a linear scale factor) and assigns
-the tier on the result. Doing this as its own small ONNX model (not inside the 6 GB tensor model,
+The production scorer (``filters/common/filter_base_scorer.py`` @4d17e75, ``_process_raw_scores``)
+turns the raw outputs into, in this order: per-dimension calibration (isotonic breakpoints, linear
+interpolation, flat past the ends; a non-finite raw score on a calibrated dimension becomes 0), a
+clamp to [0, 10], the weighted average of the clamped scores, the gatekeepers' caps, the
+short-content cap (``_apply_short_content_cap``: content shorter than ``min_chars`` characters caps
+the average at ``cap``), and the tier on that calibrated raw average (``_assign_tier``: the
+op-point decides once, ADR-022 and NM#280). Its consumer then normalizes the average where the
+filter has a normalization (a percentile lookup, or a linear scale factor): ranking metadata that
+moves ``weighted_average`` and never the tier. A stage-1 row of the hybrid (``screened``: the
+probe's scores) is clamped, averaged, capped for short content and tiered, but neither calibrated
+nor gated, as ``HybridScorer.score_batch`` treats it; one graph serves both kinds of rows.
+Doing this as its own small ONNX model (not inside the 6 GB tensor model,
 not in a Python step) means: it runs in Triton's C++ ONNX Runtime backend in NVIDIA's container at
 microsecond cost; a new calibration rewrites a few kilobytes instead of re-exporting the model; and
 parity stays on the raw scores, since calibration is a deliberate change, not drift.
@@ -19,12 +25,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from filterserve.contract import (
+    CONTENT_LENGTH,
+    CONTENT_LENGTH_INPUT,
     FINAL_SCORES,
     GATEKEEPER_APPLIED,
     LOGITS,
     NO_TIER_INDEX,
     RAW_WEIGHTED_AVERAGE,
     SCORES,
+    SCREENED,
+    SHORT_CONTENT_CAP_APPLIED,
     TIER,
     WEIGHTED_AVERAGE,
     decision_model,
@@ -93,19 +103,24 @@ class _Graph:
         return n("Where", [c("is_calibrated", mask, bool), interpolated, value], "out")
 
 
+def _all_false(g: _Graph, like: str, output: str) -> str:
+    """``output``: BOOL false, shaped as ``like`` [B, 1] (a flag no rule of this filter can raise)."""
+    from onnx import TensorProto, helper
+
+    shape = g.node("Shape", [like], f"{output}_shape")
+    g.nodes.append(helper.make_node("ConstantOfShape", [shape], [output],
+                                    value=helper.make_tensor("false", TensorProto.BOOL, [1], [False])))
+    return output
+
+
 def _gatekeepers(g: _Graph, spec: FilterSpec, final: str, average: str) -> tuple[str, str]:
     """Every gatekeeper's cap where its rule holds: the average is lowered to the lowest such cap.
 
     Applying the production scorer's caps one after another gives the same, in any order:
-    ``gatekeeper_applied`` is true when some cap lowered the average.
+    ``gatekeeper_applied`` is true when some cap lowered the average. A screened row is never gated.
     """
     if not spec.gatekeepers:
-        shape = g.node("Shape", [average], "average_shape")
-        from onnx import TensorProto, helper
-
-        g.nodes.append(helper.make_node("ConstantOfShape", [shape], [GATEKEEPER_APPLIED],
-                                        value=helper.make_tensor("false", TensorProto.BOOL, [1], [False])))
-        return average, GATEKEEPER_APPLIED
+        return average, _all_false(g, average, GATEKEEPER_APPLIED)
     columns: dict[str, str] = {}
 
     def column(dim: str) -> str:
@@ -126,9 +141,26 @@ def _gatekeepers(g: _Graph, spec: FilterSpec, final: str, average: str) -> tuple
             gated = g.node("And", [gated, g.node("Not", [exception], f"no_exception_{i}")], f"gated_{i}")
         cap = g.node("Where", [gated, g.const(f"cap_{i}", rule.cap), g.const(f"no_cap_{i}", np.inf)], f"cap_if_gated_{i}")
         lowest = g.node("Min", [lowest, cap], f"lowest_cap_{i}")
+    lowest = g.node("Where", [SCREENED, g.const("not_gated", np.inf), lowest], "gate_cap")
     capped = g.node("Min", [average, lowest], "capped")
     g.node("Greater", [average, lowest], GATEKEEPER_APPLIED)
     return capped, GATEKEEPER_APPLIED
+
+
+def _short_content(g: _Graph, spec: FilterSpec, average: str) -> str:
+    """The short-content cap: a known length under ``min_chars`` lowers an average above ``cap`` to it."""
+    rule = spec.short_content
+    if rule is None:
+        _all_false(g, average, SHORT_CONTENT_CAP_APPLIED)
+        return average
+    from onnx import TensorProto
+
+    length = g.node("Cast", [CONTENT_LENGTH_INPUT], "content_length_f", to=TensorProto.FLOAT)
+    known = g.node("GreaterOrEqual", [length, g.const("no_length", 0.0)], "length_known")
+    short = g.node("And", [known, g.node("Less", [length, g.const("min_chars", rule.min_chars)], "under_min")], "short")
+    cap = g.const("short_cap", rule.cap)
+    g.node("And", [short, g.node("Greater", [average, cap], "above_cap")], SHORT_CONTENT_CAP_APPLIED)
+    return g.node("Where", [SHORT_CONTENT_CAP_APPLIED, cap, average], "short_capped")
 
 
 def _normalize(g: _Graph, spec: FilterSpec, raw: str) -> str:
@@ -160,9 +192,12 @@ def _tier(g: _Graph, spec: FilterSpec, average: str) -> str:
 
 
 def decision_graph(spec: FilterSpec, width: int | None = None) -> ModelProto:
-    """``logits`` FP32 [batch, n] → ``scores`` (the same, passed through for the ensemble),
-    ``final_scores`` [batch, n], ``weighted_average`` [batch, 1], ``gatekeeper_applied`` BOOL [batch, 1],
-    ``raw_weighted_average`` [batch, 1] and ``tier`` INT32 [batch, 1] (see contract.py).
+    """``logits`` FP32 [batch, n], ``CONTENT_LENGTH`` INT32 [batch, 1] and ``screened`` BOOL [batch, 1]
+    → ``scores`` (the logits, passed through for the ensemble), ``final_scores`` [batch, n],
+    ``weighted_average`` [batch, 1] (normalized where the filter normalizes), ``gatekeeper_applied``
+    BOOL [batch, 1], ``raw_weighted_average`` [batch, 1] (gated and capped: what the tier reads),
+    ``tier`` INT32 [batch, 1], ``short_content_cap_applied`` BOOL [batch, 1] and ``content_length``
+    INT32 [batch, 1] (the length read, passed through for the ensemble; see contract.py).
 
     ``width``: the tensor model's ``logits`` are that wide (a shared-base group's widest member);
     this filter's scores are the first n columns."""
@@ -178,14 +213,17 @@ def decision_graph(spec: FilterSpec, width: int | None = None) -> ModelProto:
     scores = g.node("Identity", [own], SCORES)
     if spec.calibration:
         calibrated = dict(spec.calibration)
-        scores = g.interpolate(scores, [calibrated.get(dim) for dim in spec.dimensions], "calibration")
+        mapped = g.interpolate(scores, [calibrated.get(dim) for dim in spec.dimensions], "calibration")
+        scores = g.node("Where", [SCREENED, scores, mapped], "calibrated")  # a probe's scores are not calibrated
     low, high = SCORE_RANGE
     final = g.node("Clip", [scores, g.const("low", low), g.const("high", high)], FINAL_SCORES)
     weights = np.asarray(spec.weights, dtype=np.float64)
     average = g.node("MatMul", [final, g.const("weights", (weights / weights.sum()).reshape(n, 1))], "average")
     gated, _ = _gatekeepers(g, spec, final, average)
-    g.node("Identity", [gated], RAW_WEIGHTED_AVERAGE)
-    _tier(g, spec, _normalize(g, spec, gated))
+    raw = g.node("Identity", [_short_content(g, spec, gated)], RAW_WEIGHTED_AVERAGE)
+    _tier(g, spec, raw)
+    _normalize(g, spec, raw)
+    g.node("Identity", [CONTENT_LENGTH_INPUT], CONTENT_LENGTH)
 
     def output(name: str, kind: int, width: int) -> ValueInfoProto:
         return helper.make_tensor_value_info(name, kind, ["batch", width])
@@ -193,7 +231,8 @@ def decision_graph(spec: FilterSpec, width: int | None = None) -> ModelProto:
     graph = helper.make_graph(
         g.nodes,
         decision_model(spec.name),
-        [output(LOGITS, TensorProto.FLOAT, width)],
+        [output(LOGITS, TensorProto.FLOAT, width), output(CONTENT_LENGTH_INPUT, TensorProto.INT32, 1),
+         output(SCREENED, TensorProto.BOOL, 1)],
         [
             output(SCORES, TensorProto.FLOAT, n),
             output(FINAL_SCORES, TensorProto.FLOAT, n),
@@ -201,6 +240,8 @@ def decision_graph(spec: FilterSpec, width: int | None = None) -> ModelProto:
             output(GATEKEEPER_APPLIED, TensorProto.BOOL, 1),
             output(RAW_WEIGHTED_AVERAGE, TensorProto.FLOAT, 1),
             output(TIER, TensorProto.INT32, 1),
+            output(SHORT_CONTENT_CAP_APPLIED, TensorProto.BOOL, 1),
+            output(CONTENT_LENGTH, TensorProto.INT32, 1),
         ],
         g.inits,
     )

@@ -129,9 +129,11 @@ def _add_tensor(tensors, name: str, data_type: int, dims: list[int], optional: b
 
 
 def _add_text_inputs(config: mc.ModelConfig) -> None:
-    """TEXT, or TITLE + CONTENT: each optional, the tokenizer step says which combination is missing."""
+    """TEXT, or TITLE + CONTENT: each optional, the tokenizer step says which combination is missing;
+    CONTENT_LENGTH optional too (else the step measures the content)."""
     for name in contract.TEXT_INPUTS:
         _add_tensor(config.input, name, mc.TYPE_STRING, [1], optional=True)
+    _add_tensor(config.input, contract.CONTENT_LENGTH_INPUT, mc.TYPE_INT32, [1], optional=True)
 
 
 def _add_decision_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
@@ -142,6 +144,8 @@ def _add_decision_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
         contract.GATEKEEPER_APPLIED: (mc.TYPE_BOOL, 1),
         contract.RAW_WEIGHTED_AVERAGE: (mc.TYPE_FP32, 1),
         contract.TIER: (mc.TYPE_INT32, 1),
+        contract.SHORT_CONTENT_CAP_APPLIED: (mc.TYPE_BOOL, 1),
+        contract.CONTENT_LENGTH: (mc.TYPE_INT32, 1),
     }
     for name in contract.DECISION_OUTPUTS:
         data_type, width = kinds[name]
@@ -157,6 +161,8 @@ def tokenizer_config(
         _add_tensor(config.output, name, mc.TYPE_INT64, [-1])
     _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
     _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
+    _add_tensor(config.output, contract.CONTENT_LENGTH, mc.TYPE_INT32, [1])
+    _add_tensor(config.output, contract.SCREENED, mc.TYPE_BOOL, [1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _dynamic_batching(config, max_batch_size, TOKENIZER_QUEUE_DELAY_US)
     _set_params(config, {
@@ -184,6 +190,8 @@ def decision_config(spec: FilterSpec, *, max_batch_size: int) -> mc.ModelConfig:
         default_model_filename="model.onnx",
     )
     _add_tensor(config.input, contract.LOGITS, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.input, contract.CONTENT_LENGTH_INPUT, mc.TYPE_INT32, [1])
+    _add_tensor(config.input, contract.SCREENED, mc.TYPE_BOOL, [1])
     _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
     _add_decision_outputs(config, spec)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
@@ -274,11 +282,14 @@ def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str)
     _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
     _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
     tokens = {name: f"_{name}" for name in contract.TOKEN_INPUTS}
+    # The length and the row kind go to the decision step, which answers the length (no ensemble
+    # output may feed a step, contract.py).
+    rows = {contract.CONTENT_LENGTH: f"_{contract.CONTENT_LENGTH}", contract.SCREENED: f"_{contract.SCREENED}"}
     config.ensemble_scheduling.step.add(
         model_name=contract.tokenizer_model(spec.name),
         model_version=-1,
-        input_map={name: name for name in contract.TEXT_INPUTS},
-        output_map={**tokens, contract.N_TOKENS: contract.N_TOKENS, contract.TRUNCATED: contract.TRUNCATED},
+        input_map={name: name for name in (*contract.TEXT_INPUTS, contract.CONTENT_LENGTH_INPUT)},
+        output_map={**tokens, **rows, contract.N_TOKENS: contract.N_TOKENS, contract.TRUNCATED: contract.TRUNCATED},
     )
     config.ensemble_scheduling.step.add(
         model_name=tensor_model,
@@ -289,7 +300,8 @@ def ensemble_config(spec: FilterSpec, *, max_batch_size: int, tensor_model: str)
     config.ensemble_scheduling.step.add(  # SCORES too: no ensemble output may feed a step (contract.py)
         model_name=contract.decision_model(spec.name),
         model_version=-1,
-        input_map={contract.LOGITS: f"_{contract.LOGITS}"},
+        input_map={contract.LOGITS: f"_{contract.LOGITS}", contract.CONTENT_LENGTH_INPUT: rows[contract.CONTENT_LENGTH],
+                   contract.SCREENED: rows[contract.SCREENED]},
         output_map={name: name for name in (contract.SCORES, *contract.DECISION_OUTPUTS)},
     )
     # Clients read the filter (dimensions, weights, template, rules) from the server's config.

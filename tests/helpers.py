@@ -16,16 +16,37 @@ import psutil
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from filterserve.contract import FINAL_SCORES, GATEKEEPER_APPLIED, SCORES, TEXT, WEIGHTED_AVERAGE
+from filterserve.contract import (
+    CONTENT_LENGTH_INPUT,
+    FINAL_SCORES,
+    GATEKEEPER_APPLIED,
+    LOGITS,
+    SCORES,
+    SCREENED,
+    TEXT,
+    UNKNOWN_CONTENT_LENGTH,
+    WEIGHTED_AVERAGE,
+)
 from filterserve.filters import FilterSpec
 from filterserve.serve import TritonServer
 from filterserve.serve.process import live_stubs
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
+# The dict production returns per article, keys in its order: FilterBaseScorer._create_empty_result
+# (filter_base_scorer.py @4d17e75), then HybridScorer's stage keys, then the consumer's three.
+PRODUCTION_KEYS = ("passed_prefilter", "prefilter_reason", "scores", "weighted_average", "tier", "tier_description",
+                   "gatekeeper_applied", "content_length", "short_content_cap_applied", "stage_used", "stage1_estimate",
+                   "raw_weighted_average", "normalization_method", "version")
 # What Triton answers a request it refuses as bad input, per protocol.
 BAD_REQUEST = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 
 T = TypeVar("T")
+
+
+def model_rows(raw: np.ndarray, content_length: int = UNKNOWN_CONTENT_LENGTH) -> dict[str, np.ndarray]:
+    """The decision step's feeds for stage-2 rows (model scores, not screened) of one content length."""
+    rows = (raw.shape[0], 1)
+    return {LOGITS: raw, CONTENT_LENGTH_INPUT: np.full(rows, content_length, dtype=np.int32), SCREENED: np.zeros(rows, dtype=bool)}
 
 
 def decide(spec: FilterSpec, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,7 +58,7 @@ def decide(spec: FilterSpec, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     session = ort.InferenceSession(decision_graph(spec).SerializeToString(), providers=["CPUExecutionProvider"])
     raw = np.asarray(rows, dtype=np.float32)
-    scores, final, average, applied = session.run([SCORES, FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED], {"logits": raw})
+    scores, final, average, applied = session.run([SCORES, FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED], model_rows(raw))
     assert (scores == raw).all()  # passed through for the ensemble, unchanged
     return final, average[:, 0], applied[:, 0]
 

@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MIXED_ARTICLES
-from helpers import decide
+from helpers import PRODUCTION_KEYS, decide
 
 from filterserve.client import ClientError, FilterClient, FilterResult, ScoreError, ServerUnavailable
 from filterserve.contract import (
+    CONTENT_LENGTH,
     ENSEMBLE_OUTPUTS,
     FINAL_SCORES,
     GATEKEEPER_APPLIED,
     N_TOKENS,
     RAW_WEIGHTED_AVERAGE,
     SCORES,
+    SHORT_CONTENT_CAP_APPLIED,
     TIER,
     TRUNCATED,
     WEIGHTED_AVERAGE,
@@ -84,13 +86,17 @@ def test_scores_match_the_reference(client, reference):
         assert result.gatekeeper_applied == bool(applied[i])
         assert list(result.as_dict()) == [
             "scores", "weighted_score", "final_scores", "weighted_average", "raw_weighted_average", "tier", "tier_description",
-            "gatekeeper_applied", "n_tokens", "truncated",
+            "gatekeeper_applied", "n_tokens", "truncated", "content_length", "short_content_cap_applied",
+            "normalization_method", "stage_used", "stage1_estimate", "version",
         ]
+        # The stamps (issue 26): the content measured as production measures it; no hybrid here.
+        assert result.content_length == len(articles[i]["content"]) and not result.short_content_cap_applied
+        assert (result.stage_used, result.stage1_estimate, result.normalization_method, result.version) == ("stage2", None, "none", "4.0")
         # Uplifting v4 has tiers and no normalization: the tier is read on the (raw) average.
         assert result.raw_weighted_average == result.weighted_average
         reached = next(t for t in UPLIFTING_V4.tiers if result.weighted_average >= t.threshold)
         assert (result.tier, result.tier_description) == (reached.name, reached.description)
-        assert list(result.as_dict("production")) == ["scores", "weighted_average", "tier", "tier_description", "gatekeeper_applied"]
+        assert list(result.as_dict("production")) == list(PRODUCTION_KEYS)
         assert result.as_dict("production")["scores"] == result.final_scores
         assert list(result.as_dict()["scores"]) == list(client.dimensions)
 
@@ -213,6 +219,8 @@ def test_plain_triton_client_example_prints_what_filter_client_returns(server, a
         TIER: [[t.name for t in UPLIFTING_V4.tiers].index(want.tier)],  # an index into the filter parameter's tiers
         N_TOKENS: [want.n_tokens],
         TRUNCATED: [want.truncated],
+        SHORT_CONTENT_CAP_APPLIED: [want.short_content_cap_applied],
+        CONTENT_LENGTH: [want.content_length],
     }
     assert set(expected) == set(ENSEMBLE_OUTPUTS)  # a new output must be added here, and to the schema
     assert printed == {"dimensions": list(SERVED_DIMENSIONS), **expected}

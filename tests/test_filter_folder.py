@@ -19,7 +19,7 @@ import pytest
 from filterserve.errors import FilterServeError
 from filterserve.filter_folder import read_filter_folder
 from filterserve.filter_loader import load_filter
-from filterserve.filters import UPLIFTING_V4, Breakpoints, Gatekeeper, HeadTail, Normalization, Tier
+from filterserve.filters import UPLIFTING_V4, Breakpoints, FilterSpec, Gatekeeper, HeadTail, Normalization, ShortContent, Tier
 
 DIMS = ("impact", "evidence", "reach")
 
@@ -252,3 +252,27 @@ def test_a_base_scorer_that_cannot_be_read_is_one_clear_line(tmp_path: Path, bas
 def test_a_model_repository_folder_is_still_a_repository(tmp_path: Path):
     with pytest.raises(FilterServeError, match="is not a filterserve model repository"):
         load_filter(tmp_path)
+
+
+# --- the short-content cap and the version (issue 26: the current rules) -----------------------
+
+
+def test_short_content_and_version_are_read_as_the_scorer_reads_them(tmp_path: Path):
+    plain = read_filter_folder(write_folder(tmp_path / "plain")).spec
+    assert plain.short_content is None and plain.version == "7.0"  # FILTER_VERSION, as the consumer stamps it
+    capped = read_filter_folder(write_folder(tmp_path / "capped", config=CONFIG + "short_content:\n  min_chars: 250\n  cap: 2.0\n"))
+    assert capped.spec.short_content == ShortContent(cap=2.0, min_chars=250.0)
+    assert any("short-content cap" in note for note in capped.notes)
+    # min_chars defaults to 300 (_load_short_content_config); no cap, or a null one, is no rule.
+    default = read_filter_folder(write_folder(tmp_path / "default", config=CONFIG + "short_content:\n  cap: 1.5\n")).spec
+    assert default.short_content == ShortContent(cap=1.5, min_chars=300.0)
+    off = read_filter_folder(write_folder(tmp_path / "off", config=CONFIG + "short_content:\n  min_chars: 300\n  cap: null\n")).spec
+    assert off.short_content is None
+    # The description round-trips through its JSON record (what the ensemble's config carries).
+    assert FilterSpec.from_dict(capped.spec.to_dict()) == capped.spec
+
+
+def test_a_bad_short_content_cap_is_refused_naming_the_file(tmp_path: Path):
+    folder = write_folder(tmp_path / "bad", config=CONFIG + "short_content:\n  cap: lots\n")
+    with pytest.raises(FilterServeError, match=r"config.yaml short_content cap must be a finite number"):
+        read_filter_folder(folder)

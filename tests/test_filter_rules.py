@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import model_rows
 
 from filterserve.contract import (
     FINAL_SCORES,
@@ -53,7 +54,7 @@ def run(spec: FilterSpec, rows: list[list[float]]) -> dict[str, np.ndarray]:
 
     session = ort.InferenceSession(decision_graph(spec).SerializeToString(), providers=["CPUExecutionProvider"])
     names = [FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED, RAW_WEIGHTED_AVERAGE, TIER]
-    out = session.run(names, {"logits": np.asarray(rows, dtype=np.float32)})
+    out = session.run(names, model_rows(np.asarray(rows, dtype=np.float32)))
     got = dict(zip(names, out))
     assert got[TIER].dtype == np.int32
     return {name: value[:, 0] if value.shape[1] == 1 else value for name, value in got.items()}
@@ -96,20 +97,21 @@ def test_no_tier_reached_is_the_production_fallback():
         spec.tier(3)
 
 
-def test_percentile_normalization_then_the_tier_on_the_normalized_average():
+def test_percentile_normalization_is_ranking_metadata_the_tier_reads_the_raw_average():
     spec = FilterSpec(
         name="normalized", dimensions=("a", "b"), weights=(0.5, 0.5), tiers=TIERS,
         gatekeepers=(Gatekeeper("a", below=2.0, cap=4.5),),
         normalization=Normalization("percentile", points=Breakpoints((4.0, 6.0, 10.0), (0.0, 5.0, 10.0))),
     )
     got = run(spec, [[3, 3], [5, 5], [6, 8], [10, 10], [12, 12], [1, 10]])
-    # Raw 3 is below x0: y0 = 0. Raw 5: halfway from (4, 0) to (6, 5) = 2.5, tier low although raw 5
-    # would be medium (the tier is re-assigned on the normalized average, by design). Raw 7: 5 + 1.25.
+    # Raw 3 is below x0: y0 = 0. Raw 5: halfway from (4, 0) to (6, 5) = 2.5, and its tier is medium:
+    # the op-point reads the calibrated raw average, the normalized one only ranks (ADR-022, NM#280;
+    # this test pinned the tier on the normalized average before issue 26). Raw 7: 5 + 1.25.
     # Raw 10: the last breakpoint. Raw 12 clamps to 10 first. [1, 10]: raw 5.5 is capped at 4.5 by
-    # the gatekeeper first, then normalized: 0 + 0.5 · 2.5 = 1.25.
+    # the gatekeeper first (medium on 4.5), then normalized: 0 + 0.5 · 2.5 = 1.25.
     np.testing.assert_allclose(got[RAW_WEIGHTED_AVERAGE], [3, 5, 7, 10, 10, 4.5], atol=1e-6)
     np.testing.assert_allclose(got[WEIGHTED_AVERAGE], [0, 2.5, 6.25, 10, 10, 1.25], atol=1e-6)
-    assert [spec.tier(int(i)).name for i in got[TIER]] == ["low", "low", "medium", "high", "high", "low"]
+    assert [spec.tier(int(i)).name for i in got[TIER]] == ["low", "medium", "high", "high", "high", "medium"]
     assert got[GATEKEEPER_APPLIED].tolist() == [False, False, False, False, False, True]
 
 
@@ -119,7 +121,8 @@ def test_linear_normalization_is_capped_at_ten():
     got = run(spec, [[3.2], [4], [8], [9.5]])
     np.testing.assert_allclose(got[WEIGHTED_AVERAGE], [4.0, 5.0, 10.0, 10.0], atol=1e-6)
     np.testing.assert_allclose(got[RAW_WEIGHTED_AVERAGE], [3.2, 4, 8, 9.5], atol=1e-6)
-    assert [spec.tier(int(i)).name for i in got[TIER]] == ["medium", "medium", "high", "high"]
+    # The tier on the raw average: 3.2 stays low although its scaled 4.0 would reach medium.
+    assert [spec.tier(int(i)).name for i in got[TIER]] == ["low", "medium", "high", "high"]
 
 
 def test_a_non_finite_raw_score_on_a_calibrated_dimension_becomes_zero():

@@ -65,9 +65,11 @@ def test_configs_follow_the_contract(toy):
     tokenizer = _config(toy.repo, f"{SPEC.name}_tokenizer")
     assert tokenizer.backend == "python" and tokenizer.max_batch_size == 8
     text_inputs = [(name, mc.TYPE_STRING, [1], True) for name in ("TEXT", "TITLE", "CONTENT")]
+    text_inputs.append(("CONTENT_LENGTH", mc.TYPE_INT32, [1], True))  # production's measure, when sent (issue 26)
     assert [(t.name, t.data_type, list(t.dims), t.optional) for t in tokenizer.input] == text_inputs
     assert [(t.name, t.data_type) for t in tokenizer.output] == [
         ("input_ids", mc.TYPE_INT64), ("attention_mask", mc.TYPE_INT64), ("n_tokens", mc.TYPE_INT32), ("truncated", mc.TYPE_BOOL),
+        ("content_length", mc.TYPE_INT32), ("screened", mc.TYPE_BOOL),
     ]
     assert {k: v.string_value for k, v in tokenizer.parameters.items()} == {
         "max_length": str(SPEC.max_length),
@@ -98,7 +100,7 @@ def test_configs_follow_the_contract(toy):
 
     ensemble = _config(toy.repo, SPEC.name)
     assert ensemble.platform == "ensemble"
-    assert [(t.name, t.optional) for t in ensemble.input] == [("TEXT", True), ("TITLE", True), ("CONTENT", True)]
+    assert [(t.name, t.optional) for t in ensemble.input] == [("TEXT", True), ("TITLE", True), ("CONTENT", True), ("CONTENT_LENGTH", True)]
     steps = [s.model_name for s in ensemble.ensemble_scheduling.step]
     assert steps == [f"{SPEC.name}_tokenizer", f"{SPEC.name}_onnx", f"{SPEC.name}_decision"]
     n = SPEC.num_labels
@@ -110,6 +112,8 @@ def test_configs_follow_the_contract(toy):
         ("gatekeeper_applied", mc.TYPE_BOOL, [1]),
         ("raw_weighted_average", mc.TYPE_FP32, [1]),
         ("tier", mc.TYPE_INT32, [1]),
+        ("short_content_cap_applied", mc.TYPE_BOOL, [1]),
+        ("content_length", mc.TYPE_INT32, [1]),
         ("n_tokens", mc.TYPE_INT32, [1]),
         ("truncated", mc.TYPE_BOOL, [1]),
     ]
@@ -117,9 +121,10 @@ def test_configs_follow_the_contract(toy):
 
     decision = _config(toy.repo, f"{SPEC.name}_decision")
     assert decision.backend == "onnxruntime" and decision.max_batch_size == 8
-    assert [(t.name, list(t.dims)) for t in decision.input] == [("logits", [n])]
+    assert [(t.name, list(t.dims)) for t in decision.input] == [("logits", [n]), ("CONTENT_LENGTH", [1]), ("screened", [1])]
     assert [t.name for t in decision.output] == [
-        "scores", "final_scores", "weighted_average", "gatekeeper_applied", "raw_weighted_average", "tier"
+        "scores", "final_scores", "weighted_average", "gatekeeper_applied", "raw_weighted_average", "tier",
+        "short_content_cap_applied", "content_length",
     ]
     # Triton 2.51 prunes an ensemble wrongly when one of its outputs also feeds a step (contract.py)
     fed = {tensor for step in ensemble.ensemble_scheduling.step for tensor in step.input_map.values()}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MIXED_ARTICLES
+from helpers import PRODUCTION_KEYS
 
 from filterserve.contract import SERVED_TOLERANCE
 from filterserve.data import sample_articles
@@ -23,9 +24,8 @@ from filterserve.filters import UPLIFTING_V4
 from filterserve.serve import TritonServer
 
 RESULT_KEYS = ["scores", "weighted_score", "final_scores", "weighted_average", "raw_weighted_average", "tier",
-               "tier_description", "gatekeeper_applied", "n_tokens", "truncated"]
-# The production scorer's fields (filter_base_scorer.py); uplifting v4 has no normalization, so no raw_weighted_average.
-PRODUCTION_KEYS = ["scores", "weighted_average", "tier", "tier_description", "gatekeeper_applied"]
+               "tier_description", "gatekeeper_applied", "n_tokens", "truncated", "content_length",
+               "short_content_cap_applied", "normalization_method", "stage_used", "stage1_estimate", "version"]
 
 
 def _score(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -80,9 +80,11 @@ def test_the_production_schema_writes_exactly_the_production_scorers_fields(serv
     assert done.returncode == 0, done.stderr
     for line, mine in zip(done.stdout.splitlines(), ours, strict=True):
         produced = json.loads(line)[UPLIFTING_V4.name]
-        assert list(produced) == PRODUCTION_KEYS
+        assert list(produced) == list(PRODUCTION_KEYS)
         assert produced["scores"] == mine["final_scores"]  # production's scores are calibrated and clamped
-        assert {k: produced[k] for k in PRODUCTION_KEYS[1:]} == {k: mine[k] for k in PRODUCTION_KEYS[1:]}
+        shared = [k for k in PRODUCTION_KEYS if k in mine and k != "scores"]
+        assert {k: produced[k] for k in shared} == {k: mine[k] for k in shared}
+        assert (produced["passed_prefilter"], produced["prefilter_reason"]) == (True, None)
         assert produced["tier"] in {t.name for t in UPLIFTING_V4.tiers}
 
 
@@ -258,9 +260,13 @@ def _nan_decision(path: Path, n_dims: int) -> None:
             helper.make_node("Greater", ["weighted_average", "zero"], ["gatekeeper_applied"]),
             helper.make_node("Identity", ["weighted_average"], ["raw_weighted_average"]),
             helper.make_node("Cast", ["gatekeeper_applied"], ["tier"], to=TensorProto.INT32),
+            helper.make_node("Identity", ["screened"], ["short_content_cap_applied"]),
+            helper.make_node("Identity", ["CONTENT_LENGTH"], ["content_length"]),
         ],
         "nan_decision",
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n_dims])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n_dims]),
+         helper.make_tensor_value_info("CONTENT_LENGTH", TensorProto.INT32, [None, 1]),
+         helper.make_tensor_value_info("screened", TensorProto.BOOL, [None, 1])],
         [
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, n_dims]),
             helper.make_tensor_value_info("final_scores", TensorProto.FLOAT, [None, n_dims]),
@@ -268,6 +274,8 @@ def _nan_decision(path: Path, n_dims: int) -> None:
             helper.make_tensor_value_info("gatekeeper_applied", TensorProto.BOOL, [None, 1]),
             helper.make_tensor_value_info("raw_weighted_average", TensorProto.FLOAT, [None, 1]),
             helper.make_tensor_value_info("tier", TensorProto.INT32, [None, 1]),
+            helper.make_tensor_value_info("short_content_cap_applied", TensorProto.BOOL, [None, 1]),
+            helper.make_tensor_value_info("content_length", TensorProto.INT32, [None, 1]),
         ],
         [
             helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),

@@ -1,4 +1,5 @@
-"""Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask, n_tokens, truncated.
+"""Triton Python model: an article (TEXT, or TITLE + CONTENT) → input_ids, attention_mask, n_tokens,
+truncated, and for the decision step content_length and screened.
 
 It runs inside NVIDIA's container as well as beside the pytriton wheel, so it imports only
 ``tokenizers``, numpy and the copies of filterserve's ``contract.py`` (the tensor names) and
@@ -8,6 +9,12 @@ filter's input template and head+tail cut, so a plain Triton caller that sends T
 (or the joined TEXT) gets exactly the input the filter was trained on.
 Special tokens (Gemma's BOS) come from the tokenizer file's post-processor, as transformers adds
 them; padding uses the filter's pad id (Gemma's is 0), which the tensor model's pooling reads.
+
+The content's length is measured here, from the same text the production scorer measures
+(``BasePreFilter.content_length``: Python's ``len`` of the content, in code points; the joined TEXT
+when that is all that was sent), because only this step sees the text; a caller whose record
+carries a ``text`` field, which production measures instead, sends CONTENT_LENGTH. Every row
+tokenized here is a model row, never a stage-1 probe row: ``screened`` is false.
 
 Each request is padded to its own length, rounded up to a bucket: real news is short and uneven,
 and padding one request to another's length computes tokens nobody needs. The tensor model's
@@ -101,8 +108,21 @@ class TritonPythonModel:
         ]
         self.real_tokens, self.computed_tokens = (family.Metric(labels=labels) for family in self.metric_families)
 
-    def _texts(self, request: object) -> list[str]:
-        """The model input of every row: TEXT as sent, or TITLE and CONTENT through the template."""
+    def _lengths(self, request: object, measured: list[int]) -> np.ndarray:
+        """content_length per row: CONTENT_LENGTH as sent, else the content measured."""
+        tensor = pb_utils.get_input_tensor_by_name(request, contract.CONTENT_LENGTH_INPUT)
+        if tensor is None:
+            return np.array(measured, dtype=np.int32).reshape(-1, 1)
+        sent = tensor.as_numpy().reshape(-1)
+        if len(sent) != len(measured):
+            raise ValueError(f"{contract.CONTENT_LENGTH_INPUT} has {len(sent)} rows but the article input has {len(measured)}")
+        if (sent < 0).any():
+            raise ValueError(f"{contract.CONTENT_LENGTH_INPUT} must not be negative")
+        return sent.astype(np.int32).reshape(-1, 1)
+
+    def _texts(self, request: object) -> tuple[list[str], list[int]]:
+        """The model input of every row (TEXT as sent, or TITLE and CONTENT through the template),
+        and the length of what production measures as its content (CONTENT, else TEXT)."""
         columns = {}
         text, title, content = contract.TEXT, contract.TITLE, contract.CONTENT
         for name in contract.TEXT_INPUTS:
@@ -112,13 +132,13 @@ class TritonPythonModel:
         if text in columns:
             if len(columns) > 1:
                 raise ValueError(f"send either {text} or {title} + {content}, not both")
-            return columns[text]
+            return columns[text], [len(t) for t in columns[text]]
         if len(columns) < 2:
             raise ValueError(f"missing {title if title not in columns else content}: send {text}, or {title} and {content}")
         titles, contents = columns[title], columns[content]
         if len(titles) != len(contents):
             raise ValueError(f"{title} has {len(titles)} rows but {content} has {len(contents)}")
-        return [self.template.format(title=t, content=c) for t, c in zip(titles, contents)]
+        return [self.template.format(title=t, content=c) for t, c in zip(titles, contents)], [len(c) for c in contents]
 
     def _cut(self, text: str) -> tuple[str, bool]:
         """A prefix of ``text`` whose first max_length tokens are provably those of the whole text.
@@ -164,7 +184,7 @@ class TritonPythonModel:
         rounded = -(-max(longest, 1) // self.bucket) * self.bucket
         return min(rounded, self.max_length)
 
-    def _response(self, rows: list[tuple[list[int], bool]]) -> pb_utils.InferenceResponse:
+    def _response(self, rows: list[tuple[list[int], bool]], lengths: np.ndarray) -> pb_utils.InferenceResponse:
         length = self._padded_length(max(len(ids) for ids, _ in rows))
         input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(rows), length), dtype=np.int64)
@@ -181,6 +201,8 @@ class TritonPythonModel:
                 pb_utils.Tensor(mask_name, attention_mask),
                 pb_utils.Tensor(contract.N_TOKENS, n_tokens),
                 pb_utils.Tensor(contract.TRUNCATED, np.array([[t] for _, t in rows], dtype=bool)),
+                pb_utils.Tensor(contract.CONTENT_LENGTH, lengths),
+                pb_utils.Tensor(contract.SCREENED, np.zeros((len(rows), 1), dtype=bool)),
             ]
             + ([pb_utils.Tensor(contract.FILTER_INDEX, np.full((len(rows), 1), self.filter_index, dtype=np.int64))]
                if self.filter_index is not None else [])
@@ -190,11 +212,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                texts = self._texts(request)
+                texts, measured = self._texts(request)
+                lengths = self._lengths(request, measured)
             except ValueError as exc:
                 responses.append(_invalid(str(exc)))
                 continue
-            responses.append(self._response(self._encode(texts)))
+            responses.append(self._response(self._encode(texts), lengths))
         return responses
 
     def finalize(self) -> None:
