@@ -100,3 +100,22 @@ def decision_model(filter_name: str) -> str:
 def tensor_model(filter_name: str, precision: str | None = None) -> str:
     """``<name>_onnx`` is the one the ensemble serves; other precisions carry their suffix."""
     return f"{filter_name}_onnx" if precision is None else f"{filter_name}_onnx_{precision}"
+
+
+# ---- issue 26: the stage-1 embedder and the probes (wt-embed) --------------------------------------
+# One stage-1 embedder per repository, shared by every filter whose stage 1 names it:
+# EMBEDDER (ensemble: TEXT, or TITLE + CONTENT → EMBEDDING, N_TOKENS, TRUNCATED) over its tokenizer
+# step tokenizer_model(EMBEDDER) and its tensor model tensor_model(EMBEDDER) (TOKEN_INPUTS →
+# EMBEDDING: FP32 [batch, width], mean-pooled over the attention mask and L2-normalized, as the
+# model's modules.json declares).
+EMBEDDER = "stage1_embedder"
+EMBEDDING = "embedding"
+# A filter's probe probe_model(<name>): EMBEDDING in, the probe's raw scores out (FP32 [batch, n_dims],
+# the scaler folded in; the clamp, the weighted average and the threshold come after).
+PROBE_SCORES = "probe_scores"
+# Max |Δ| of the fp32 embedder against SentenceTransformer.encode (unit vectors).
+EMBEDDING_TOLERANCE = 1e-4
+
+
+def probe_model(filter_name: str) -> str:
+    return f"{filter_name}_probe"
