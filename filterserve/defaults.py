@@ -111,3 +111,9 @@ SHARED_BASE_ARTICLES = 32
 SHARED_BASE_REQUESTS = 10
 # `filterserve demo`: where the trained filters and the repository go.
 DEMO_WORKDIR = "filterserve-demo"
+
+
+# ---- the stage-1 embedder (`filterserve export`, issue 26) -------------------------------------------
+# Where the stage-1 embedder loads from (--stage1-model, a folder or hub id); None: the embedder the
+# filter folder names (intfloat/multilingual-e5-small for every live filter).
+STAGE1_MODEL: str | None = None
