@@ -9,6 +9,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from filterserve import contract
@@ -134,3 +135,47 @@ def test_a_record_written_before_stage_1_still_reads(hybrid_repo, tmp_path):
     del data["hybrid"]
     (tmp_path / "old.filter.json").write_text(json.dumps(data))
     assert FilterRecord.read(tmp_path / "old.filter.json").hybrid is None
+
+
+@pytest.fixture(scope="module")
+def server(hybrid_repo):
+    from filterserve.serve import TritonServer
+
+    with TritonServer(hybrid_repo) as running:
+        yield running
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_embedder_and_probe_equal_sentence_transformers_and_productions_probe(server, stage1, protocol):
+    """A plain tritonclient gets encode's embedding for an article (title + content joined by the
+    server, texts past 512 tokens truncated as the tokenizer does), and the probe's scores for it
+    as production computes them: scaler.transform, then the MLP in eval mode."""
+    from sentence_transformers import SentenceTransformer
+
+    from filterserve.export.embedder import embedder_text
+    from tests.conftest import MIXED_ARTICLES
+    from tests.helpers import CLIENTS, bytes_input, triton_client
+    from tests.probe_fixtures import reference_scores
+
+    encoder = SentenceTransformer(str(stage1["e5"]), device="cpu")
+    expected = encoder.encode([embedder_text(t, c) for t, c in MIXED_ARTICLES], batch_size=16)
+    assert max(len(encoder.tokenizer(embedder_text(t, c))["input_ids"]) for t, c in MIXED_ARTICLES) > 512
+    client = triton_client(server, protocol)
+    got = np.concatenate([
+        client.infer(contract.EMBEDDER, [bytes_input(protocol, contract.TITLE, [t]), bytes_input(protocol, contract.CONTENT, [c])])
+        .as_numpy(contract.EMBEDDING) for t, c in MIXED_ARTICLES  # one request each, as services send them
+    ])
+    assert np.abs(got - expected).max() <= contract.EMBEDDING_TOLERANCE
+    title_only = client.infer(contract.EMBEDDER, [bytes_input(protocol, contract.TEXT, [MIXED_ARTICLES[0][0]])])
+    assert np.abs(title_only.as_numpy(contract.EMBEDDING)[0] - encoder.encode([MIXED_ARTICLES[0][0]])[0]).max() <= 1e-4
+
+    def probe(rows: np.ndarray) -> np.ndarray:
+        embedding = CLIENTS[protocol].InferInput(contract.EMBEDDING, list(rows.shape), "FP32")
+        embedding.set_data_from_numpy(rows.astype(np.float32))
+        return client.infer(contract.probe_model("made_up_v7"), [embedding]).as_numpy(contract.PROBE_SCORES)
+
+    scores = np.concatenate([probe(got[:8]), probe(got[8:])])  # within the exported max batch size, 8
+    production = reference_scores(stage1["scaler"], stage1["mlp"], expected)
+    assert scores.shape == (len(MIXED_ARTICLES), 3)
+    assert np.abs(scores - production).max() <= 1e-4
