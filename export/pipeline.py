@@ -79,7 +79,7 @@ from filterserve.gate import AccuracyGateRefusal, GateOutcome, LabelledSet, judg
 from filterserve.manifest import EmbedderRecord, FilterRecord, HybridRecord, Int8Record, ParityRecord, Source, to_json
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.model_repository.gpu import TENSORRT_PRECISION
-from filterserve.model_repository.repository import write_probe
+from filterserve.model_repository.repository import hybrid_models, write_hybrid, write_probe
 from filterserve.model_repository.runtime.openvino import MODEL_FILE
 from filterserve.progress import Steps
 
@@ -537,12 +537,13 @@ class MergedPlan(Plan[MergedBuild]):
                 default_precision=pick.precision, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size,
                 executions={p: executed for p in gate.admitted if (executed := variants.built[p].execution_precision)},
             )
-        probe = []
+        hybrid = []
         if built.hybrid is not None and self.embedder is not None:
             write_probe(staging, spec, self.embedder.width, settings)
-            probe = [built.hybrid.probe_model]
+            write_hybrid(staging, spec, settings, threshold=built.hybrid.threshold)
+            hybrid = hybrid_models(spec.name)
         record = filter_record(
-            spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values(), *probe],
+            spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values(), *hybrid],
             tensor_models=names, default_precision=pick.precision, pad_token_id=loaded.pad_token_id,
             vocab_size=loaded.vocab_size, settings=settings, sources=built.sources, parity=variants.parity,
             parity_texts=len(built.reference.texts), accuracy_gate=gate.gate.record if gate.gate is not None else None,

@@ -51,7 +51,7 @@ REPLACED = "replaced"
 def candidate_models(name: str, precisions: Iterable[str]) -> set[str]:
     """Every model folder an export of ``name`` may write, whichever precision becomes the default."""
     fixed = {name, contract.tokenizer_model(name), contract.decision_model(name), contract.tensor_model(name),
-             contract.probe_model(name)}
+             contract.probe_model(name), contract.stage2_model(name), contract.hybrid_model(name)}
     return fixed | {contract.tensor_model(name, p) for p in precisions}
 
 

@@ -119,3 +119,19 @@ EMBEDDING_TOLERANCE = 1e-4
 
 def probe_model(filter_name: str) -> str:
     return f"{filter_name}_probe"
+# A hybrid filter's <name> is an ensemble of one Python step, hybrid_model(<name>), which embeds the
+# article (EMBEDDER), runs the probe, and sends only the rows whose stage-1 average reaches the
+# threshold to the stage-2 ensemble stage2_model(<name>) (the filter's ensemble as exported
+# without a stage 1). Besides ENSEMBLE_OUTPUTS it answers STAGE_USED (BYTES: STAGE1_LOW or STAGE2)
+# and STAGE1_ESTIMATE (FP32 [1], the stage-1 average, for every row).
+STAGE_USED, STAGE1_ESTIMATE = "stage_used", "stage1_estimate"
+STAGE1_LOW, STAGE2 = "stage1_low", "stage2"
+HYBRID_OUTPUTS = (*ENSEMBLE_OUTPUTS, STAGE_USED, STAGE1_ESTIMATE)
+
+
+def hybrid_model(filter_name: str) -> str:
+    return f"{filter_name}_hybrid"
+
+
+def stage2_model(filter_name: str) -> str:
+    return f"{filter_name}_stage2"

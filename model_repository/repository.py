@@ -541,3 +541,73 @@ def write_probe(repo: Path, spec: FilterSpec, width: int, settings: RepositorySe
     if not (model_dir / "1" / "model.onnx").is_file():
         raise FilterServeError(f"stage-1 probe model missing: expected {model_dir / '1' / 'model.onnx'}")
     _write_config(model_dir, probe_config(spec, width, settings))
+
+
+HYBRID_TEMPLATE = Path(runtime.__file__).resolve().parent / "templates" / "hybrid_model.py"
+
+
+def _add_hybrid_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
+    """The stage-2 ensemble's outputs, then STAGE_USED and STAGE1_ESTIMATE."""
+    _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_SCORE, mc.TYPE_FP32, [1])
+    _add_decision_outputs(config, spec)
+    _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
+    _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
+    _add_tensor(config.output, contract.STAGE_USED, mc.TYPE_STRING, [1])
+    _add_tensor(config.output, contract.STAGE1_ESTIMATE, mc.TYPE_FP32, [1])
+
+
+def hybrid_step_config(spec: FilterSpec, settings: RepositorySettings, threshold: float) -> mc.ModelConfig:
+    """``hybrid_model(<name>)``: the BLS step (``templates/hybrid_model.py``) and what it reads."""
+    config = mc.ModelConfig(name=contract.hybrid_model(spec.name), backend="python", max_batch_size=settings.max_batch_size)
+    _add_text_inputs(config)
+    _add_hybrid_outputs(config, spec)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, settings.max_batch_size, TOKENIZER_QUEUE_DELAY_US)
+    _set_params(config, {
+        "threshold": repr(float(threshold)),
+        "weights": json.dumps(list(spec.weights)),
+        "tier_thresholds": json.dumps([tier.threshold for tier in spec.tiers]),
+        "embedder": contract.EMBEDDER,
+        "probe_model": contract.probe_model(spec.name),
+        "stage2_model": contract.stage2_model(spec.name),
+    })
+    return config
+
+
+def hybrid_ensemble_config(spec: FilterSpec, settings: RepositorySettings) -> mc.ModelConfig:
+    """``<name>``: one step, the BLS; it carries the filter description, as every filter's ensemble does."""
+    config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=settings.max_batch_size)
+    _add_text_inputs(config)
+    _add_hybrid_outputs(config, spec)
+    config.ensemble_scheduling.step.add(
+        model_name=contract.hybrid_model(spec.name), model_version=-1,
+        input_map={name: name for name in contract.TEXT_INPUTS},
+        output_map={name: name for name in contract.HYBRID_OUTPUTS},
+    )
+    _set_params(config, {contract.FILTER_PARAMETER: json.dumps(spec.to_dict(), ensure_ascii=False)})
+    return config
+
+
+def hybrid_models(name: str) -> list[str]:
+    """The models a hybrid filter adds to its own: the probe, stage 2's ensemble, the BLS step."""
+    return [contract.probe_model(name), contract.stage2_model(name), contract.hybrid_model(name)]
+
+
+def write_hybrid(repo: Path, spec: FilterSpec, settings: RepositorySettings, *, threshold: float) -> None:
+    """Turn a filter written by :func:`write_repository` into a hybrid one: its ensemble becomes
+    ``stage2_model(<name>)`` (without the filter description, so clients list the filter once), and
+    ``<name>`` the one call through the BLS step."""
+    stage2 = ensemble_config(spec, max_batch_size=settings.max_batch_size, tensor_model=contract.tensor_model(spec.name))
+    stage2.name = contract.stage2_model(spec.name)
+    del stage2.parameters[contract.FILTER_PARAMETER]
+    shutil.rmtree(repo / spec.name)
+    _write_config(repo / stage2.name, stage2)
+    (repo / stage2.name / "1").mkdir(exist_ok=True)
+    step = hybrid_step_config(spec, settings, threshold)
+    _write_config(repo / step.name, step)
+    (repo / step.name / "1").mkdir(exist_ok=True)
+    shutil.copy2(HYBRID_TEMPLATE, repo / step.name / "1" / "model.py")
+    shutil.copy2(Path(contract.__file__), repo / step.name / "1" / "contract.py")
+    _write_config(repo / spec.name, hybrid_ensemble_config(spec, settings))
+    (repo / spec.name / "1").mkdir(exist_ok=True)

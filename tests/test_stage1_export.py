@@ -18,6 +18,7 @@ from filterserve.errors import FilterServeError
 from filterserve.filter_loader import load_filter
 from filterserve.hybrid_settings import read_hybrid_settings
 from filterserve.manifest import FilterRecord, read_embedder_records, read_filter_record, to_json
+from filterserve.model_repository.repository import hybrid_models
 from tests.probe_fixtures import production_probe, write_production_probe
 from tests.test_filter_folder import write_folder
 from tests.test_hybrid_settings import PROBE, default_threshold_hybrid
@@ -34,15 +35,33 @@ def hybrid_folder(root: Path, threshold: str = "1.0", embedder: str = "intfloat/
     return folder, scaler, mlp
 
 
+def stage1_estimates(e5: Path, scaler, mlp, articles: list[tuple[str, str]], weights) -> np.ndarray:
+    """Production's stage 1 (EmbeddingStage.screen_batch): encode, scaler + MLP, clamp, Σ wᵢ·sᵢ."""
+    from sentence_transformers import SentenceTransformer
+
+    from filterserve.export.embedder import embedder_text
+    from tests.probe_fixtures import reference_scores
+
+    embedded = SentenceTransformer(str(e5), device="cpu").encode([embedder_text(t, c) for t, c in articles], batch_size=16)
+    return np.clip(reference_scores(scaler, mlp, embedded), 0.0, 10.0) @ np.asarray(weights)
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """A stand-in e5, a hybrid folder, and the stage-2 stand-in for its filter."""
+    """A stand-in e5, a hybrid folder whose threshold routes about half of MIXED_ARTICLES to stage 2,
+    and the stage-2 stand-in for its filter."""
     from filterserve.export.standin import build_e5_standin, build_standin
+    from tests.conftest import MIXED_ARTICLES
 
     root = tmp_path_factory.mktemp("stage1")
+    e5 = build_e5_standin(root / "e5")
     folder, scaler, mlp = hybrid_folder(root / "filters" / "made_up" / "v7")
     spec = load_filter(folder)
-    return {"e5": build_e5_standin(root / "e5"), "folder": folder, "spec": spec, "scaler": scaler, "mlp": mlp,
+    estimates = np.sort(stage1_estimates(e5, scaler, mlp, MIXED_ARTICLES, spec.weights))
+    middle = len(estimates) // 2
+    threshold = round(float(estimates[middle - 1] + estimates[middle]) / 2, 6)  # between two rows, far from both
+    (folder / "inference_hybrid.py").write_text(default_threshold_hybrid(repr(threshold)), encoding="utf-8")
+    return {"e5": e5, "folder": folder, "spec": spec, "scaler": scaler, "mlp": mlp, "threshold": threshold,
             "stage2": build_standin(root / "standin", spec)}
 
 
@@ -64,12 +83,12 @@ def hybrid_repo(stage1, tmp_path_factory) -> Path:
 
 def test_the_embedder_and_the_probe_are_models_of_the_repository(hybrid_repo, stage1):
     record = read_filter_record(hybrid_repo, "made_up_v7")
-    assert contract.probe_model("made_up_v7") in record.models
+    assert set(hybrid_models("made_up_v7")) <= set(record.models)
     assert (hybrid_repo / contract.probe_model("made_up_v7") / "1" / "model.onnx").is_file()
     assert not list(hybrid_repo.rglob("*.pkl"))  # the repository holds ONNX, never the pickle
     hybrid = record.hybrid
     assert hybrid is not None
-    assert (hybrid.threshold, hybrid.threshold_from_config, hybrid.embedder) == (1.0, False, contract.EMBEDDER)
+    assert (hybrid.threshold, hybrid.threshold_from_config, hybrid.embedder) == (stage1["threshold"], False, contract.EMBEDDER)
     assert hybrid.threshold_source.endswith("inference_hybrid.py DEFAULT_THRESHOLD (line 20)")
     assert hybrid.probe_sha256 == read_hybrid_settings(stage1["folder"]).probe_sha256
     assert hybrid.embedder_source == "intfloat/multilingual-e5-small" and hybrid.parity.passed
@@ -115,7 +134,7 @@ def test_no_hybrid_exports_stage_2_alone_and_says_results_differ(stage1, tmp_pat
     assert main([*argv, "--no-hybrid"]) == 0
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("--no-hybrid"))
-    assert "stage 2 alone" in line and "below 1" in line and "differ from production" in line
+    assert "stage 2 alone" in line and f"below {stage1['threshold']:g}" in line and "differ from production" in line
     record = read_filter_record(tmp_path / "repo", "made_up_v7")
     assert record.hybrid is None and contract.probe_model("made_up_v7") not in record.models
     assert read_embedder_records(tmp_path / "repo") == {}
@@ -179,3 +198,43 @@ def test_served_embedder_and_probe_equal_sentence_transformers_and_productions_p
     production = reference_scores(stage1["scaler"], stage1["mlp"], expected)
     assert scores.shape == (len(MIXED_ARTICLES), 3)
     assert np.abs(scores - production).max() <= 1e-4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_one_call_to_the_filter_routes_only_rows_above_the_threshold_to_stage_2(server, stage1, protocol):
+    """A plain tritonclient calling <name> gets production's hybrid: every row's stage-1 estimate,
+    the probe's clamped scores for the rows below the threshold, stage 2's answer for the others,
+    and stage 2 ran only those rows (its tensor model's row count rises by exactly their number)."""
+    from tests.conftest import MIXED_ARTICLES
+    from tests.helpers import bytes_input, triton_client
+
+    spec = stage1["spec"]
+    estimates = stage1_estimates(stage1["e5"], stage1["scaler"], stage1["mlp"], MIXED_ARTICLES, spec.weights)
+    routed = estimates >= stage1["threshold"]
+    assert 0 < routed.sum() < len(routed)
+    client = triton_client(server, protocol)
+
+    def rows_through_stage2() -> int:
+        stats = client.get_inference_statistics(contract.tensor_model(spec.name), **({"as_json": True} if protocol == "grpc" else {}))
+        return int(stats["model_stats"][0].get("inference_count", 0))
+
+    def call(model: str, articles: list[tuple[str, str]]):
+        return client.infer(model, [bytes_input(protocol, contract.TITLE, [t for t, _ in articles]),
+                                    bytes_input(protocol, contract.CONTENT, [c for _, c in articles])])
+
+    before = rows_through_stage2()
+    result = call(spec.name, MIXED_ARTICLES[:8])  # within the exported max batch size
+    assert rows_through_stage2() - before == int(routed[:8].sum())
+    used = [v[0].decode() for v in result.as_numpy(contract.STAGE_USED)]
+    assert used == [contract.STAGE2 if r else contract.STAGE1_LOW for r in routed[:8]]
+    np.testing.assert_allclose(result.as_numpy(contract.STAGE1_ESTIMATE)[:, 0], estimates[:8], atol=1e-3)
+    stage2 = call(contract.stage2_model(spec.name), MIXED_ARTICLES[:8])
+    scores = result.as_numpy(contract.SCORES)
+    for i in np.flatnonzero(routed[:8]):
+        assert np.abs(scores[i] - stage2.as_numpy(contract.SCORES)[i]).max() <= contract.SERVED_TOLERANCE
+        assert result.as_numpy(contract.TIER)[i, 0] == stage2.as_numpy(contract.TIER)[i, 0]
+    for i in np.flatnonzero(~routed[:8]):
+        assert (scores[i] >= 0).all() and (scores[i] <= 10).all()
+        assert result.as_numpy(contract.WEIGHTED_AVERAGE)[i, 0] == pytest.approx(estimates[i], abs=1e-3)
+        assert not result.as_numpy(contract.GATEKEEPER_APPLIED)[i, 0]
