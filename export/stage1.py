@@ -17,6 +17,8 @@ the probe pickle with :mod:`filterserve.probe_pickle` (no code in it runs), conv
 ONNX file against the unfolded scaler + MLP, and records the settings
 (:class:`~filterserve.manifest.HybridRecord`): the threshold, where it was read, the probe's
 sha256 (the pin is enforced by :mod:`filterserve.hybrid_settings`) and the embedder it reads.
+The filter's ``<name>`` then routes in one call (``model_repository/runtime/templates/hybrid_model.py``,
+written by :func:`~filterserve.model_repository.repository.write_hybrid`).
 """
 
 from __future__ import annotations
