@@ -133,15 +133,20 @@ def group_record_name(group: str) -> str:
     return f"{group}.group.json"
 
 
-def repository_groups(repo: Path) -> dict[str, str]:
-    """Shared-base group name → its record's file name (none in a repository of merged filters only)."""
+def _index_section(repo: Path, key: str, example: str) -> dict[str, str]:
+    """Name → record file under ``key`` in the repository manifest (none when absent)."""
     index_path = repo / REPOSITORY_MANIFEST
     if not index_path.is_file():
         return {}
-    groups = read_json_object(index_path, "repository manifest").get("groups", {})
-    if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
-        raise FilterServeError(f"{index_path} is malformed: expected {{\"groups\": {{\"<group>\": \"<group>.group.json\"}}}}")
-    return dict(groups)
+    section = read_json_object(index_path, "repository manifest").get(key, {})
+    if not isinstance(section, dict) or not all(isinstance(v, str) for v in section.values()):
+        raise FilterServeError(f"{index_path} is malformed: expected {{\"{key}\": {{{example}}}}}")
+    return dict(section)
+
+
+def repository_groups(repo: Path) -> dict[str, str]:
+    """Shared-base group name → its record's file name (none in a repository of merged filters only)."""
+    return _index_section(repo, "groups", '"<group>": "<group>.group.json"')
 
 
 def read_group_records(repo: Path) -> dict[str, GroupRecord]:
@@ -155,17 +160,11 @@ def embedder_record_name(name: str) -> str:
 
 def repository_embedders(repo: Path) -> dict[str, str]:
     """Stage-1 embedder name → its record's file name (none in a repository without a hybrid filter)."""
-    index_path = repo / REPOSITORY_MANIFEST
-    if not index_path.is_file():
-        return {}
-    embedders = read_json_object(index_path, "repository manifest").get("embedders", {})
-    if not isinstance(embedders, dict) or not all(isinstance(v, str) for v in embedders.values()):
-        raise FilterServeError(f"{index_path} is malformed: expected {{\"embedders\": {{\"<name>\": \"<name>.embedder.json\"}}}}")
-    return dict(embedders)
+    return _index_section(repo, "embedders", '"<name>": "<name>.embedder.json"')
 
 
 def read_embedder_records(repo: Path) -> dict[str, EmbedderRecord]:
-    """The repository's stage-1 embedder record, by name (at most one: docs/export.md, "The stage-1 embedder")."""
+    """The repository's stage-1 embedder record, by name (at most one: docs/export.md, "Stage 1")."""
     return {name: EmbedderRecord.read(repo / file) for name, file in sorted(repository_embedders(repo).items())}
 
 
