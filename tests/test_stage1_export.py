@@ -238,3 +238,20 @@ def test_one_call_to_the_filter_routes_only_rows_above_the_threshold_to_stage_2(
         assert (scores[i] >= 0).all() and (scores[i] <= 10).all()
         assert result.as_numpy(contract.WEIGHTED_AVERAGE)[i, 0] == pytest.approx(estimates[i], abs=1e-3)
         assert not result.as_numpy(contract.GATEKEEPER_APPLIED)[i, 0]
+
+
+@pytest.mark.timeout(300)
+def test_the_client_finds_the_hybrid_filter_once_and_scores_through_it(server, stage1):
+    """Discovery lists <name> alone (not the embedder, not the stage-2 ensemble), and FilterClient's
+    scores are the one call's."""
+    from filterserve.client.filter_client import FilterClient
+    from tests.conftest import MIXED_ARTICLES
+    from tests.helpers import bytes_input, triton_client
+
+    title, content = MIXED_ARTICLES[0]
+    with FilterClient(server.grpc_url, "grpc") as client:
+        assert client.model == stage1["spec"].name
+        result = client.score(title, content)
+    direct = triton_client(server, "grpc").infer(
+        stage1["spec"].name, [bytes_input("grpc", contract.TITLE, [title]), bytes_input("grpc", contract.CONTENT, [content])])
+    np.testing.assert_allclose(list(result.scores.values()), direct.as_numpy(contract.SCORES)[0], atol=1e-6)
