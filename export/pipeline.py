@@ -570,12 +570,13 @@ def run_export(options: ExportOptions, stream: TextIO | None = None) -> FilterRe
         return export_shared(options, stream)
     started = time.perf_counter()
     steps = Steps(total=total_steps(options), stream=stream)
-    if options.hybrid is not None:  # another embedder in the repository is refused before anything is read
-        repository_embedder(options.out, options.hybrid.embedder, options.stage1_model)
+    hybrid = options.hybrid
+    # Another embedder in the repository is refused before anything is read.
+    existing = repository_embedder(options.out, hybrid.embedder, options.stage1_model) if hybrid is not None else None
     sources = check_stage(options, steps)
     embedder = None
-    if options.hybrid is not None:
-        embedder = ensure_embedder(options.out, options.hybrid, options.stage1_model, options.repository, stream)
+    if hybrid is not None:
+        embedder = ensure_embedder(options.out, hybrid, options.stage1_model, options.repository, existing, stream)
     record = execute(MergedPlan(options, sources, started, embedder), steps).records[options.spec.name]
     if record.refused:
         raise AccuracyGateRefusal(record.refused, written=list(record.tensor_models))

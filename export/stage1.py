@@ -135,9 +135,9 @@ class EmbedderPlan(Plan[EmbedderBuild]):
 
 
 def ensure_embedder(out: Path, settings: HybridSettings, stage1_model: str | None, repository: RepositorySettings,
-                    stream: TextIO | None = None) -> EmbedderRecord:
-    """The repository's embedder for this filter: reused, or exported now by its own plan (one commit)."""
-    record = repository_embedder(out, settings.embedder, stage1_model)
+                    record: EmbedderRecord | None, stream: TextIO | None = None) -> EmbedderRecord:
+    """The repository's embedder for this filter: ``record`` (:func:`repository_embedder`'s answer) reused,
+    or, when None, exported now by its own plan (one commit)."""
     steps = Steps(total=0, stream=stream)
     if record is not None:
         steps.say(f"stage 1 reads {out}'s embedder {record.model_id} ({contract.EMBEDDER}), already exported")
