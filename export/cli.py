@@ -11,7 +11,9 @@ from filterserve import defaults
 from filterserve.contract import GATE_TOLERANCE
 from filterserve.errors import FilterServeError
 from filterserve.export.options import ExportOptions, RemoveOptions, StandinOptions
+from filterserve.filter_folder import is_filter_folder
 from filterserve.filter_loader import load_filter
+from filterserve.hybrid_settings import HybridSettings, read_hybrid_settings
 from filterserve.manifest import to_json
 from filterserve.model_repository.gpu import TRT_CACHE_ROOT
 from filterserve.model_repository.repository import (
@@ -63,6 +65,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --gpu: where the server's ONNX Runtime writes "
                         "TensorRT engines, one folder per model checksum")
     parser.add_argument("--force", action="store_true", help="replace a different export of the same filter already in --out")
+    parser.add_argument("--stage1-model", default=defaults.STAGE1_MODEL, metavar="PATH_OR_ID",
+                        help="the stage-1 embedder's folder or hub id, as --base gives the base (default: the embedder "
+                        "the filter folder names, intfloat/multilingual-e5-small for every live filter); exported once "
+                        "per repository and shared by every filter whose stage 1 names it")
+    parser.add_argument("--no-hybrid", action="store_true", help="export stage 2 alone for a filter folder that ships "
+                        "inference_hybrid.py: every row is then scored by the fine-tuned model, which differs from "
+                        "production for the rows its stage 1 screens out")
 
 
 def export_options(args: argparse.Namespace) -> ExportOptions:
@@ -70,6 +79,7 @@ def export_options(args: argparse.Namespace) -> ExportOptions:
     from dataclasses import fields, replace
 
     spec = load_filter(args.filter)
+    hybrid = stage1_settings(args)
     if args.name:
         spec = replace(spec, name=args.name)
     if args.calibration:
@@ -79,8 +89,24 @@ def export_options(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(
         args.base, args.adapter, args.out, spec, precisions=args.precision, validation=args.validation,
         quantization_data=args.quantization_data, gate_tolerance=args.gate_tolerance, default=args.default, force=args.force,
-        repository=repository,        share_base=args.share_base,
+        repository=repository, share_base=args.share_base, hybrid=hybrid, stage1_model=args.stage1_model,
     )
+
+
+def stage1_settings(args: argparse.Namespace) -> HybridSettings | None:
+    """A filter folder's stage 1 as production runs it (the probe's step prints its DISAGREEMENT lines),
+    or None: no folder, no inference_hybrid.py, or --no-hybrid (said in one line)."""
+    if not args.filter or not is_filter_folder(Path(args.filter)):
+        return None
+    settings = read_hybrid_settings(args.filter)
+    if settings is None:
+        return None
+    if args.no_hybrid:
+        print(f"--no-hybrid: {settings.folder} is exported as stage 2 alone; production screens rows whose stage-1 "
+              f"average is below {settings.threshold:g} with its probe, so results differ from production for those rows",
+              file=sys.stderr)
+        return None
+    return settings
 
 
 def remove_options(args: argparse.Namespace) -> RemoveOptions:

@@ -166,33 +166,39 @@ def path_like(base: str) -> str | None:
 
 
 def locate_base(base: str) -> str:
-    """Where the base model loads from: its folder, or a hub id's snapshot in the local Hugging Face cache.
+    """Where the base model loads from (:func:`locate_model`)."""
+    return locate_model(base, "base model")
+
+
+def locate_model(where: str, what: str) -> str:
+    """Where a model (``what``: "base model", "stage-1 embedder") loads from: its folder, or a hub id's
+    snapshot in the local Hugging Face cache.
 
     Refused in one line, within seconds: a folder that does not exist, and a hub id that is neither
     cached nor known to the hub, asked once (no retry loop, :data:`defaults.HUB_TIMEOUT_S`). A hub id
-    the hub knows is returned as it is, for transformers to download.
+    the hub knows is returned as it is, for the loader to download.
     """
-    if Path(base).expanduser().is_dir():
-        return str(Path(base).expanduser())
-    why = path_like(base)
+    if Path(where).expanduser().is_dir():
+        return str(Path(where).expanduser())
+    why = path_like(where)
     if why is not None:
-        raise FilterServeError(f"base model not found: {base} (no such folder, and not a hub id: {why})")
+        raise FilterServeError(f"{what} not found: {where} (no such folder, and not a hub id: {why})")
     import httpx2
     from huggingface_hub import HfApi, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    cached = try_to_load_from_cache(base, "config.json")
+    cached = try_to_load_from_cache(where, "config.json")
     if isinstance(cached, str):
         return str(Path(cached).parent)  # the snapshot folder: loads without asking the hub
     try:
-        HfApi().model_info(base, timeout=defaults.HUB_TIMEOUT_S)
+        HfApi().model_info(where, timeout=defaults.HUB_TIMEOUT_S)
     except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError) as exc:
         raise FilterServeError(
-            f"base model {base!r} is not a folder, not in the local Hugging Face cache, and the hub did not give it "
+            f"{what} {where!r} is not a folder, not in the local Hugging Face cache, and the hub did not give it "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}): pass the model's folder, "
-            f"or download it first (hf download {base})"
+            f"or download it first (hf download {where})"
         ) from None
-    return base
+    return where
 
 
 def load_base_model(base: str, num_labels: int) -> Any:

@@ -45,11 +45,14 @@ def export_onnx(
     return export_graph(ScoringGraph(model, weights).eval(), dict(zip(TOKEN_INPUTS, (ids, mask))), path)
 
 
-def export_graph(graph: torch.nn.Module, inputs: dict[str, np.ndarray], path: Path) -> Path:
+def export_graph(
+    graph: torch.nn.Module, inputs: dict[str, np.ndarray], path: Path, outputs: tuple[str, ...] = TENSOR_OUTPUTS
+) -> Path:
     """Trace with a padded batch (batch ≥ 2, as docs/design.md notes) and write external data.
 
     ``inputs``: the graph's inputs by name, in its forward's order; the token inputs get dynamic
     batch and sequence axes, any other (a group's ``filter_index``) a dynamic batch axis.
+    ``outputs``: the names of its outputs (a scoring graph's, or the stage-1 embedder's).
     External data is always used so that a 1.5B model (5.75 GB in fp32) fits ONNX's 2 GB
     protobuf limit and small and large models share one layout.
     """
@@ -70,7 +73,7 @@ def export_graph(graph: torch.nn.Module, inputs: dict[str, np.ndarray], path: Pa
                 dynamo=True,
                 opset_version=OPSET,
                 input_names=list(inputs),
-                output_names=list(TENSOR_OUTPUTS),
+                output_names=list(outputs),
                 dynamic_shapes=dynamic,
                 optimize=True,
                 verbose=False,
@@ -83,7 +86,28 @@ def export_graph(graph: torch.nn.Module, inputs: dict[str, np.ndarray], path: Pa
             program.save(str(path), external_data=True)
     except Exception as exc:  # torch.export raises many types; the log says which step failed
         raise FilterServeError(f"ONNX export failed: {type(exc).__name__}: {exc}\n{log.getvalue()[-2000:]}") from exc
+    _rename_clashes(path, outputs)
     import onnx
 
     onnx.checker.check_model(str(path))
     return path
+
+
+def _rename_clashes(path: Path, outputs: tuple[str, ...]) -> None:
+    """An inner value the exporter named like an output (aten.embedding's is ``embedding``) renamed,
+    so the graph stays in single-assignment form; the file is rewritten only when one was found."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = model.graph.node
+    changed = False
+    for name in outputs:
+        producers = [i for i, node in enumerate(nodes) if name in node.output]
+        for first, last in zip(producers, producers[1:]):
+            inner = f"{name}__inner{first}"
+            for node in nodes[first:last + 1]:
+                node.input[:] = [inner if value == name else value for value in node.input]
+            nodes[first].output[:] = [inner if value == name else value for value in nodes[first].output]
+            changed = True
+    if changed:
+        onnx.save(model, str(path))

@@ -19,6 +19,7 @@ from typing import Any
 from filterserve import contract, defaults
 from filterserve.errors import FilterServeError
 from filterserve.filters import UPLIFTING_V4, FilterSpec
+from filterserve.hybrid_settings import HybridSettings
 from filterserve.model_repository.repository import RepositorySettings
 
 # The order variants are built in: fp16 converts the merged PyTorch model in place, so it follows
@@ -70,6 +71,11 @@ class ExportOptions:
     # Add the filter to the repository's shared-base group for ``base`` (filterserve.export.group)
     # instead of exporting it merged: one copy of the base for every filter on it.
     share_base: bool = False
+    # The filter folder's stage 1 (filterserve.hybrid_settings; None: stage 2 alone, as for a folder
+    # without inference_hybrid.py or with --no-hybrid), and where its embedder loads from (None: the
+    # id the folder names).
+    hybrid: HybridSettings | None = None
+    stage1_model: str | None = None
 
     def __post_init__(self) -> None:
         normalised = {
@@ -94,11 +100,24 @@ class ExportOptions:
         if self.validation is not None and not self.validation.is_file():
             raise FilterServeError(f"validation data not found: {self.validation}")
         self._check_openvino()
+        self._check_hybrid()
         if self.share_base and (len(self.precisions) != 1 or self.precisions[0] not in contract.GROUP_PRECISIONS):
             raise FilterServeError(
                 f"--share-base builds one precision for the whole group, {' or '.join(contract.GROUP_PRECISIONS)} "
                 f"(asked: {', '.join(self.precisions)}); fp16 and int8 of a group would need the accuracy gate to admit "
                 "every member at once: export those filters merged instead"
+            )
+
+    def _check_hybrid(self) -> None:
+        if self.stage1_model is not None and self.hybrid is None:
+            raise FilterServeError(
+                "--stage1-model gives the stage-1 embedder, but this export has no stage 1 (the filter folder ships no "
+                "inference_hybrid.py, or --no-hybrid was given)"
+            )
+        if self.hybrid is not None and self.share_base:
+            raise FilterServeError(
+                f"--share-base does not carry stage 1 yet: pass --no-hybrid to add {self.hybrid.folder} to the group "
+                "as stage 2 alone, or export it merged"
             )
 
     def _check_openvino(self) -> None:

@@ -72,12 +72,14 @@ from filterserve.export.parity import (
 from filterserve.export.plan import Plan, execute
 from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
 from filterserve.export.records import RunFigures, filter_record
+from filterserve.export.stage1 import ensure_embedder, probe_stage, repository_embedder
 from filterserve.export.staging import Change, candidate_models, plan_replacement
 from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, GateOutcome, LabelledSet, judge, read_labelled
-from filterserve.manifest import FilterRecord, Int8Record, ParityRecord, Source, to_json
+from filterserve.manifest import EmbedderRecord, FilterRecord, HybridRecord, Int8Record, ParityRecord, Source, to_json
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.model_repository.gpu import TENSORRT_PRECISION
+from filterserve.model_repository.repository import hybrid_models, write_hybrid, write_probe
 from filterserve.model_repository.runtime.openvino import MODEL_FILE
 from filterserve.progress import Steps
 
@@ -97,8 +99,8 @@ class Run:
 
 def total_steps(options: ExportOptions) -> int:
     """check, load, reference, merge, default and write; a build and a parity step per variant; the
-    validation data's reference and the gate."""
-    return 6 + 2 * len(options.build) + 2 * (options.validation is not None)
+    validation data's reference and the gate; the stage-1 probe."""
+    return 6 + 2 * len(options.build) + 2 * (options.validation is not None) + (options.hybrid is not None)
 
 
 def variant_path(staging: Path, spec: FilterSpec, precision: str) -> Path:
@@ -479,6 +481,7 @@ class MergedBuild:
     variants: Variants
     gate: Admission
     pick: DefaultPick
+    hybrid: HybridRecord | None
 
 
 @dataclass(frozen=True)
@@ -488,6 +491,7 @@ class MergedPlan(Plan[MergedBuild]):
     options: ExportOptions
     sources: dict[str, Source]  # checksummed by the check stage
     started: float  # time.perf_counter() when the export began, for the record's export_seconds
+    embedder: EmbedderRecord | None = None  # the repository's stage-1 embedder, when the filter has a stage 1
 
     def target(self) -> tuple[Path, str]:
         return self.options.out, self.options.spec.name
@@ -497,6 +501,10 @@ class MergedPlan(Plan[MergedBuild]):
 
     def build(self, staging: Path, steps: Steps) -> MergedBuild:
         run = Run(self.options, steps, staging, self.started)
+        hybrid = None
+        if self.options.hybrid is not None:  # first: a refused probe costs no model load
+            assert self.embedder is not None  # run_export exports or reuses it before this plan
+            hybrid = probe_stage(staging, self.options.spec, self.options.hybrid, self.embedder, steps)
         loaded, sources = load_stage(run, self.sources)
         reference = reference_stage(run, loaded)
         variants = pytorch_stage(run, loaded, reference)
@@ -505,7 +513,7 @@ class MergedPlan(Plan[MergedBuild]):
         variants = openvino_stage(run, loaded.tokenizer, reference, variants)
         variants, gate = gate_stage(run, loaded.tokenizer, reference, variants)
         pick = default_stage(run, reference, variants, gate)
-        return MergedBuild(loaded, sources, reference, variants, gate, pick)
+        return MergedBuild(loaded, sources, reference, variants, gate, pick, hybrid)
 
     def write_label(self) -> str:
         return "write the Triton model repository and the filter's record, then swap them in"
@@ -529,13 +537,18 @@ class MergedPlan(Plan[MergedBuild]):
                 default_precision=pick.precision, pad_token_id=loaded.pad_token_id, vocab_size=loaded.vocab_size,
                 executions={p: executed for p in gate.admitted if (executed := variants.built[p].execution_precision)},
             )
+        hybrid = []
+        if built.hybrid is not None and self.embedder is not None:
+            write_probe(staging, spec, self.embedder.width, settings)
+            write_hybrid(staging, spec, settings, threshold=built.hybrid.threshold)
+            hybrid = hybrid_models(spec.name)
         record = filter_record(
-            spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values()],
+            spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values(), *hybrid],
             tensor_models=names, default_precision=pick.precision, pad_token_id=loaded.pad_token_id,
             vocab_size=loaded.vocab_size, settings=settings, sources=built.sources, parity=variants.parity,
             parity_texts=len(built.reference.texts), accuracy_gate=gate.gate.record if gate.gate is not None else None,
             architecture=loaded.architecture, refused=gate.refused, int8=variants.int8_record("int8"),
-            ov_int8=variants.int8_record("ov_int8"), latency_ms_batch1=pick.latency,
+            ov_int8=variants.int8_record("ov_int8"), latency_ms_batch1=pick.latency, hybrid=built.hybrid,
             **RunFigures.of(self.started, steps).fields(),
         )
         return Change({spec.name: record}, force=options.force)
@@ -557,8 +570,14 @@ def run_export(options: ExportOptions, stream: TextIO | None = None) -> FilterRe
         return export_shared(options, stream)
     started = time.perf_counter()
     steps = Steps(total=total_steps(options), stream=stream)
+    hybrid = options.hybrid
+    # Another embedder in the repository is refused before anything is read.
+    existing = repository_embedder(options.out, hybrid.embedder, options.stage1_model) if hybrid is not None else None
     sources = check_stage(options, steps)
-    record = execute(MergedPlan(options, sources, started), steps).records[options.spec.name]
+    embedder = None
+    if hybrid is not None:
+        embedder = ensure_embedder(options.out, hybrid, options.stage1_model, options.repository, existing, stream)
+    record = execute(MergedPlan(options, sources, started, embedder), steps).records[options.spec.name]
     if record.refused:
         raise AccuracyGateRefusal(record.refused, written=list(record.tensor_models))
     return record

@@ -23,13 +23,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from filterserve import contract
 from filterserve.errors import FilterServeError
 from filterserve.probe_pickle import Probe
 
 # The probe model's tensors: the e5 embedding in (FP32 [batch, input_dim], unit length as
 # SentenceTransformer's Normalize module leaves it), the raw scores out (FP32 [batch, n_dims]).
-# Contract names: they belong in filterserve/contract.py with the other tensor names.
-PROBE_INPUT, PROBE_OUTPUT = "embedding", "probe_scores"
+PROBE_INPUT, PROBE_OUTPUT = contract.EMBEDDING, contract.PROBE_SCORES
 # Gemm and Relu are in every opset; 18 and IR 8 as the stage-2 export's ONNX (export.onnx_export),
 # so one ONNX Runtime serves both.
 PROBE_OPSET, PROBE_IR_VERSION = 18, 8

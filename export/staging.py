@@ -28,13 +28,17 @@ from filterserve.errors import FilterServeError
 from filterserve.export.manifest import Fingerprint
 from filterserve.manifest import (
     REPOSITORY_MANIFEST,
+    EmbedderRecord,
     FilterRecord,
     GroupRecord,
+    embedder_record_name,
     filter_record_name,
     group_record_name,
     is_repository,
+    read_embedder_records,
     read_filter_records,
     read_group_records,
+    repository_embedders,
     repository_groups,
     repository_index,
     to_json,
@@ -46,7 +50,8 @@ REPLACED = "replaced"
 
 def candidate_models(name: str, precisions: Iterable[str]) -> set[str]:
     """Every model folder an export of ``name`` may write, whichever precision becomes the default."""
-    fixed = {name, contract.tokenizer_model(name), contract.decision_model(name), contract.tensor_model(name)}
+    fixed = {name, contract.tokenizer_model(name), contract.decision_model(name), contract.tensor_model(name),
+             contract.probe_model(name), contract.stage2_model(name), contract.hybrid_model(name)}
     return fixed | {contract.tensor_model(name, p) for p in precisions}
 
 
@@ -80,6 +85,13 @@ def plan_replacement(repo: Path, name: str, models: set[str], new: Fingerprint, 
         if clash:
             raise FilterServeError(
                 f"filter {name!r} would overwrite {', '.join(sorted(clash))} of shared-base group {group} in {repo}; choose another --name"
+            )
+    for embedder, embedder_record in read_embedder_records(repo).items():
+        clash = models & set(embedder_record.models)
+        if clash:
+            raise FilterServeError(
+                f"filter {name!r} would overwrite {', '.join(sorted(clash))} of the stage-1 embedder {embedder} in {repo}; "
+                "choose another --name"
             )
     old = records.get(name)
     if old is not None and Fingerprint.of(old) != new and not force:
@@ -159,7 +171,9 @@ class Change:
     ``records``: the filters written, by name; the model folders of theirs that are in the staging
     folder move in (a listed folder that is not there stays as it is: build-engine adds one model to
     a filter). ``leaving``: filters whose folders and records go. ``group``: the shared-base group
-    this change rebuilds, with its new record, or None as the record to drop it.
+    this change rebuilds, with its new record, or None as the record to drop it. ``embedder``: the
+    stage-1 embedder this change adds (its model folders are in the staging folder); the repository
+    must not hold one of that name yet.
     ``expected``: the records the change was planned from (and ``expected_group``, the group's: None
     for a new group); the commit is refused when one changed since (another export committed). A
     written filter not in ``expected`` is checked again as it was before it was built
@@ -173,6 +187,7 @@ class Change:
     expected: dict[str, FilterRecord] = field(default_factory=dict)
     expected_group: GroupRecord | None = None
     force: bool = False
+    embedder: EmbedderRecord | None = None
 
 
 def commit(repo: Path, staging: Path, change: Change) -> None:
@@ -188,6 +203,9 @@ def commit(repo: Path, staging: Path, change: Change) -> None:
         changed = [n for n, r in change.expected.items() if current.get(n) != r]
         if change.group is not None and read_group_records(repo).get(change.group) != change.expected_group:
             changed.append(f"group {change.group}")
+        embedders = repository_embedders(repo) if is_repository(repo) else {}
+        if change.embedder is not None and change.embedder.name in embedders:
+            changed.append(f"stage-1 embedder {change.embedder.name}")
         if changed:
             raise FilterServeError(
                 f"{', '.join(changed)} in {repo} changed while this was being built (another export committed); "
@@ -202,10 +220,12 @@ def commit(repo: Path, staging: Path, change: Change) -> None:
         if clash:
             raise FilterServeError(f"{', '.join(clash)} in {repo} belong to filter {owners[clash[0]]!r}; nothing was written")
         tensor = [contract.tensor_model(change.group)] if change.group is not None else []
+        embedder = [m for m in change.embedder.models if (staging / m).is_dir()] if change.embedder is not None else []
         kept = {m for r in change.records.values() for m in r.models if m not in staged}
         gone = {m for n in [*change.leaving, *change.records] if n in current for m in current[n].models} - kept
-        out = sorted((gone | set(staged) | set(tensor)) & {p.name for p in repo.iterdir() if p.is_dir()})
-        into = (tensor if change.group_record is not None else []) + \
+        out = sorted((gone | set(staged) | set(tensor) | set(embedder)) & {p.name for p in repo.iterdir() if p.is_dir()})
+        # The embedder's folders go in first: the filters whose probes read it follow.
+        into = embedder + (tensor if change.group_record is not None else []) + \
             [m for m in staged if m not in change.records] + [m for m in staged if m in change.records]
         groups = repository_groups(repo)
         if change.group is not None:
@@ -215,7 +235,11 @@ def commit(repo: Path, staging: Path, change: Change) -> None:
         writes: dict[Path, Any] = {repo / filter_record_name(n): to_json(r) for n, r in change.records.items()}
         if change.group is not None and change.group_record is not None:
             writes[repo / group_record_name(change.group)] = to_json(change.group_record)
-        writes[repo / REPOSITORY_MANIFEST] = repository_index((set(current) - set(change.leaving)) | set(change.records), groups)
+        if change.embedder is not None:
+            embedders[change.embedder.name] = embedder_record_name(change.embedder.name)
+            writes[repo / embedder_record_name(change.embedder.name)] = to_json(change.embedder)
+        writes[repo / REPOSITORY_MANIFEST] = repository_index(
+            (set(current) - set(change.leaving)) | set(change.records), groups, embedders)
         deletes = [repo / filter_record_name(n) for n in change.leaving]
         if change.group is not None and change.group_record is None:
             deletes.append(repo / group_record_name(change.group))

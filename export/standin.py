@@ -334,3 +334,86 @@ def build_standin(
         tokenizer.pad_token = None
     tokenizer.save_pretrained(adapter_dir)
     return Standin(base_dir=base_dir, adapter_dir=adapter_dir)
+
+
+# ---- the stage-1 embedder (issue 26) ---------------------------------------------------------------
+# intfloat/multilingual-e5-small as the hub ships it: a BertModel (model_type "bert", 384 wide, 12
+# layers, 512 positions) with an XLM-R tokenizer (SentencePiece unigram; <s> 0, <pad> 1, </s> 2,
+# <unk> 3; "<s> text </s>"), and sentence-transformers' modules.json: Transformer → Pooling (mean) →
+# Normalize, max_seq_length 512 in sentence_bert_config.json.
+XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+E5_MAX_SEQ_LENGTH = 512
+E5_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+@dataclass(frozen=True)
+class EmbedderShape:
+    """The stand-in e5's BertModel; :meth:`e5_small` is multilingual-e5-small's own dimensions."""
+
+    hidden_size: int = 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 64
+    vocab_size: int = 3000
+
+    @classmethod
+    def e5_small(cls) -> EmbedderShape:
+        return cls(384, 12, 12, 1536, 250037)
+
+
+def build_xlmr_tokenizer(vocab_size: int):
+    """A tiny SentencePiece-style unigram with XLM-R's special ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2,
+    ``<unk>`` 3), trained on the sample articles, saved by transformers as ``XLMRobertaTokenizer``
+    (Metaspace, ``<s> text </s>``), as multilingual-e5-small's is."""
+    import json
+
+    from transformers import XLMRobertaTokenizer
+
+    from filterserve.filters import UPLIFTING_V4
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=XLMR_SPECIAL_TOKENS, unk_token="<unk>",
+                                      show_progress=False)
+    tok.train_from_iterator(_corpus(UPLIFTING_V4), trainer=trainer)  # its template is e5's input too
+    vocab = [(piece, score) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    return XLMRobertaTokenizer(vocab=vocab, model_max_length=E5_MAX_SEQ_LENGTH)
+
+
+def build_e5_standin(root: Path, shape: EmbedderShape = EmbedderShape(), seed: int = 0) -> Path:
+    """A random-weight e5 in ``root``, in sentence-transformers' layout as the hub ships
+    multilingual-e5-small: ``SentenceTransformer(root)`` loads it as it loads the real one."""
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_xlmr_tokenizer(shape.vocab_size)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads, intermediate_size=shape.intermediate_size,
+        max_position_embeddings=E5_MAX_SEQ_LENGTH, type_vocab_size=2, pad_token_id=0,
+        architectures=["BertModel"],
+    )
+    config.tokenizer_class = "XLMRobertaTokenizer"  # as multilingual-e5-small's config.json says
+    root.mkdir(parents=True, exist_ok=True)
+    BertModel(config).eval().save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    files = {
+        "modules.json": E5_MODULES,
+        "sentence_bert_config.json": {"max_seq_length": E5_MAX_SEQ_LENGTH, "do_lower_case": False},
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": shape.hidden_size, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    }
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    (root / "2_Normalize").mkdir(exist_ok=True)
+    return root

@@ -138,3 +138,38 @@ SHORT_CONTENT_CAP_APPLIED = "short_content_cap_applied"
 # Extended here rather than above, so that the parts of issue 26 merge cleanly.
 DECISION_OUTPUTS = (*DECISION_OUTPUTS, SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)
 ENSEMBLE_OUTPUTS = (*ENSEMBLE_OUTPUTS, SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)
+
+
+# ---- issue 26: the stage-1 embedder and the probes (wt-embed) --------------------------------------
+# One stage-1 embedder per repository, shared by every filter whose stage 1 names it:
+# EMBEDDER (ensemble: TEXT, or TITLE + CONTENT → EMBEDDING, N_TOKENS, TRUNCATED) over its tokenizer
+# step tokenizer_model(EMBEDDER) and its tensor model tensor_model(EMBEDDER) (TOKEN_INPUTS →
+# EMBEDDING: FP32 [batch, width], mean-pooled over the attention mask and L2-normalized, as the
+# model's modules.json declares).
+EMBEDDER = "stage1_embedder"
+EMBEDDING = "embedding"
+# A filter's probe probe_model(<name>): EMBEDDING in, the probe's raw scores out (FP32 [batch, n_dims],
+# the scaler folded in; the clamp, the weighted average and the threshold come after).
+PROBE_SCORES = "probe_scores"
+# Max |Δ| of the fp32 embedder against SentenceTransformer.encode (unit vectors).
+EMBEDDING_TOLERANCE = 1e-4
+
+
+def probe_model(filter_name: str) -> str:
+    return f"{filter_name}_probe"
+# A hybrid filter's <name> is an ensemble of one Python step, hybrid_model(<name>), which embeds the
+# article (EMBEDDER), runs the probe, and sends only the rows whose stage-1 average reaches the
+# threshold to the stage-2 ensemble stage2_model(<name>) (the filter's ensemble as exported
+# without a stage 1). Besides ENSEMBLE_OUTPUTS it answers STAGE_USED (BYTES: STAGE1_LOW or STAGE2)
+# and STAGE1_ESTIMATE (FP32 [1], the stage-1 average, for every row).
+STAGE_USED, STAGE1_ESTIMATE = "stage_used", "stage1_estimate"
+STAGE1_LOW, STAGE2 = "stage1_low", "stage2"
+HYBRID_OUTPUTS = (*ENSEMBLE_OUTPUTS, STAGE_USED, STAGE1_ESTIMATE)
+
+
+def hybrid_model(filter_name: str) -> str:
+    return f"{filter_name}_hybrid"
+
+
+def stage2_model(filter_name: str) -> str:
+    return f"{filter_name}_stage2"

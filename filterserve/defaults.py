@@ -116,3 +116,9 @@ DEMO_WORKDIR = "filterserve-demo"
 # ---- issue 27, same article, same score (`filterserve bench determinism`) --------------------------
 # Realistic-mix articles scored every way (besides the demo's articles), by every precision of the repository.
 DETERMINISM_ARTICLES = 120
+
+
+# ---- the stage-1 embedder (`filterserve export`, issue 26) -------------------------------------------
+# Where the stage-1 embedder loads from (--stage1-model, a folder or hub id); None: the embedder the
+# filter folder names (intfloat/multilingual-e5-small for every live filter).
+STAGE1_MODEL: str | None = None

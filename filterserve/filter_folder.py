@@ -128,7 +128,7 @@ def read_constants(path: Path) -> dict[str, tuple[Any, int]]:
     return found
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     try:
         import yaml
     except ImportError:
@@ -181,7 +181,7 @@ class _Reader:
         self.path = path
         self.disagreements: list[str] = []
         self.notes: list[str] = []
-        self.config = _read_config(path / CONFIG) if (path / CONFIG).is_file() else {}
+        self.config = read_config(path / CONFIG) if (path / CONFIG).is_file() else {}
         self.constants = read_constants(path / BASE_SCORER) if (path / BASE_SCORER).is_file() else None
         if not (path / CONFIG).is_file():
             self.notes.append(f"no {CONFIG}: head+tail off and no score_scale_factor, as the base scorer does without it")

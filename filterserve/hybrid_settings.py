@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from filterserve.errors import FilterServeError
-from filterserve.filter_folder import CONFIG, _read_config
+from filterserve.filter_folder import CONFIG, read_config
 
 HYBRID_SCORER = "inference_hybrid.py"
 THRESHOLD_CONSTANT = "DEFAULT_THRESHOLD"
@@ -218,7 +218,7 @@ class _Reader:
         self.folder = folder
         self.source = _Source(folder / HYBRID_SCORER)
         self.config_path = folder / CONFIG
-        config = _read_config(self.config_path) if self.config_path.is_file() else {}
+        config = read_config(self.config_path) if self.config_path.is_file() else {}
         hybrid = config.get(HYBRID_SECTION)
         stage1 = hybrid.get(STAGE1_SECTION) if isinstance(hybrid, dict) else None
         self.stage1: dict[str, Any] = stage1 if isinstance(stage1, dict) else {}

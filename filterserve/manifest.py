@@ -33,6 +33,7 @@ REPOSITORY_MANIFEST = "filterserve.json"
 REPOSITORY_FORMAT = "filterserve.repository/1"
 FILTER_FORMAT = "filterserve.manifest/1"
 GROUP_FORMAT = "filterserve.group/1"
+EMBEDDER_FORMAT = "filterserve.embedder/1"
 
 
 def filter_record_name(name: str) -> str:
@@ -132,15 +133,20 @@ def group_record_name(group: str) -> str:
     return f"{group}.group.json"
 
 
-def repository_groups(repo: Path) -> dict[str, str]:
-    """Shared-base group name → its record's file name (none in a repository of merged filters only)."""
+def _index_section(repo: Path, key: str, example: str) -> dict[str, str]:
+    """Name → record file under ``key`` in the repository manifest (none when absent)."""
     index_path = repo / REPOSITORY_MANIFEST
     if not index_path.is_file():
         return {}
-    groups = read_json_object(index_path, "repository manifest").get("groups", {})
-    if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
-        raise FilterServeError(f"{index_path} is malformed: expected {{\"groups\": {{\"<group>\": \"<group>.group.json\"}}}}")
-    return dict(groups)
+    section = read_json_object(index_path, "repository manifest").get(key, {})
+    if not isinstance(section, dict) or not all(isinstance(v, str) for v in section.values()):
+        raise FilterServeError(f"{index_path} is malformed: expected {{\"{key}\": {{{example}}}}}")
+    return dict(section)
+
+
+def repository_groups(repo: Path) -> dict[str, str]:
+    """Shared-base group name → its record's file name (none in a repository of merged filters only)."""
+    return _index_section(repo, "groups", '"<group>": "<group>.group.json"')
 
 
 def read_group_records(repo: Path) -> dict[str, GroupRecord]:
@@ -148,11 +154,28 @@ def read_group_records(repo: Path) -> dict[str, GroupRecord]:
     return {name: GroupRecord.read(repo / file) for name, file in sorted(repository_groups(repo).items())}
 
 
-def repository_index(filters: Iterable[str], groups: dict[str, str]) -> dict[str, Any]:
-    """The repository manifest: every filter's record, and (when there are any) every shared-base group's."""
+def embedder_record_name(name: str) -> str:
+    return f"{name}.embedder.json"
+
+
+def repository_embedders(repo: Path) -> dict[str, str]:
+    """Stage-1 embedder name → its record's file name (none in a repository without a hybrid filter)."""
+    return _index_section(repo, "embedders", '"<name>": "<name>.embedder.json"')
+
+
+def read_embedder_records(repo: Path) -> dict[str, EmbedderRecord]:
+    """The repository's stage-1 embedder record, by name (at most one: docs/export.md, "Stage 1")."""
+    return {name: EmbedderRecord.read(repo / file) for name, file in sorted(repository_embedders(repo).items())}
+
+
+def repository_index(filters: Iterable[str], groups: dict[str, str], embedders: dict[str, str] | None = None) -> dict[str, Any]:
+    """The repository manifest: every filter's record, and (when there are any) every shared-base group's
+    and the stage-1 embedder's."""
     index: dict[str, Any] = {"format": REPOSITORY_FORMAT, "filters": {n: filter_record_name(n) for n in sorted(filters)}}
     if groups:
         index["groups"] = dict(sorted(groups.items()))
+    if embedders:
+        index["embedders"] = dict(sorted(embedders.items()))
     return index
 
 
@@ -358,6 +381,24 @@ class Serving:
 
 
 @dataclass(frozen=True)
+class HybridRecord:
+    """A filter's stage 1 as exported: its probe model, the embedder it reads, and the threshold
+    routing a row on to stage 2 (filterserve.hybrid_settings reads them from the folder)."""
+
+    threshold: float
+    threshold_source: str  # the file, and the constant or key in it
+    threshold_from_config: bool  # config.yaml's hybrid_inference.stage1.threshold is the runtime one
+    probe: str  # the pickle it was converted from (never copied into the repository)
+    probe_sha256: str
+    probe_model: str  # the Triton model: embedding → probe_scores
+    embedder: str  # the repository's embedder model it reads (contract.EMBEDDER)
+    embedder_source: str  # the embedder the folder names (intfloat/multilingual-e5-small)
+    hidden_sizes: list[int]
+    parity: ParityRecord  # the ONNX probe against the scaler + MLP
+    disagreements: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class FilterRecord:
     """``<name>.filter.json``: one filter of the repository, merged or a group's member."""
 
@@ -390,6 +431,7 @@ class FilterRecord:
     peak_rss_mb: float | None = field(default=None, metadata=OPTIONAL)
     step_seconds: dict[str, float] | None = field(default=None, metadata=OPTIONAL)
     engines: dict[str, EngineRecord] | None = field(default=None, metadata=OPTIONAL)
+    hybrid: HybridRecord | None = field(default=None, metadata=OPTIONAL)  # None: stage 2 alone
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -452,3 +494,34 @@ class GroupRecord:
     @classmethod
     def read(cls, path: Path) -> GroupRecord:
         return from_json(cls, read_json(path, "group record"), path, "group record")
+
+
+@dataclass(frozen=True)
+class EmbedderRecord:
+    """``<embedder>.embedder.json``: the repository's stage-1 embedder, shared by every hybrid filter in it."""
+
+    name: str  # its ensemble (contract.EMBEDDER)
+    models: list[str]  # the ensemble, its tokenizer step, its tensor model
+    tensor_model: str
+    model_id: str  # the embedder the filters name (intfloat/multilingual-e5-small)
+    source: Source  # where it was loaded from (--stage1-model, else model_id)
+    width: int
+    max_length: int
+    pad_token_id: int
+    vocab_size: int
+    normalize: bool
+    parity: dict[str, ParityRecord]  # precision → against SentenceTransformer.encode
+    parity_texts: int
+    max_batch_size: int
+    bucket: int
+    max_text_bytes: int
+    versions: dict[str, str]
+    created: str
+    format: str = EMBEDDER_FORMAT
+    max_batch_tokens: int | None = None
+    export_seconds: float | None = field(default=None, metadata=OPTIONAL)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> EmbedderRecord:
+        return from_json(cls, read_json(path, "embedder record"), path, "embedder record")

@@ -155,10 +155,25 @@ def _add_decision_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
 def tokenizer_config(
     spec: FilterSpec, *, max_batch_size: int, pad_token_id: int, bucket: int, max_text_bytes: int, tensor_model: str
 ) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=contract.tokenizer_model(spec.name), backend="python", max_batch_size=max_batch_size)
+    """A filter's tokenizer step: its template and head+tail cut (:func:`token_step_config`)."""
+    return token_step_config(
+        contract.tokenizer_model(spec.name), max_length=spec.max_length, text_template=spec.text_template,
+        head_tail=json.dumps(spec.head_tail.to_dict(), ensure_ascii=False) if spec.head_tail else "",
+        max_batch_size=max_batch_size, pad_token_id=pad_token_id, bucket=bucket, max_text_bytes=max_text_bytes,
+        tensor_model=tensor_model,
+    )
+
+
+def token_step_config(
+    name: str, *, max_length: int, text_template: str, head_tail: str, max_batch_size: int, pad_token_id: int, bucket: int,
+    max_text_bytes: int, tensor_model: str,
+) -> mc.ModelConfig:
+    """The tokenizer step (``templates/tokenizer_model.py``) of a filter or of the stage-1 embedder.
+    ``head_tail``: the cut as JSON ({"head_tokens", "tail_tokens", "separator"}), or "" for none."""
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
     _add_text_inputs(config)
-    for name in contract.TOKEN_INPUTS:
-        _add_tensor(config.output, name, mc.TYPE_INT64, [-1])
+    for token_input in contract.TOKEN_INPUTS:
+        _add_tensor(config.output, token_input, mc.TYPE_INT64, [-1])
     _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
     _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
     _add_tensor(config.output, contract.CONTENT_LENGTH, mc.TYPE_INT32, [1])
@@ -166,13 +181,12 @@ def tokenizer_config(
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _dynamic_batching(config, max_batch_size, TOKENIZER_QUEUE_DELAY_US)
     _set_params(config, {
-        "max_length": spec.max_length,
+        "max_length": max_length,
         "pad_token_id": pad_token_id,
         "bucket": bucket,
         "max_text_bytes": max_text_bytes,
-        "text_template": spec.text_template,
-        # The head+tail cut ({"head_tokens", "tail_tokens", "separator"}), or "" for none.
-        "head_tail": json.dumps(spec.head_tail.to_dict(), ensure_ascii=False) if spec.head_tail else "",
+        "text_template": text_template,
+        "head_tail": head_tail,
         "tensor_model": tensor_model,
         # The step runs without this package: it names its counters from here (filterserve.contract).
         "real_tokens_metric": contract.REAL_TOKENS_METRIC,
@@ -396,6 +410,15 @@ def write_repository(
                        tensor_model=contract.tensor_model(spec.name))
 
 
+def write_token_step(repo: Path, config: mc.ModelConfig, tokenizer_dir: Path) -> None:
+    """A tokenizer step's folder: its config, the tokenizer files, the step's code and the modules it loads by path."""
+    _write_config(repo / config.name, config)
+    _copy_tokenizer(tokenizer_dir, repo / config.name / "1" / "tokenizer")
+    shutil.copy2(TOKENIZER_TEMPLATE, repo / config.name / "1" / "model.py")
+    for module in STEP_MODULES:
+        shutil.copy2(module, repo / config.name / "1" / module.name)
+
+
 def write_filter_steps(
     repo: Path,
     spec: FilterSpec,
@@ -430,11 +453,173 @@ def write_filter_steps(
     _write_config(repo / decision_name, configs[decision_name])
     write_decision_model(repo / decision_name / "1" / "model.onnx", spec, logits_width)
 
-    _write_config(repo / tokenizer_name, configs[tokenizer_name])
-    _copy_tokenizer(Path(tokenizer_dir), repo / tokenizer_name / "1" / "tokenizer")
-    shutil.copy2(TOKENIZER_TEMPLATE, repo / tokenizer_name / "1" / "model.py")
-    for module in STEP_MODULES:
-        shutil.copy2(module, repo / tokenizer_name / "1" / module.name)
+    write_token_step(repo, configs[tokenizer_name], Path(tokenizer_dir))
 
     _write_config(repo / spec.name, configs[spec.name])
     (repo / spec.name / "1").mkdir(exist_ok=True)  # Triton needs a version folder, even if empty
+
+
+# ---- the stage-1 embedder and the probes (issue 26) ------------------------------------------------
+# EMBEDDER_TEMPLATE: production's embedder input (EmbeddingStage._prepare_text) for a row with both
+# a title and a content; a plain caller whose article lacks one sends the other as TEXT.
+EMBEDDER_TEMPLATE = "{title}\n\n{content}"
+
+
+@dataclass(frozen=True)
+class EmbedderFacts:
+    """What the repository's configs need of the exported stage-1 embedder."""
+
+    width: int
+    max_length: int
+    pad_token_id: int
+    vocab_size: int
+
+
+def embedder_tensor_config(facts: EmbedderFacts, settings: RepositorySettings) -> mc.ModelConfig:
+    """``tensor_model(EMBEDDER)``: TOKEN_INPUTS → EMBEDDING, on ONNX Runtime, checked and budgeted as a filter's tensor model."""
+    config = mc.ModelConfig(
+        name=contract.tensor_model(contract.EMBEDDER), backend="onnxruntime", max_batch_size=settings.max_batch_size,
+        default_model_filename="model.onnx",
+    )
+    for name in contract.TOKEN_INPUTS:
+        _add_tensor(config.input, name, mc.TYPE_INT64, [-1])
+    _add_tensor(config.output, contract.EMBEDDING, mc.TYPE_FP32, [facts.width])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, settings.max_batch_size, TENSOR_QUEUE_DELAY_US)
+    _add_warmup(config, min(WARMUP_BATCH, settings.max_batch_size), [WARMUP_SEQ_LEN])
+    rules = TokenRules(vocab_size=facts.vocab_size, pad_token_id=facts.pad_token_id, max_length=facts.max_length,
+                       max_batch_tokens=settings.max_batch_tokens or settings.max_batch_size * facts.max_length)
+    _set_params(config, {**rules.parameters(), "precision": "fp32"})
+    return config
+
+
+def embedder_ensemble_config(facts: EmbedderFacts, settings: RepositorySettings) -> mc.ModelConfig:
+    """``EMBEDDER``: TEXT, or TITLE + CONTENT → EMBEDDING (and how much of the article it read)."""
+    config = mc.ModelConfig(name=contract.EMBEDDER, platform="ensemble", max_batch_size=settings.max_batch_size)
+    _add_text_inputs(config)
+    _add_tensor(config.output, contract.EMBEDDING, mc.TYPE_FP32, [facts.width])
+    _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
+    _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
+    tokens = {name: f"_{name}" for name in contract.TOKEN_INPUTS}
+    config.ensemble_scheduling.step.add(
+        model_name=contract.tokenizer_model(contract.EMBEDDER), model_version=-1,
+        input_map={name: name for name in contract.TEXT_INPUTS},
+        output_map={**tokens, contract.N_TOKENS: contract.N_TOKENS, contract.TRUNCATED: contract.TRUNCATED},
+    )
+    config.ensemble_scheduling.step.add(
+        model_name=contract.tensor_model(contract.EMBEDDER), model_version=-1, input_map=tokens,
+        output_map={contract.EMBEDDING: contract.EMBEDDING},
+    )
+    return config
+
+
+def embedder_models() -> list[str]:
+    """The embedder's model folders, the ensemble last."""
+    return [contract.tensor_model(contract.EMBEDDER), contract.tokenizer_model(contract.EMBEDDER), contract.EMBEDDER]
+
+
+def write_embedder(repo: Path, facts: EmbedderFacts, settings: RepositorySettings, *, tokenizer_dir: Path) -> None:
+    """The embedder's configs, tokenizer step and ensemble around the ONNX file the export wrote
+    into ``repo/tensor_model(EMBEDDER)/1``."""
+    tensor_dir = repo / contract.tensor_model(contract.EMBEDDER)
+    if not (tensor_dir / "1" / "model.onnx").is_file():
+        raise FilterServeError(f"stage-1 embedder model missing: expected {tensor_dir / '1' / 'model.onnx'}")
+    write_tensor_model(tensor_dir, embedder_tensor_config(facts, settings))
+    write_token_step(repo, token_step_config(
+        contract.tokenizer_model(contract.EMBEDDER), max_length=facts.max_length, text_template=EMBEDDER_TEMPLATE,
+        head_tail="", max_batch_size=settings.max_batch_size, pad_token_id=facts.pad_token_id, bucket=settings.bucket,
+        max_text_bytes=settings.max_text_bytes, tensor_model=contract.tensor_model(contract.EMBEDDER),
+    ), tokenizer_dir)
+    _write_config(repo / contract.EMBEDDER, embedder_ensemble_config(facts, settings))
+    (repo / contract.EMBEDDER / "1").mkdir(exist_ok=True)
+
+
+def probe_config(spec: FilterSpec, width: int, settings: RepositorySettings) -> mc.ModelConfig:
+    """``probe_model(<name>)``: EMBEDDING → PROBE_SCORES, a few Gemm layers on ONNX Runtime."""
+    config = mc.ModelConfig(
+        name=contract.probe_model(spec.name), backend="onnxruntime", max_batch_size=settings.max_batch_size,
+        default_model_filename="model.onnx",
+    )
+    _add_tensor(config.input, contract.EMBEDDING, mc.TYPE_FP32, [width])
+    _add_tensor(config.output, contract.PROBE_SCORES, mc.TYPE_FP32, [spec.num_labels])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, settings.max_batch_size, DECISION_QUEUE_DELAY_US)
+    return config
+
+
+def write_probe(repo: Path, spec: FilterSpec, width: int, settings: RepositorySettings) -> None:
+    """The probe's config beside the ONNX file the export wrote into ``repo/probe_model(<name>)/1``."""
+    model_dir = repo / contract.probe_model(spec.name)
+    if not (model_dir / "1" / "model.onnx").is_file():
+        raise FilterServeError(f"stage-1 probe model missing: expected {model_dir / '1' / 'model.onnx'}")
+    _write_config(model_dir, probe_config(spec, width, settings))
+
+
+HYBRID_TEMPLATE = Path(runtime.__file__).resolve().parent / "templates" / "hybrid_model.py"
+
+
+def _add_hybrid_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
+    """The stage-2 ensemble's outputs, then STAGE_USED and STAGE1_ESTIMATE."""
+    _add_tensor(config.output, contract.SCORES, mc.TYPE_FP32, [spec.num_labels])
+    _add_tensor(config.output, contract.WEIGHTED_SCORE, mc.TYPE_FP32, [1])
+    _add_decision_outputs(config, spec)
+    _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
+    _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
+    _add_tensor(config.output, contract.STAGE_USED, mc.TYPE_STRING, [1])
+    _add_tensor(config.output, contract.STAGE1_ESTIMATE, mc.TYPE_FP32, [1])
+
+
+def hybrid_step_config(spec: FilterSpec, settings: RepositorySettings, threshold: float) -> mc.ModelConfig:
+    """``hybrid_model(<name>)``: the BLS step (``templates/hybrid_model.py``) and what it reads."""
+    config = mc.ModelConfig(name=contract.hybrid_model(spec.name), backend="python", max_batch_size=settings.max_batch_size)
+    _add_text_inputs(config)
+    _add_hybrid_outputs(config, spec)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, settings.max_batch_size, TOKENIZER_QUEUE_DELAY_US)
+    _set_params(config, {
+        "threshold": repr(float(threshold)),
+        "weights": json.dumps(list(spec.weights)),
+        "tier_thresholds": json.dumps([tier.threshold for tier in spec.tiers]),
+        "embedder": contract.EMBEDDER,
+        "probe_model": contract.probe_model(spec.name),
+        "stage2_model": contract.stage2_model(spec.name),
+    })
+    return config
+
+
+def hybrid_ensemble_config(spec: FilterSpec, settings: RepositorySettings) -> mc.ModelConfig:
+    """``<name>``: one step, the BLS; it carries the filter description, as every filter's ensemble does."""
+    config = mc.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=settings.max_batch_size)
+    _add_text_inputs(config)
+    _add_hybrid_outputs(config, spec)
+    config.ensemble_scheduling.step.add(
+        model_name=contract.hybrid_model(spec.name), model_version=-1,
+        input_map={name: name for name in contract.TEXT_INPUTS},
+        output_map={name: name for name in contract.HYBRID_OUTPUTS},
+    )
+    _set_params(config, {contract.FILTER_PARAMETER: json.dumps(spec.to_dict(), ensure_ascii=False)})
+    return config
+
+
+def hybrid_models(name: str) -> list[str]:
+    """The models a hybrid filter adds to its own: the probe, stage 2's ensemble, the BLS step."""
+    return [contract.probe_model(name), contract.stage2_model(name), contract.hybrid_model(name)]
+
+
+def write_hybrid(repo: Path, spec: FilterSpec, settings: RepositorySettings, *, threshold: float) -> None:
+    """Turn a filter written by :func:`write_repository` into a hybrid one: its ensemble becomes
+    ``stage2_model(<name>)`` (without the filter description, so clients list the filter once), and
+    ``<name>`` the one call through the BLS step."""
+    stage2 = ensemble_config(spec, max_batch_size=settings.max_batch_size, tensor_model=contract.tensor_model(spec.name))
+    stage2.name = contract.stage2_model(spec.name)
+    del stage2.parameters[contract.FILTER_PARAMETER]
+    shutil.rmtree(repo / spec.name)
+    _write_config(repo / stage2.name, stage2)
+    (repo / stage2.name / "1").mkdir(exist_ok=True)
+    step = hybrid_step_config(spec, settings, threshold)
+    _write_config(repo / step.name, step)
+    (repo / step.name / "1").mkdir(exist_ok=True)
+    shutil.copy2(HYBRID_TEMPLATE, repo / step.name / "1" / "model.py")
+    shutil.copy2(Path(contract.__file__), repo / step.name / "1" / "contract.py")
+    _write_config(repo / spec.name, hybrid_ensemble_config(spec, settings))
+    (repo / spec.name / "1").mkdir(exist_ok=True)

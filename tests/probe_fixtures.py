@@ -48,11 +48,12 @@ def embeddings(n: int, seed: int, dim: int = E5_SMALL_DIM, spread: float = 0.5) 
 
 
 def production_probe(output_dim: int, seed: int, hidden_sizes: tuple[int, ...] = (256, 128),
-                     with_mean: bool = True, with_std: bool = True) -> tuple[StandardScaler, MLPProbe]:
-    """A fitted scaler and an MLP whose outputs land in the 0-10 score range on e5-like inputs."""
+                     with_mean: bool = True, with_std: bool = True, input_dim: int = E5_SMALL_DIM) -> tuple[StandardScaler, MLPProbe]:
+    """A fitted scaler and an MLP whose outputs land in the 0-10 score range on e5-like inputs
+    (``input_dim``: the embedder's width; a stand-in e5's is smaller)."""
     torch.manual_seed(seed)
-    scaler = StandardScaler(with_mean=with_mean, with_std=with_std).fit(embeddings(200, seed))
-    model = MLPProbe(E5_SMALL_DIM, output_dim, hidden_sizes)
+    scaler = StandardScaler(with_mean=with_mean, with_std=with_std).fit(embeddings(200, seed, input_dim))
+    model = MLPProbe(input_dim, output_dim, hidden_sizes)
     with torch.no_grad():
         model.network[-1].bias.add_(3.0)
     return scaler, model.eval()
