@@ -26,6 +26,7 @@ from filterserve.contract import (
     ENSEMBLE_OUTPUTS,
     FILTER_INDEX,
     FILTER_PARAMETER,
+    HYBRID_OUTPUTS,
     LOGITS,
     N_TOKENS,
     SCORES,
@@ -93,7 +94,7 @@ class FilterClient(Scorer):
         self.tensor_model, self.decision_model = by_input.get(TOKEN_INPUTS[0]), by_input.get(LOGITS)
         # What this ensemble answers: one exported before tiers and normalization has fewer outputs.
         declared = {output.get("name") for output in config.get("output", [])}
-        self._outputs = [name for name in ENSEMBLE_OUTPUTS if name in declared] or list(ENSEMBLE_OUTPUTS)
+        self._outputs = [name for name in HYBRID_OUTPUTS if name in declared] or list(ENSEMBLE_OUTPUTS)
         self._decision_outputs = [name for name in DECISION_OUTPUTS if name in self._outputs]
         # A repository exported before the current rules (issue 26) takes no content length.
         self._measures = CONTENT_LENGTH in self._outputs

@@ -23,6 +23,8 @@ from filterserve.contract import (
     RAW_WEIGHTED_AVERAGE,
     SCORES,
     SHORT_CONTENT_CAP_APPLIED,
+    STAGE1_ESTIMATE,
+    STAGE_USED,
     TIER,
     TRUNCATED,
     UNKNOWN_CONTENT_LENGTH,
@@ -115,6 +117,8 @@ class FilterResult:
             short_content_cap_applied=bool(first(SHORT_CONTENT_CAP_APPLIED)) if SHORT_CONTENT_CAP_APPLIED in outputs else False,
             normalization_method=spec.normalization_method,
             version=spec.version,
+            stage_used=_text(first(STAGE_USED)) if STAGE_USED in outputs else STAGE2,
+            stage1_estimate=float(first(STAGE1_ESTIMATE)) if STAGE1_ESTIMATE in outputs else None,
         )
         bad = result.non_finite()
         if bad:  # JSON has no NaN or Infinity, and a NaN score would pass every comparison silently
@@ -165,6 +169,11 @@ class FilterResult:
             "stage1_estimate": self.stage1_estimate,
             "version": self.version,
         }
+
+
+def _text(value: object) -> str:
+    """A BYTES output's element as text (gRPC and HTTP both answer bytes)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _length(value: int) -> int | None:

@@ -43,7 +43,27 @@ SCORES = "scores"
 FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED = "final_scores", "weighted_average", "gatekeeper_applied"
 RAW_WEIGHTED_AVERAGE, TIER = "raw_weighted_average", "tier"
 NO_TIER_INDEX = -1
-DECISION_OUTPUTS: tuple[str, ...] = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED, RAW_WEIGHTED_AVERAGE, TIER)
+# The current rules' inputs and stamps (the short-content cap, the stage-1 rows through one decision).
+# CONTENT_LENGTH, INT32 [1]: characters (code points) of the article's content, as the production
+# scorer stamps it (BasePreFilter.content_length: the record's ``text``, else its ``content``).
+# The tokenizer step measures CONTENT (or the joined TEXT), unless the request sends the ensemble's
+# optional CONTENT_LENGTH_INPUT (a record whose ``text`` field production measures instead); the
+# decision step reads it as CONTENT_LENGTH_INPUT for the short-content cap and answers it as
+# CONTENT_LENGTH (sent in upper case, answered in lower case, as TEXT is sent and scores answered).
+# UNKNOWN_CONTENT_LENGTH (token ids sent without their text) applies no cap, as the scorer applies
+# none to a row it never stamped.
+CONTENT_LENGTH, CONTENT_LENGTH_INPUT = "content_length", "CONTENT_LENGTH"
+UNKNOWN_CONTENT_LENGTH = -1
+# SCREENED, BOOL [1], a decision-step input: the row's scores are the stage-1 probe's (the hybrid's
+# stage1_low rows), which production clamps but neither calibrates nor gates (HybridScorer: no
+# gatekeeper on stage 1); the short-content cap and the tier still apply. The tokenizer step sends
+# false for every row it tokenizes.
+SCREENED = "screened"
+DECISION_INPUTS = (LOGITS, CONTENT_LENGTH_INPUT, SCREENED)
+# SHORT_CONTENT_CAP_APPLIED, BOOL [1]: the short-content cap lowered the average.
+SHORT_CONTENT_CAP_APPLIED = "short_content_cap_applied"
+DECISION_OUTPUTS: tuple[str, ...] = (FINAL_SCORES, WEIGHTED_AVERAGE, GATEKEEPER_APPLIED, RAW_WEIGHTED_AVERAGE, TIER,
+                                     SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)
 ENSEMBLE_OUTPUTS: tuple[str, ...] = (SCORES, WEIGHTED_SCORE, *DECISION_OUTPUTS, N_TOKENS, TRUNCATED)
 # The ensemble's config parameter holding the filter description as JSON: clients read the
 # dimensions, weights, template and rules from the server rather than from a local copy.
@@ -103,7 +123,7 @@ def tensor_model(filter_name: str, precision: str | None = None) -> str:
     return f"{filter_name}_onnx" if precision is None else f"{filter_name}_onnx_{precision}"
 
 
-# ---- issue 27, same article, same score ------------------------------------------------------------
+# ---- same article, same score ------------------------------------------------------------------------
 # Max |Δ| of any score field (raw, final, weighted score and averages) between two servings of one
 # article by one fp32 filter: alone, batched with others, shuffled, at any concurrency, over either
 # protocol. Batching changes no arithmetic the article's row depends on, so this is rounding only.
@@ -116,31 +136,7 @@ DETERMINISM_TOLERANCE = 1e-4
 PER_RUN_SCALED_PRECISIONS = frozenset({"int8"})
 
 
-# --- The current rules (issue 26: the short-content cap, the op-point tier, the stamped fields) ---
-# CONTENT_LENGTH, INT32 [1]: characters (code points) of the article's content, as the production
-# scorer stamps it (BasePreFilter.content_length: the record's ``text``, else its ``content``).
-# The tokenizer step measures CONTENT (or the joined TEXT), unless the request sends the ensemble's
-# optional CONTENT_LENGTH_INPUT (a record whose ``text`` field production measures instead); the
-# decision step reads it as CONTENT_LENGTH_INPUT for the short-content cap and answers it as
-# CONTENT_LENGTH (sent in upper case, answered in lower case, as TEXT is sent and scores answered).
-# UNKNOWN_CONTENT_LENGTH (token ids sent without their text) applies no cap, as the scorer applies
-# none to a row it never stamped.
-CONTENT_LENGTH, CONTENT_LENGTH_INPUT = "content_length", "CONTENT_LENGTH"
-UNKNOWN_CONTENT_LENGTH = -1
-# SCREENED, BOOL [1], a decision-step input: the row's scores are the stage-1 probe's (the hybrid's
-# stage1_low rows), which production clamps but neither calibrates nor gates (HybridScorer: no
-# gatekeeper on stage 1); the short-content cap and the tier still apply. The tokenizer step sends
-# false for every row it tokenizes.
-SCREENED = "screened"
-DECISION_INPUTS = (LOGITS, CONTENT_LENGTH_INPUT, SCREENED)
-# SHORT_CONTENT_CAP_APPLIED, BOOL [1]: the short-content cap lowered the average.
-SHORT_CONTENT_CAP_APPLIED = "short_content_cap_applied"
-# Extended here rather than above, so that the parts of issue 26 merge cleanly.
-DECISION_OUTPUTS = (*DECISION_OUTPUTS, SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)
-ENSEMBLE_OUTPUTS = (*ENSEMBLE_OUTPUTS, SHORT_CONTENT_CAP_APPLIED, CONTENT_LENGTH)
-
-
-# ---- issue 26: the stage-1 embedder and the probes (wt-embed) --------------------------------------
+# ---- the hybrid: the stage-1 embedder, the probes, the one call --------------------------------------------
 # One stage-1 embedder per repository, shared by every filter whose stage 1 names it:
 # EMBEDDER (ensemble: TEXT, or TITLE + CONTENT → EMBEDDING, N_TOKENS, TRUNCATED) over its tokenizer
 # step tokenizer_model(EMBEDDER) and its tensor model tensor_model(EMBEDDER) (TOKEN_INPUTS →

@@ -128,12 +128,14 @@ def _add_tensor(tensors, name: str, data_type: int, dims: list[int], optional: b
         tensor.optional = True
 
 
-def _add_text_inputs(config: mc.ModelConfig) -> None:
+def _add_text_inputs(config: mc.ModelConfig, *, content_length: bool = True) -> None:
     """TEXT, or TITLE + CONTENT: each optional, the tokenizer step says which combination is missing;
-    CONTENT_LENGTH optional too (else the step measures the content)."""
+    CONTENT_LENGTH optional too (else the step measures the content), except where nothing reads it
+    (the stage-1 embedder's ensemble: Triton refuses an ensemble input that no step takes)."""
     for name in contract.TEXT_INPUTS:
         _add_tensor(config.input, name, mc.TYPE_STRING, [1], optional=True)
-    _add_tensor(config.input, contract.CONTENT_LENGTH_INPUT, mc.TYPE_INT32, [1], optional=True)
+    if content_length:
+        _add_tensor(config.input, contract.CONTENT_LENGTH_INPUT, mc.TYPE_INT32, [1], optional=True)
 
 
 def _add_decision_outputs(config: mc.ModelConfig, spec: FilterSpec) -> None:
@@ -496,7 +498,7 @@ def embedder_tensor_config(facts: EmbedderFacts, settings: RepositorySettings) -
 def embedder_ensemble_config(facts: EmbedderFacts, settings: RepositorySettings) -> mc.ModelConfig:
     """``EMBEDDER``: TEXT, or TITLE + CONTENT → EMBEDDING (and how much of the article it read)."""
     config = mc.ModelConfig(name=contract.EMBEDDER, platform="ensemble", max_batch_size=settings.max_batch_size)
-    _add_text_inputs(config)
+    _add_text_inputs(config, content_length=False)
     _add_tensor(config.output, contract.EMBEDDING, mc.TYPE_FP32, [facts.width])
     _add_tensor(config.output, contract.N_TOKENS, mc.TYPE_INT32, [1])
     _add_tensor(config.output, contract.TRUNCATED, mc.TYPE_BOOL, [1])
@@ -579,10 +581,10 @@ def hybrid_step_config(spec: FilterSpec, settings: RepositorySettings, threshold
     _set_params(config, {
         "threshold": repr(float(threshold)),
         "weights": json.dumps(list(spec.weights)),
-        "tier_thresholds": json.dumps([tier.threshold for tier in spec.tiers]),
         "embedder": contract.EMBEDDER,
         "probe_model": contract.probe_model(spec.name),
         "stage2_model": contract.stage2_model(spec.name),
+        "decision_model": contract.decision_model(spec.name),
     })
     return config
 
@@ -594,7 +596,7 @@ def hybrid_ensemble_config(spec: FilterSpec, settings: RepositorySettings) -> mc
     _add_hybrid_outputs(config, spec)
     config.ensemble_scheduling.step.add(
         model_name=contract.hybrid_model(spec.name), model_version=-1,
-        input_map={name: name for name in contract.TEXT_INPUTS},
+        input_map={name: name for name in (*contract.TEXT_INPUTS, contract.CONTENT_LENGTH_INPUT)},
         output_map={name: name for name in contract.HYBRID_OUTPUTS},
     )
     _set_params(config, {contract.FILTER_PARAMETER: json.dumps(spec.to_dict(), ensure_ascii=False)})

@@ -236,8 +236,15 @@ def test_one_call_to_the_filter_routes_only_rows_above_the_threshold_to_stage_2(
         assert result.as_numpy(contract.TIER)[i, 0] == stage2.as_numpy(contract.TIER)[i, 0]
     for i in np.flatnonzero(~routed[:8]):
         assert (scores[i] >= 0).all() and (scores[i] <= 10).all()
-        assert result.as_numpy(contract.WEIGHTED_AVERAGE)[i, 0] == pytest.approx(estimates[i], abs=1e-3)
+        # The raw average is the stage-1 average (no cap fires here); weighted_average is its normalization.
+        assert result.as_numpy(contract.RAW_WEIGHTED_AVERAGE)[i, 0] == pytest.approx(estimates[i], abs=1e-3)
+        assert not result.as_numpy(contract.SHORT_CONTENT_CAP_APPLIED)[i, 0]
         assert not result.as_numpy(contract.GATEKEEPER_APPLIED)[i, 0]
+        # The screened row's tier is the op-point on its stage-1 average, through the filter's own decision step.
+        reached = [k for k, tier in enumerate(spec.tiers) if estimates[i] >= tier.threshold]
+        assert result.as_numpy(contract.TIER)[i, 0] == (reached[0] if reached else contract.NO_TIER_INDEX)
+    # Both stages stamp the length production measures (the content's code points), on every row.
+    assert result.as_numpy(contract.CONTENT_LENGTH)[:, 0].tolist() == [len(c) for _, c in MIXED_ARTICLES[:8]]
 
 
 @pytest.mark.timeout(300)
@@ -255,3 +262,6 @@ def test_the_client_finds_the_hybrid_filter_once_and_scores_through_it(server, s
     direct = triton_client(server, "grpc").infer(
         stage1["spec"].name, [bytes_input("grpc", contract.TITLE, [title]), bytes_input("grpc", contract.CONTENT, [content])])
     np.testing.assert_allclose(list(result.scores.values()), direct.as_numpy(contract.SCORES)[0], atol=1e-6)
+    # The hybrid's stamps reach the client's result (and so `score` and the drop-in's dicts).
+    assert result.stage_used == direct.as_numpy(contract.STAGE_USED)[0, 0].decode() in (contract.STAGE1_LOW, contract.STAGE2)
+    assert result.stage1_estimate == pytest.approx(float(direct.as_numpy(contract.STAGE1_ESTIMATE)[0, 0]), abs=1e-6)

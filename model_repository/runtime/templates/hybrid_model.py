@@ -7,10 +7,14 @@ the threshold. Here the embedder (its ensemble), the probe and stage 2 (the filt
 ensemble) are the repository's own models, called in-process (Business Logic Scripting): stage 2
 sees one batch of only the routed rows, and a screened row costs one embedder and one probe run.
 
-A screened row answers the probe's clamped scores as its scores, its stage-1 average as both
-averages, no gatekeeper, and the first tier that average reaches (``_assign_tier``); every row
-answers ``stage_used`` and ``stage1_estimate``. It runs inside NVIDIA's container as well, so it
-imports only numpy and the copy of ``contract.py`` beside it, and reads the rest from its config.
+A screened row goes through the filter's own decision step as a stage-1 row (``screened``: the
+probe's scores clamped, neither calibrated nor gated, then the short-content cap and the op-point
+tier, as hybrid_scorer.py's stage1_low branch does), so the rules live in one graph; every row
+answers ``stage_used`` and ``stage1_estimate`` (the stage-1 average before the cap). The article's
+content_length is measured here as the tokenizer step measures it (or taken as sent) and passed to
+both stages, so a routed row and a screened one are capped on the same length. It runs inside
+NVIDIA's container as well, so it imports only numpy and the copy of ``contract.py`` beside it, and
+reads the rest from its config.
 """
 
 from __future__ import annotations
@@ -46,34 +50,50 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.threshold = float(_param(config, "threshold"))
         self.weights = np.asarray(json.loads(_param(config, "weights")), dtype=np.float64)
-        self.tiers = [float(t) for t in json.loads(_param(config, "tier_thresholds"))]
         self.embedder = _param(config, "embedder")
         self.probe = _param(config, "probe_model")
         self.stage2 = _param(config, "stage2_model")
+        self.decision = _param(config, "decision_model")
         self.outputs = [tensor["name"] for tensor in config["output"]]
         self.dtypes = {tensor["name"]: pb_utils.triton_string_to_numpy(tensor["data_type"]) for tensor in config["output"]}
 
-    def _tier(self, average: float) -> int:
-        return next((i for i, threshold in enumerate(self.tiers) if average >= threshold), contract.NO_TIER_INDEX)
+    @staticmethod
+    def _lengths(request: object, texts: list) -> np.ndarray:
+        """content_length per row: CONTENT_LENGTH as sent, else CONTENT's (or TEXT's) code points."""
+        sent = pb_utils.get_input_tensor_by_name(request, contract.CONTENT_LENGTH_INPUT)
+        if sent is not None:
+            lengths = sent.as_numpy().reshape(-1, 1).astype(np.int32)
+            if (lengths < 0).any():
+                raise ValueError(f"{contract.CONTENT_LENGTH_INPUT} must not be negative")
+            return lengths
+        by_name = {tensor.name(): tensor.as_numpy().reshape(-1) for tensor in texts}
+        measured = by_name.get(contract.CONTENT, by_name.get(contract.TEXT))
+        if measured is None:
+            raise ValueError(f"send {contract.TEXT}, or {contract.TITLE} and {contract.CONTENT}")
+        return np.array([[len(value.decode("utf-8"))] for value in measured], dtype=np.int32)
 
     def _score(self, request: object) -> pb_utils.InferenceResponse:
         texts = [t for name in contract.TEXT_INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
         stage1 = _call(self.embedder, texts, [contract.EMBEDDING, contract.N_TOKENS, contract.TRUNCATED])
-        probe = _call(self.probe, [pb_utils.Tensor(contract.EMBEDDING, stage1[contract.EMBEDDING])], [contract.PROBE_SCORES])
-        clamped = np.clip(probe[contract.PROBE_SCORES].astype(np.float64), 0.0, 10.0)
+        lengths = self._lengths(request, texts)
+        raw = _call(self.probe, [pb_utils.Tensor(contract.EMBEDDING, stage1[contract.EMBEDDING])], [contract.PROBE_SCORES])
+        probe = raw[contract.PROBE_SCORES].astype(np.float32)
+        clamped = np.clip(probe.astype(np.float64), 0.0, 10.0)
         estimate = clamped @ self.weights
         routed = np.flatnonzero(estimate >= self.threshold)
         rows = len(estimate)
+        screened = _call(self.decision, [pb_utils.Tensor(contract.LOGITS, probe),
+                                         pb_utils.Tensor(contract.CONTENT_LENGTH_INPUT, lengths),
+                                         pb_utils.Tensor(contract.SCREENED, np.ones((rows, 1), dtype=bool))],
+                         list(contract.DECISION_OUTPUTS))
         out: dict[str, np.ndarray] = {
-            contract.SCORES: clamped, contract.FINAL_SCORES: clamped,
-            contract.WEIGHTED_SCORE: estimate[:, None], contract.WEIGHTED_AVERAGE: estimate[:, None],
-            contract.RAW_WEIGHTED_AVERAGE: estimate[:, None], contract.GATEKEEPER_APPLIED: np.zeros((rows, 1), dtype=bool),
-            contract.TIER: np.array([[self._tier(float(a))] for a in estimate]),
+            **screened, contract.SCORES: clamped, contract.WEIGHTED_SCORE: estimate[:, None],
             contract.N_TOKENS: stage1[contract.N_TOKENS], contract.TRUNCATED: stage1[contract.TRUNCATED],
         }
         out = {name: value.astype(self.dtypes[name]) for name, value in out.items()}
         if len(routed):
             inputs = [pb_utils.Tensor(t.name(), t.as_numpy()[routed]) for t in texts]
+            inputs.append(pb_utils.Tensor(contract.CONTENT_LENGTH_INPUT, lengths[routed]))
             stage2 = _call(self.stage2, inputs, list(contract.ENSEMBLE_OUTPUTS))
             for name, value in stage2.items():
                 out[name][routed] = value
@@ -88,7 +108,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._score(request))
-            except RuntimeError as exc:  # a called model refused the request (an empty text, a size limit)
+            except (RuntimeError, ValueError) as exc:  # a called model refused the request (an empty text, a size limit)
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
         return responses
