@@ -170,14 +170,13 @@ def probe_stage(staging: Path, spec: FilterSpec, settings: HybridSettings, embed
         for line in settings.report():
             steps.say(line)
         probe = load_probe(settings.probe)
-        if probe.output_dim != spec.num_labels:
-            raise FilterServeError(
-                f"probe {settings.probe} scores {probe.output_dim} dimensions, filter {spec.name!r} has {spec.num_labels}"
-            )
-        if probe.input_dim != embedder.width:
-            raise FilterServeError(
-                f"probe {settings.probe} reads {probe.input_dim}-wide embeddings, the embedder {embedder.model_id} gives {embedder.width}"
-            )
+        misfits = [what for fits, what in (
+            (probe.output_dim == spec.num_labels, f"scores {probe.output_dim} dimensions, filter {spec.name!r} has {spec.num_labels}"),
+            (probe.input_dim == embedder.width,
+             f"reads {probe.input_dim}-wide embeddings, the embedder {embedder.model_id} gives {embedder.width}"),
+        ) if not fits]
+        if misfits:
+            raise FilterServeError(f"probe {settings.probe} {'; '.join(misfits)}")
         path = write_probe_onnx(probe, staging / name / "1" / "model.onnx")
         x = np.random.default_rng(0).normal(size=(PROBE_CHECK_ROWS, probe.input_dim))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # unit vectors, as the embedder gives

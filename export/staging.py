@@ -74,24 +74,14 @@ def plan_replacement(repo: Path, name: str, models: set[str], new: Fingerprint, 
             )
         return []
     records = read_filter_records(repo)
-    for other, record in records.items():
-        clash = models & set(record.models) if other != name else set()
+    owners: list[tuple[str, list[str]]] = [(f"filter {other!r}", r.models) for other, r in records.items() if other != name]
+    owners += [(f"shared-base group {group}", r.models) for group, r in read_group_records(repo).items()]
+    owners += [(f"the stage-1 embedder {embedder}", r.models) for embedder, r in read_embedder_records(repo).items()]
+    for owner, held in owners:
+        clash = models & set(held)
         if clash:
             raise FilterServeError(
-                f"filter {name!r} would overwrite {', '.join(sorted(clash))} of filter {other!r} in {repo}; choose another --name"
-            )
-    for group, group_record in read_group_records(repo).items():
-        clash = models & set(group_record.models)
-        if clash:
-            raise FilterServeError(
-                f"filter {name!r} would overwrite {', '.join(sorted(clash))} of shared-base group {group} in {repo}; choose another --name"
-            )
-    for embedder, embedder_record in read_embedder_records(repo).items():
-        clash = models & set(embedder_record.models)
-        if clash:
-            raise FilterServeError(
-                f"filter {name!r} would overwrite {', '.join(sorted(clash))} of the stage-1 embedder {embedder} in {repo}; "
-                "choose another --name"
+                f"filter {name!r} would overwrite {', '.join(sorted(clash))} of {owner} in {repo}; choose another --name"
             )
     old = records.get(name)
     if old is not None and Fingerprint.of(old) != new and not force:
