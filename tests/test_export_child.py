@@ -120,3 +120,20 @@ def test_an_interrupted_export_leaves_no_child_behind(tmp_path, interrupt):
     if interrupt == signal.SIGINT:
         assert b"KeyboardInterrupt" in err
     assert settled(lambda: _ended(grandchild), bool, timeout_s=30), f"child {grandchild.pid} outlived its parent"
+
+
+def test_the_lean_shape_inference_writes_the_very_file_onnx_runtimes_own_reload_writes(quantized, tmp_path, monkeypatch):
+    """shapes_in_place skips ONNX Runtime's deepcopy-save-reload (3 copies of the weights); the int8 file stays byte for byte."""
+    import contextlib
+    import hashlib
+
+    from filterserve.export import quantize
+
+    record = read_filter_record(quantized)
+    fp32 = quantized / record.tensor_models["fp32"] / "1" / "model.onnx"
+    quantize_int8(fp32, tmp_path / "lean" / "model.onnx")
+    monkeypatch.setattr(quantize, "lean_shape_inference", contextlib.nullcontext)
+    quantize_int8(fp32, tmp_path / "ort" / "model.onnx")
+    for name in ("model.onnx", "model.onnx.data"):
+        lean, ort = (hashlib.sha256((tmp_path / kind / name).read_bytes()).hexdigest() for kind in ("lean", "ort"))
+        assert lean == ort, name
