@@ -16,6 +16,10 @@ read) and read by every stage; what the stages share besides it is one :class:`R
 - int8: the fp32 file → INT8 on the exclusion ladder's first rung, added to the variants
 - openvino: the fp32 file → OpenVINO IR (bf16, ov_fp32) and NNCF's static int8 (ov_int8, on the
   ladder's first rung), each checked as Triton's OpenVINO backend will compile it
+
+  Those files are made from the fp32 file in a child process each (:mod:`filterserve.export.child`),
+  after the PyTorch model is released: the quantizers' copies of the whole graph never share a
+  process with anything else, and the record keeps every child's pid and peak RSS.
 - gate: variants, labelled validation data → :class:`Admission` (:func:`filterserve.gate.judge`'s
   outcome); a refused variant that has a :data:`CLIMBS` entry (INT8) is rebuilt closer to fp32 and
   gated again first
@@ -51,7 +55,7 @@ import numpy as np
 
 from filterserve import contract
 from filterserve.errors import FilterServeError
-from filterserve.export import openvino_engine, quantization_data
+from filterserve.export import child, openvino_engine, quantization_data
 from filterserve.export.group import export_shared, refuse_member
 from filterserve.export.load import Loaded, adapter_weights_path, load_reference, locate_base
 from filterserve.export.manifest import Fingerprint, describe_source
@@ -70,13 +74,13 @@ from filterserve.export.parity import (
     reference_scores,
 )
 from filterserve.export.plan import Plan, execute
-from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
+from filterserve.export.quantize import EXCLUSION_LADDER
 from filterserve.export.records import RunFigures, filter_record
 from filterserve.export.stage1 import ensure_embedder, probe_stage, repository_embedder
 from filterserve.export.staging import Change, candidate_models, plan_replacement
 from filterserve.filters import FilterSpec
 from filterserve.gate import AccuracyGateRefusal, GateOutcome, LabelledSet, judge, read_labelled
-from filterserve.manifest import EmbedderRecord, FilterRecord, HybridRecord, Int8Record, ParityRecord, Source, to_json
+from filterserve.manifest import ChildRecord, EmbedderRecord, FilterRecord, HybridRecord, Int8Record, ParityRecord, Source, to_json
 from filterserve.model_repository import tensor_model_name, write_repository
 from filterserve.model_repository.gpu import TENSORRT_PRECISION
 from filterserve.model_repository.repository import hybrid_models, write_hybrid, write_probe
@@ -95,6 +99,15 @@ class Run:
     steps: Steps
     staging: Path  # beside the repository: what the write stage swaps in
     started: float  # time.perf_counter() when the export began, for the record's export_seconds
+    children: list[ChildRecord] = field(default_factory=list)  # the steps run in a child process, as they ran
+
+    def in_child(self, step: str, job: child.Job) -> child.Done:
+        """``job`` in a child process (:mod:`filterserve.export.child`), recorded; says which process ran it."""
+        done, record = child.run(step, job)
+        self.children.append(record)
+        self.steps.say(f"child process {record.pid}: peak RSS {record.peak_rss_mb / 1024:.1f} GB "
+                       f"(this process {record.parent_rss_mb / 1024:.1f} GB meanwhile)")
+        return done
 
 
 def total_steps(options: ExportOptions) -> int:
@@ -308,38 +321,42 @@ def check_parity(precision: str, path: Path, reference: Reference, steps: Steps)
 
 
 def pytorch_stage(run: Run, loaded: Loaded, reference: Reference) -> Variants:
-    """Owns the PyTorch model from here on: merge, the variants built from it with their parity, then frees it.
+    """Owns the PyTorch model from here on: merge, the variants built from it, then frees it before
+    their parity checks.
 
     Those are the precisions not made from another variant's file (fp32, fp16). fp16 converts the
-    merged model in place, so it follows fp32. The model is released before INT8, whose quantizer
-    holds its own copy of the fp32 graph (both together approach 24 GB at 1.5B).
+    merged model in place, so it follows fp32. The model is released before any ONNX Runtime session
+    is opened on the files: at 1.5B each holds about 6 GB, and both together, with the exporter's
+    leftovers, took the export to 24 GB.
     """
     steps, spec = run.steps, run.options.spec
     merged: Any = None  # the merged PyTorch model, released in `finally` whatever happened
+    paths: dict[str, Path] = {}
     try:
         with steps.step("merge LoRA into the base and check the merge"):
             merged, merged_parity = merge(loaded, reference.ids, reference.mask, reference.scores)
             steps.say(f"merged vs PEFT: max |Δ| = {merged_parity.max_abs_diff:.2e}")
-        built: dict[str, Variant] = {}
         for precision in (p for p in run.options.build if p not in MADE_FROM):
-            path = variant_path(run.staging, spec, precision)
+            paths[precision] = variant_path(run.staging, spec, precision)
             with steps.step(f"build {precision}"):
                 if precision == "fp16":
                     merged.half()
-                export_onnx(merged, spec.weights, reference.ids, reference.mask, path)
-            with steps.step(f"parity {precision} (ONNX Runtime) vs PyTorch + PEFT"):
-                built[precision] = Variant(path, check_parity(precision, path, reference, steps))
+                export_onnx(merged, spec.weights, reference.ids, reference.mask, paths[precision])
     finally:
         merged = loaded.model = None
         gc.collect()
+    built: dict[str, Variant] = {}
+    for precision, path in paths.items():
+        with steps.step(f"parity {precision} (ONNX Runtime) vs PyTorch + PEFT"):
+            built[precision] = Variant(path, check_parity(precision, path, reference, steps))
     return Variants(merged_parity.to_record(), built)
 
 
-def build_int8(fp32_path: Path, int8_path: Path, rung: int, steps: Steps) -> Int8Build:
-    """Dynamic INT8 from the fp32 file, keeping in fp32 what the ladder's ``rung`` names."""
-    description, keep = EXCLUSION_LADDER[rung]
-    kept = quantize_int8(fp32_path, int8_path, keep)
-    steps.say(f"dynamic INT8 (per-channel weights); fp32 besides the head: {description} ({len(kept)} MatMuls)")
+def build_int8(run: Run, fp32_path: Path, int8_path: Path, rung: int) -> Int8Build:
+    """Dynamic INT8 from the fp32 file, keeping in fp32 what the ladder's ``rung`` names (in a child process)."""
+    description = EXCLUSION_LADDER[rung][0]
+    kept = run.in_child(f"int8 (rung {rung})", child.Job("int8", str(fp32_path), str(int8_path), rung)).kept
+    run.steps.say(f"dynamic INT8 (per-channel weights); fp32 besides the head: {description} ({len(kept)} MatMuls)")
     return Int8Build(rung, description, len(kept))
 
 
@@ -347,7 +364,7 @@ def int8_stage(run: Run, reference: Reference, variants: Variants) -> Variants:
     """INT8 from the fp32 file on the exclusion ladder's first rung; its parity is recorded, the gate judges it."""
     path = variant_path(run.staging, run.options.spec, "int8")
     with run.steps.step("build int8"):
-        built = build_int8(variants.built["fp32"].path, path, 0, run.steps)
+        built = build_int8(run, variants.built["fp32"].path, path, 0)
     with run.steps.step("parity int8 (ONNX Runtime) vs PyTorch + PEFT"):
         parity = check_parity("int8", path, reference, run.steps)
     return variants.adding("int8", Variant(path, parity, built))
@@ -369,9 +386,11 @@ def calibration_feeds(run: Run, tokenizer: Any, reference: Reference) -> tuple[l
 def build_ov_int8(
     run: Run, variants: Variants, path: Path, rung: int, feeds: tuple[dict[str, np.ndarray], ...], calibration: dict[str, Any]
 ) -> Int8Build:
-    """NNCF static int8 from the fp32 file, keeping in fp32 what the ladder's ``rung`` names."""
-    description, keep = EXCLUSION_LADDER[rung]
-    made = openvino_engine.quantize_static_int8(variants.built["fp32"].path, path, feeds, keep)
+    """NNCF static int8 from the fp32 file, keeping in fp32 what the ladder's ``rung`` names (in a child process)."""
+    description = EXCLUSION_LADDER[rung][0]
+    with tempfile.TemporaryDirectory(prefix="filterserve-feeds-") as tmp:
+        saved = child.save_feeds(feeds, Path(tmp) / "feeds.npz")
+        made = run.in_child(f"ov_int8 (rung {rung})", child.Job("ov_int8", str(variants.built["fp32"].path), str(path), rung, str(saved)))
     fp32 = len(made.kept) + 2  # the ladder's, and the head's two (as ONNX Runtime's int8 counts them)
     run.steps.say(f"static int8 (NNCF, {calibration['articles']} calibration articles from {calibration['data']}); "
                   f"fp32 besides the head: {description} ({fp32} MatMuls)")
@@ -388,7 +407,7 @@ def openvino_stage(run: Run, tokenizer: Any, reference: Reference, variants: Var
                 feeds, calibration = calibration_feeds(run, tokenizer, reference)
                 built = build_ov_int8(run, variants, path, 0, tuple(feeds), calibration)
             else:
-                openvino_engine.onnx_to_ir(variants.built["fp32"].path, path)
+                run.in_child(f"{precision} IR", child.Job("ir", str(variants.built["fp32"].path), str(path)))
                 built = None
         with run.steps.step(f"parity {precision} (OpenVINO) vs PyTorch + PEFT"):
             variants = variants.adding(precision, Variant(path, check_parity(precision, path, reference, run.steps), built))
@@ -397,7 +416,7 @@ def openvino_stage(run: Run, tokenizer: Any, reference: Reference, variants: Var
 
 def rebuild_int8(run: Run, variants: Variants, variant: Variant, rung: int) -> Int8Build:
     """int8 again from the fp32 file, on ``rung``."""
-    return build_int8(variants.built["fp32"].path, variant.path, rung, run.steps)
+    return build_int8(run, variants.built["fp32"].path, variant.path, rung)
 
 
 def rebuild_ov_int8(run: Run, variants: Variants, variant: Variant, rung: int) -> Int8Build:
@@ -482,6 +501,7 @@ class MergedBuild:
     gate: Admission
     pick: DefaultPick
     hybrid: HybridRecord | None
+    children: list[ChildRecord]  # the steps run in a child process
 
 
 @dataclass(frozen=True)
@@ -513,7 +533,7 @@ class MergedPlan(Plan[MergedBuild]):
         variants = openvino_stage(run, loaded.tokenizer, reference, variants)
         variants, gate = gate_stage(run, loaded.tokenizer, reference, variants)
         pick = default_stage(run, reference, variants, gate)
-        return MergedBuild(loaded, sources, reference, variants, gate, pick, hybrid)
+        return MergedBuild(loaded, sources, reference, variants, gate, pick, hybrid, run.children)
 
     def write_label(self) -> str:
         return "write the Triton model repository and the filter's record, then swap them in"
@@ -542,6 +562,7 @@ class MergedPlan(Plan[MergedBuild]):
             write_probe(staging, spec, self.embedder.width, settings)
             write_hybrid(staging, spec, settings, threshold=built.hybrid.threshold)
             hybrid = hybrid_models(spec.name)
+        figures = RunFigures.of(self.started, steps, built.children)
         record = filter_record(
             spec, models=[spec.name, contract.tokenizer_model(spec.name), contract.decision_model(spec.name), *names.values(), *hybrid],
             tensor_models=names, default_precision=pick.precision, pad_token_id=loaded.pad_token_id,
@@ -549,8 +570,9 @@ class MergedPlan(Plan[MergedBuild]):
             parity_texts=len(built.reference.texts), accuracy_gate=gate.gate.record if gate.gate is not None else None,
             architecture=loaded.architecture, refused=gate.refused, int8=variants.int8_record("int8"),
             ov_int8=variants.int8_record("ov_int8"), latency_ms_batch1=pick.latency, hybrid=built.hybrid,
-            **RunFigures.of(self.started, steps).fields(),
+            **figures.fields(), **figures.child_fields(),
         )
+        steps.say(figures.summary())
         return Change({spec.name: record}, force=options.force)
 
     def written(self, change: Change) -> str:

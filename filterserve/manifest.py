@@ -347,6 +347,22 @@ class Int8Record:
 
 
 @dataclass(frozen=True)
+class ChildRecord:
+    """One export step run in a child process (``filterserve.export.child``): its pid, its own peak RSS,
+    and what the exporting process held meanwhile (it waits, so the two add up to the export's RSS then)."""
+
+    step: str
+    pid: int
+    peak_rss_mb: float
+    parent_rss_mb: float
+    seconds: float
+
+    @property
+    def together_mb(self) -> float:
+        return round(self.peak_rss_mb + self.parent_rss_mb, 1)
+
+
+@dataclass(frozen=True)
 class GroupRef:
     """A group member's place in its group."""
 
@@ -428,8 +444,10 @@ class FilterRecord:
     ov_int8: Int8Record | None = field(default=None, metadata=OPTIONAL)
     latency_ms_batch1: dict[str, float] | None = field(default=None, metadata=OPTIONAL)
     export_seconds: float | None = field(default=None, metadata=OPTIONAL)
-    peak_rss_mb: float | None = field(default=None, metadata=OPTIONAL)
+    peak_rss_mb: float | None = field(default=None, metadata=OPTIONAL)  # the export's, children included (RunFigures)
     step_seconds: dict[str, float] | None = field(default=None, metadata=OPTIONAL)
+    parent_peak_rss_mb: float | None = field(default=None, metadata=OPTIONAL)  # the exporting process's own
+    children: list[ChildRecord] | None = field(default=None, metadata=OPTIONAL)  # the steps run in a child process
     engines: dict[str, EngineRecord] | None = field(default=None, metadata=OPTIONAL)
     hybrid: HybridRecord | None = field(default=None, metadata=OPTIONAL)  # None: stage 2 alone
     extra: dict[str, Any] = field(default_factory=dict)

@@ -105,3 +105,14 @@ def settled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float =
     while not done(value := read()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return value
+
+
+def labelled_samples(path: Path, spec: FilterSpec) -> Path:
+    """filterserve's sample articles as labelled validation data (every label 5): for gates that only the mechanics pass."""
+    import json
+
+    from filterserve.data import sample_articles
+
+    rows = [{"title": a["title"], "content": a["content"], **{d: 5.0 for d in spec.dimensions}} for a in sample_articles()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

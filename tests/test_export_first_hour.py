@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import labelled_samples
 
 from filterserve.cli import build_parser, main
 from filterserve.errors import FilterServeError
@@ -124,14 +125,6 @@ def test_the_cli_export_counts_its_steps_and_closes_with_a_restart_hint(standin,
     assert "/v2/repository" not in err and "restart filterserve serve" in err
 
 
-def _labelled(path: Path) -> Path:
-    from filterserve.data import sample_articles
-
-    rows = [{"title": a["title"], "content": a["content"], **{d: 5.0 for d in UPLIFTING_V4.dimensions}} for a in sample_articles()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def _precisions() -> list[str]:
     cpu = ove.cpu_support()
     return ["fp32,int8"] + (["bf16,ov_int8"] if cpu.bf16 else ["ov_fp32,ov_int8"])
@@ -143,7 +136,7 @@ def test_a_validated_merged_export_counts_every_step(standin, tmp_path, precisio
     """The gate, the validation data's reference and the variants made from fp32 are counted too."""
     stream = (tmp_path / "progress.txt").open("w", encoding="utf-8")
     export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "out", precisions=precisions,
-                  validation=_labelled(tmp_path / "val.jsonl"), gate_tolerance=10.0, stream=stream)
+                  validation=labelled_samples(tmp_path / "val.jsonl", UPLIFTING_V4), gate_tolerance=10.0, stream=stream)
     stream.close()
     _check_counted((tmp_path / "progress.txt").read_text(encoding="utf-8"))
 
@@ -156,7 +149,7 @@ def test_a_group_export_counts_every_step(standin, tmp_path, precision):
         pytest.skip("this CPU has no bf16 arithmetic")
     stream = (tmp_path / "progress.txt").open("w", encoding="utf-8")
     export_filter(str(standin.base_dir), standin.adapter_dir, tmp_path / "out", share_base=True, precisions=precision,
-                  validation=_labelled(tmp_path / "val.jsonl"), stream=stream)
+                  validation=labelled_samples(tmp_path / "val.jsonl", UPLIFTING_V4), stream=stream)
     stream.close()
     _check_counted((tmp_path / "progress.txt").read_text(encoding="utf-8"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import perturb_head
@@ -10,8 +11,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from filterserve.errors import FilterServeError
-from filterserve.export import pipeline
-from filterserve.export.quantize import EXCLUSION_LADDER, quantize_int8
+from filterserve.export import child, pipeline
+from filterserve.export.quantize import EXCLUSION_LADDER
 from filterserve.filters import UPLIFTING_V4
 
 SPEC = UPLIFTING_V4
@@ -60,12 +61,15 @@ def test_gated_export_admits_variants_and_serves_the_fastest(trained, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_variant_that_moves_the_mae_is_refused_with_its_figures(trained, tmp_path, monkeypatch):
-    def broken_int8(fp32_path, int8_path, keep_fp32):
-        kept = quantize_int8(fp32_path, int8_path, keep_fp32)
-        perturb_head(int8_path, int8_path, column=2, factor=1.5)
-        return kept
+    quantize_in_child = child.run
 
-    monkeypatch.setattr(pipeline, "quantize_int8", broken_int8)
+    def broken_int8(step, job):  # the child quantizes as always, then its int8 file is spoilt
+        ran = quantize_in_child(step, job)
+        if job.kind == "int8":
+            perturb_head(Path(job.target), Path(job.target), column=2, factor=1.5)
+        return ran
+
+    monkeypatch.setattr(child, "run", broken_int8)
     repo = tmp_path / "repo"
     with pytest.raises(pipeline.AccuracyGateRefusal) as refusal:
         pipeline.export_filter(
