@@ -32,7 +32,9 @@ from filterserve import defaults
 from filterserve.errors import FilterServeError
 from filterserve.filters import FilterSpec
 
-QWEN2, GEMMA3 = "qwen2", "gemma3_text"  # the base config's model_type
+QWEN2, GEMMA3, BERT = "qwen2", "gemma3_text", "bert"  # the base config's model_type (bert: the stage-1 e5)
+# The stage-1 e5's tokens per text (multilingual-e5-small's sentence_bert_config.json max_seq_length).
+E5_MAX_SEQ_LENGTH = 512
 PAD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", "<|im_end|>"]
 # Gemma's first ids, in order (pad 0, eos 1, bos 2, unk 3, mask 4), then its 256 byte-fallback tokens.
@@ -52,7 +54,8 @@ GEMMA3_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / 
 
 @dataclass(frozen=True)
 class StandinShape:
-    """Model dimensions; the defaults are a tiny Qwen2, :meth:`qwen25_1_5b` and :meth:`gemma3_1b` the real ones.
+    """Model dimensions; the defaults are a tiny Qwen2, :meth:`qwen25_1_5b` and :meth:`gemma3_1b` the real ones;
+    :meth:`e5_tiny` and :meth:`e5_small` the stage-1 embedder's BertModel (its key/value heads are its heads).
 
     ``head_dim`` and ``sliding_window`` are Gemma-3's (None: the architecture's default).
     """
@@ -81,6 +84,16 @@ class StandinShape:
     def gemma3_1b(cls) -> StandinShape:
         """gemma-3-1b-pt: hidden 1152, 26 layers, 4 heads of 256, 1 key/value head, intermediate 6912."""
         return cls(1152, 26, 4, 1, 6912, GEMMA3_VOCAB_SIZE, 32768, GEMMA3, head_dim=256, sliding_window=512)
+
+    @classmethod
+    def e5_tiny(cls) -> StandinShape:
+        """The stand-in e5 the tests build in seconds."""
+        return cls(32, 2, 2, 2, 64, 3000, E5_MAX_SEQ_LENGTH, BERT)
+
+    @classmethod
+    def e5_small(cls) -> StandinShape:
+        """multilingual-e5-small: hidden 384, 12 layers of 12 heads, intermediate 1536, XLM-R's vocabulary."""
+        return cls(384, 12, 12, 12, 1536, 250037, E5_MAX_SEQ_LENGTH, BERT)
 
 
 # The --shape names (filterserve.defaults.STANDIN_SHAPES) → the StandinShape constructor.
@@ -342,27 +355,11 @@ def build_standin(
 # <unk> 3; "<s> text </s>"), and sentence-transformers' modules.json: Transformer → Pooling (mean) →
 # Normalize, max_seq_length 512 in sentence_bert_config.json.
 XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
-E5_MAX_SEQ_LENGTH = 512
 E5_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
 ]
-
-
-@dataclass(frozen=True)
-class EmbedderShape:
-    """The stand-in e5's BertModel; :meth:`e5_small` is multilingual-e5-small's own dimensions."""
-
-    hidden_size: int = 32
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    intermediate_size: int = 64
-    vocab_size: int = 3000
-
-    @classmethod
-    def e5_small(cls) -> EmbedderShape:
-        return cls(384, 12, 12, 1536, 250037)
 
 
 def build_xlmr_tokenizer(vocab_size: int):
@@ -385,19 +382,20 @@ def build_xlmr_tokenizer(vocab_size: int):
     return XLMRobertaTokenizer(vocab=vocab, model_max_length=E5_MAX_SEQ_LENGTH)
 
 
-def build_e5_standin(root: Path, shape: EmbedderShape = EmbedderShape(), seed: int = 0) -> Path:
+def build_e5_standin(root: Path, shape: StandinShape | None = None, seed: int = 0) -> Path:
     """A random-weight e5 in ``root``, in sentence-transformers' layout as the hub ships
     multilingual-e5-small: ``SentenceTransformer(root)`` loads it as it loads the real one."""
     import json
 
     from transformers import BertConfig, BertModel
 
+    shape = shape or StandinShape.e5_tiny()
     torch.manual_seed(seed)
     tokenizer = build_xlmr_tokenizer(shape.vocab_size)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
         num_attention_heads=shape.num_attention_heads, intermediate_size=shape.intermediate_size,
-        max_position_embeddings=E5_MAX_SEQ_LENGTH, type_vocab_size=2, pad_token_id=0,
+        max_position_embeddings=shape.max_position_embeddings, type_vocab_size=2, pad_token_id=0,
         architectures=["BertModel"],
     )
     config.tokenizer_class = "XLMRobertaTokenizer"  # as multilingual-e5-small's config.json says
