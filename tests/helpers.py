@@ -107,6 +107,23 @@ def settled(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float =
     return value
 
 
+def score_production(folder: Path, articles: list[dict], url: str) -> list[dict]:
+    """``filterserve score --schema production`` (the real CLI, its own process) over ``articles``
+    written as JSONL into ``folder``: one parsed output line per article, in order."""
+    import json
+    import subprocess
+    import sys
+
+    path = folder / "articles.jsonl"
+    path.write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in articles), encoding="utf-8")
+    scored = subprocess.run([sys.executable, "-m", "filterserve.cli", "score", str(path), "--url", url, "--schema", "production"],
+                            capture_output=True, text=True, timeout=900)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    served = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [s["id"] for s in served] == [a["id"] for a in articles]
+    return served
+
+
 def labelled_samples(path: Path, spec: FilterSpec) -> Path:
     """filterserve's sample articles as labelled validation data (every label 5): for gates that only the mechanics pass."""
     import json

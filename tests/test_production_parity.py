@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MIXED_ARTICLES
-from helpers import PRODUCTION_KEYS
+from helpers import PRODUCTION_KEYS, score_production
 
 from filterserve.contract import SERVED_TOLERANCE
 from filterserve.data import sample_articles
@@ -205,19 +205,11 @@ def test_a_gemma_filter_folder_is_scored_as_its_production_scorer_scores_it(tmp_
     articles = [{"id": f"case{i}", "title": t, "content": c} for i, (t, c) in enumerate(cases)]
     articles += [{"id": f"mixed{i}", "title": t, "content": c} for i, (t, c) in enumerate(MIXED_ARTICLES)]
     articles += [{"id": a["id"], "title": a["title"], "content": a["content"]} for a in sample_articles()]
-    (tmp_path / "articles.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in articles), encoding="utf-8")
 
     with TritonServer(repo) as server:
-        scored = subprocess.run(
-            [sys.executable, "-m", "filterserve.cli", "score", str(tmp_path / "articles.jsonl"), "--url", server.grpc_url,
-             "--schema", "production"],
-            capture_output=True, text=True, timeout=600,
-        )
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    served = [json.loads(line) for line in scored.stdout.splitlines()]
+        served = score_production(tmp_path, articles, server.grpc_url)
     expected = production_scores(made.base_dir, made.adapter_dir, articles)
 
-    assert [s["id"] for s in served] == [a["id"] for a in articles]
     near = 0
     for article, row, want in zip(articles, served, expected):
         got = row[spec.name]
