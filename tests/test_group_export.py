@@ -76,7 +76,8 @@ def test_two_filters_of_different_sizes_share_one_tensor_model_beside_a_merged_f
         assert tokenizer.parameters["filter_index"].string_value == str(index)
         assert tokenizer.parameters["tensor_model"].string_value == f"{GROUP}_onnx"
         decision = read_model_config(grouped / f"{name}_decision" / "config.pbtxt")
-        assert [list(t.dims) for t in decision.input] == [[8]]
+        # The group's logits are as wide as its widest member; the decision step's other inputs are one per row.
+        assert {t.name: list(t.dims) for t in decision.input} == {"logits": [8], "CONTENT_LENGTH": [1], "screened": [1]}
         ensemble = read_model_config(grouped / name / "config.pbtxt")
         assert ensemble.ensemble_scheduling.step[1].model_name == f"{GROUP}_onnx"
         assert "filter_index" in ensemble.ensemble_scheduling.step[1].input_map
