@@ -29,18 +29,23 @@ from tests.probe_fixtures import production_probe, write_production_probe
 from tests.test_hybrid_end_to_end import E5_WIDTH, PROBE
 
 FILTERS = Path(__file__).parent / "data" / "filters"
-SHIPPED = FILTERS / "nature_recovery" / "v4"
 DIMENSIONS = ("recovery_evidence", "measurable_outcomes", "ecological_significance", "restoration_scale",
               "human_agency", "protection_durability")
 THRIVING_PIN = "ccbebe9f0c749416827a96638a270b0e8f9da9306ec29755affe2da8c8ea9379"  # the real probe's
 
 
-def shipped_copy(root: Path, name: str = "nature_recovery", version: str = "v4") -> Path:
-    """The folder in production's layout, with a stand-in probe where production keeps its own."""
+def shipped_copy(root: Path, name: str = "nature_recovery", version: str = "v4", probe: bool = True) -> Path:
+    """The folder in production's layout, with a stand-in probe where production keeps its own.
+
+    Its Python files are stored as ``*.py.shipped`` (byte for byte): upstream code kept as data, never
+    importable from this repository and out of its lint and duplicate checks; the copy restores the names."""
     folder = root / "filters" / name / version
     shutil.copytree(FILTERS / name / version, folder)
-    scaler, mlp = production_probe(len(DIMENSIONS), seed=13, input_dim=E5_WIDTH)
-    write_production_probe(folder / PROBE, scaler, mlp)
+    for stored in folder.glob("*.py.shipped"):
+        stored.rename(stored.with_suffix(""))
+    if probe:
+        scaler, mlp = production_probe(len(DIMENSIONS), seed=13, input_dim=E5_WIDTH)
+        write_production_probe(folder / PROBE, scaler, mlp)
     return folder
 
 
@@ -114,9 +119,9 @@ def test_nature_recovery_v4_reads_as_the_issue_states(tmp_path):
     assert "DEFAULT_THRESHOLD = 0.75 (what production runs)" in hybrid.disagreements[0]
 
 
-def test_a_shipped_folder_without_its_probe_is_refused_in_one_line():
+def test_a_shipped_folder_without_its_probe_is_refused_in_one_line(tmp_path):
     with pytest.raises(FilterServeError, match=r"stage-1 probe .*embedding_probe_e5small\.pkl is missing") as refused:
-        read_hybrid_settings(SHIPPED)
+        read_hybrid_settings(shipped_copy(tmp_path, probe=False))
     assert "\n" not in str(refused.value)
 
 
